@@ -1,0 +1,246 @@
+"""The inner loop: gradient steps on one task's support set, as a pure function.
+
+``unroll`` returns every step's parameters; ``adapt`` returns the last. Both are written for
+one task (no task axis); :func:`fmaml.meta_loss` vmaps them over a meta-batch.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from fmaml.tree import KeySelector, select
+from fmaml.types import Batch, LossFn, Params
+
+Rate = Union[float, Tensor, Mapping[str, Tensor]]
+"""One step's inner learning rate: a number, a 0-d tensor, or a dict of per-parameter rates
+(Meta-SGD: shaped like the parameter; MAML++ LSLR: a 0-d tensor per parameter)."""
+
+InnerLR = Union[Rate, Sequence[Rate]]
+"""A rate for every step, or a sequence of ``num_steps`` rates (MAML++ per-step rates)."""
+
+
+def unroll(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    support: Batch,
+    *,
+    inner_lr: InnerLR,
+    num_steps: int = 1,
+    adapt_keys: KeySelector = None,
+    first_order: bool = False,
+) -> list[Params]:
+    r"""Run ``num_steps`` of gradient descent on the support loss; return every iterate.
+
+    .. math:: \theta_{s+1} = \theta_s - \alpha_s \odot \nabla_\theta L(\theta_s; \text{support})
+
+    Pure: builds new dicts, never changes ``params``. Differentiable with respect to
+    ``params`` and to any tensor in ``inner_lr``: the result carries the full second-order
+    graph (MAML). With ``first_order=True`` the inner gradients are treated as constants
+    (first-order MAML, Finn et al. 2017, section 5.2). Parameters outside ``adapt_keys`` are
+    held fixed in the inner loop (ANIL, Raghu et al. 2020; BOIL, Oh et al. 2021) but still
+    receive meta-gradients.
+
+    Args:
+        loss_fn: ``loss_fn(params, (x, y)) -> scalar``, e.g. :func:`fmaml.supervised_loss`.
+        params: ``{name: tensor}``, the starting point (meta-parameters).
+        support: ``(x, y)`` of one task, ``x: [num_support, *feature]``.
+        inner_lr: a number or 0-d tensor; a dict ``{name: tensor}`` over exactly the adapted
+            names, each of shape ``[]`` or the parameter's shape (Meta-SGD); or a sequence of
+            ``num_steps`` of these, one per step (MAML++ LSLR).
+        num_steps: inner gradient steps, at least 1.
+        adapt_keys: which parameters to adapt: a predicate on the name, a collection of
+            names, or ``None`` for all.
+        first_order: stop gradients through the inner gradients (FOMAML).
+
+    Returns:
+        ``[params, adapted_1, ..., adapted_num_steps]``: ``num_steps + 1`` dicts with the keys of
+        ``params`` in the same order.
+
+    Raises:
+        ValueError: ``num_steps`` below 1; ``adapt_keys`` empty or naming unknown parameters;
+            rate dicts whose keys or shapes do not match the adapted parameters; a rate
+            sequence whose length is not ``num_steps``.
+
+    Example:
+        >>> import torch
+        >>> loss = lambda p, b: ((p["w"] - b[0]) ** 2).sum() / 2
+        >>> steps = unroll(loss, {"w": torch.zeros(2)}, (torch.ones(2), None),
+        ...                inner_lr=0.5, num_steps=2)
+        >>> [s["w"].tolist() for s in steps]
+        [[0.0, 0.0], [0.5, 0.5], [0.75, 0.75]]
+    """
+    _check_num_steps(num_steps, "unroll")
+    names = select(params.keys(), adapt_keys, caller="adapt")
+    rates = step_rates(inner_lr, params, names, num_steps, caller="adapt")
+    frozen = {k: v for k, v in params.items() if k not in set(names)}
+
+    def support_loss(fast: Params) -> Tensor:
+        return loss_fn({**frozen, **fast}, support)
+
+    gradient = torch.func.grad(support_loss)
+    fast = {k: params[k] for k in names}
+    trajectory = [dict(params)]
+    for rate in rates:
+        grads = gradient(fast)
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        fast = {k: fast[k] - rate[k] * grads[k] for k in names}
+        trajectory.append({k: fast.get(k, v) for k, v in params.items()})
+    return trajectory
+
+
+def adapt(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    support: Batch,
+    *,
+    inner_lr: InnerLR,
+    num_steps: int = 1,
+    adapt_keys: KeySelector = None,
+    first_order: bool = False,
+) -> Params:
+    """Adapt ``params`` to one task's support set; the last iterate of :func:`unroll`.
+
+    Same arguments, guarantees and errors as :func:`unroll`.
+
+    Returns:
+        ``adapted``: ``{name: tensor}`` after ``num_steps`` inner steps.
+
+    Example:
+        >>> import torch
+        >>> loss = lambda p, b: ((p["w"] - b[0]) ** 2).sum() / 2
+        >>> adapt(loss, {"w": torch.zeros(1)}, (torch.ones(1), None), inner_lr=0.5)["w"]
+        tensor([0.5000])
+    """
+    return unroll(
+        loss_fn,
+        params,
+        support,
+        inner_lr=inner_lr,
+        num_steps=num_steps,
+        adapt_keys=adapt_keys,
+        first_order=first_order,
+    )[-1]
+
+
+def step_rates(
+    inner_lr: InnerLR,
+    params: Mapping[str, Tensor],
+    names: Sequence[str],
+    num_steps: int,
+    *,
+    caller: str = "adapt",
+) -> list[Mapping[str, float | Tensor]]:
+    """Normalise ``inner_lr`` to one ``{name: rate}`` per step, checking its structure.
+
+    Raises:
+        ValueError: for a sequence of the wrong length, rate-dict keys that differ from
+            ``names``, or a rate whose shape is neither ``[]`` nor the parameter's.
+        TypeError: for a rate that is not a number, tensor or dict.
+    """
+    if isinstance(inner_lr, Sequence) and not isinstance(inner_lr, str):
+        if len(inner_lr) != num_steps:
+            raise ValueError(
+                f"{caller}(): `inner_lr` is a sequence of {len(inner_lr)} per-step rates but "
+                f"`num_steps` is {num_steps}. Give one rate per inner step, or a single rate."
+            )
+        per_step = list(inner_lr)
+    else:
+        per_step = [inner_lr] * num_steps
+    return [_rate_dict(rate, params, names, caller) for rate in per_step]
+
+
+def _rate_dict(rate: Rate, params, names, caller: str) -> Mapping[str, float | Tensor]:
+    if isinstance(rate, numbers.Real) or (isinstance(rate, Tensor) and rate.dim() == 0):
+        return dict.fromkeys(names, rate)
+    if isinstance(rate, Tensor):
+        raise ValueError(
+            f"{caller}(): a tensor `inner_lr` must be 0-d, got shape {list(rate.shape)}. "
+            "For per-parameter rates pass a dict {name: tensor} (see fmaml.init_rates)."
+        )
+    if not isinstance(rate, Mapping):
+        raise TypeError(
+            f"{caller}(): `inner_lr` must be a number, a 0-d tensor, a dict of tensors or a "
+            f"sequence of those, got {type(rate).__name__}."
+        )
+    missing = [k for k in names if k not in rate]
+    unexpected = [k for k in rate if k not in set(names)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{caller}(): `inner_lr` is a dict but its keys don't match the adapted parameters.\n"
+            f"  missing:    {missing}\n"
+            f"  unexpected: {unexpected}\n"
+            "Build the rates from the same partition as `adapt_keys` (fmaml.init_rates)."
+        )
+    for k in names:
+        shape = tuple(rate[k].shape)
+        if shape not in ((), tuple(params[k].shape)):
+            raise ValueError(
+                f"{caller}(): `inner_lr[{k!r}]` has shape {list(shape)}; expected [] or the "
+                f"parameter's shape {list(params[k].shape)}. Build the rates with fmaml.init_rates."
+            )
+    return rate
+
+
+def _check_num_steps(num_steps: int, caller: str) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(
+            f"{caller}(): `num_steps` must be a positive integer, got {num_steps!r}. "
+            "Use num_steps=1 or more inner gradient steps."
+        )
+
+
+def init_rates(
+    params: Mapping[str, Tensor],
+    inner_lr: float,
+    *,
+    adapt_keys: KeySelector = None,
+    per_element: bool = True,
+    num_steps: int | None = None,
+) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    """Learnable inner learning rates initialised to ``inner_lr``.
+
+    ``per_element=True`` gives Meta-SGD's rates (Li et al. 2017): one rate per parameter
+    element, shaped like the parameter. ``per_element=False`` gives one 0-d rate per
+    parameter tensor; with ``num_steps`` set, a list of such dicts, one per step (MAML++ LSLR,
+    Antoniou et al. 2019).
+
+    Args:
+        params: ``{name: tensor}``; the rates cover the names ``adapt_keys`` selects.
+        inner_lr: the initial rate.
+        adapt_keys: which parameters are adapted (as in :func:`adapt`).
+        per_element: rates shaped like the parameters (True) or 0-d (False).
+        num_steps: if given, return a list of ``num_steps`` independent rate dicts.
+
+    Returns:
+        ``{name: tensor}`` of leaves that require grad, or a list of them.
+
+    Example:
+        >>> import torch
+        >>> rates = init_rates({"w": torch.zeros(2, 3)}, 0.1)
+        >>> rates["w"].shape, rates["w"].requires_grad
+        (torch.Size([2, 3]), True)
+    """
+    names = select(params.keys(), adapt_keys, caller="init_rates")
+
+    def one() -> dict[str, Tensor]:
+        return {
+            k: torch.full(
+                params[k].shape if per_element else (),
+                float(inner_lr),
+                dtype=params[k].dtype,
+                device=params[k].device,
+                requires_grad=True,
+            )
+            for k in names
+        }
+
+    if num_steps is None:
+        return one()
+    _check_num_steps(num_steps, "init_rates")
+    return [one() for _ in range(num_steps)]

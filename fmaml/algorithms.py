@@ -1,0 +1,70 @@
+"""Named MAML-family algorithms, each a setting of the same functions.
+
+| name    | setting                                         | paper                              |
+| ------- | ----------------------------------------------- | ---------------------------------- |
+| maml    | second-order, adapt every parameter             | Finn, Abbeel & Levine, ICML 2017   |
+| fomaml  | ``first_order=True``                            | same paper, section 5.2            |
+| anil    | ``adapt_keys``: the head only                   | Raghu et al., ICLR 2020            |
+| boil    | ``adapt_keys``: the body only                   | Oh et al., ICLR 2021               |
+| metasgd | ``inner_lr``: a learned per-element dict        | Li et al., arXiv 1707.09835, 2017  |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+def head_keys(name: str) -> bool:
+    """ANIL's selection: parameters of the ``head`` submodule."""
+    return name.startswith("head.")
+
+
+def body_keys(name: str) -> bool:
+    """BOIL's selection: everything but the ``head`` submodule."""
+    return not name.startswith("head.")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """The knobs that distinguish one MAML-family algorithm from another.
+
+    Attributes:
+        name: the name used on the command line.
+        first_order: drop second-order terms (FOMAML).
+        adapt_keys: which parameters the inner loop adapts (``None``: all).
+        learned_rates: ``None`` for a fixed inner rate, ``"element"`` for Meta-SGD's
+            per-element rates, ``"tensor"`` for one rate per parameter tensor.
+    """
+
+    name: str
+    first_order: bool = False
+    adapt_keys: object = None
+    learned_rates: Literal["element", "tensor"] | None = None
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "maml": Algorithm("maml"),
+    "fomaml": Algorithm("fomaml", first_order=True),
+    "anil": Algorithm("anil", adapt_keys=head_keys),
+    "boil": Algorithm("boil", adapt_keys=body_keys),
+    "metasgd": Algorithm("metasgd", learned_rates="element"),
+}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """The :class:`Algorithm` called ``name``.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+
+    Example:
+        >>> get_algorithm("fomaml").first_order
+        True
+    """
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(
+            f"get_algorithm(): unknown algorithm {name!r}; expected one of {sorted(ALGORITHMS)}."
+        ) from None

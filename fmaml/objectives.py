@@ -1,0 +1,217 @@
+"""Meta-objectives: the query loss of one adapted task, and its mean over a meta-batch.
+
+``task_loss`` and ``task_scores`` see one task; ``meta_loss`` and ``meta_scores`` are the one
+place fmaml vmaps over the task axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from fmaml.adapt import InnerLR, unroll
+from fmaml.tree import KeySelector
+from fmaml.types import LossFn, Task
+
+
+def task_loss(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    task: Task,
+    *,
+    inner_lr: InnerLR,
+    num_steps: int = 1,
+    adapt_keys: KeySelector = None,
+    first_order: bool = False,
+    step_weights: Sequence[float] | Tensor | None = None,
+) -> Tensor:
+    r"""Adapt on ``task.support``, return the loss on ``task.query``; one task.
+
+    .. math:: \ell(\theta) = \sum_{s=1}^{S} w_s\, L(\theta_s; \text{query}),
+       \quad w = [0, \dots, 0, 1] \text{ by default (MAML)}
+
+    Pure and differentiable in ``params`` and ``inner_lr`` (see :func:`fmaml.unroll`).
+
+    Args:
+        loss_fn: ``loss_fn(params, (x, y)) -> scalar``; used in the inner loop and on the query.
+        params: ``{name: tensor}``, the meta-parameters.
+        task: one :class:`fmaml.Task`, no task axis.
+        inner_lr, num_steps, adapt_keys, first_order: as in :func:`fmaml.unroll`.
+        step_weights: ``num_steps`` weights of the query loss after each inner step
+            (MAML++ multi-step loss); ``None`` scores only the last step.
+
+    Returns:
+        A 0-d tensor.
+
+    Raises:
+        ValueError: ``step_weights`` of the wrong length, and everything :func:`fmaml.unroll`
+            raises.
+    """
+    weights = _check_step_weights(step_weights, num_steps)
+    trajectory = unroll(
+        loss_fn,
+        params,
+        task.support,
+        inner_lr=inner_lr,
+        num_steps=num_steps,
+        adapt_keys=adapt_keys,
+        first_order=first_order,
+    )
+    if weights is None:
+        return loss_fn(trajectory[-1], task.query)
+    losses = torch.stack([loss_fn(adapted, task.query) for adapted in trajectory[1:]])
+    return (torch.as_tensor(weights, dtype=losses.dtype, device=losses.device) * losses).sum()
+
+
+def task_scores(
+    score_fn: LossFn,
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    task: Task,
+    *,
+    inner_lr: InnerLR,
+    num_steps: int,
+    adapt_keys: KeySelector = None,
+) -> Tensor:
+    """Adapt on the support with ``loss_fn``; score the query after every step; one task.
+
+    Used for evaluation: ``score_fn`` may be the loss itself (regression MSE) or a metric
+    such as :func:`fmaml.accuracy` wrapped by :func:`fmaml.supervised_loss`.
+
+    Returns:
+        ``[num_steps + 1]``: the score before adapting and after each inner step.
+    """
+    trajectory = unroll(
+        loss_fn, params, task.support, inner_lr=inner_lr, num_steps=num_steps,
+        adapt_keys=adapt_keys,
+    )
+    return torch.stack([score_fn(adapted, task.query) for adapted in trajectory])
+
+
+def meta_loss(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    tasks: Task,
+    *,
+    inner_lr: InnerLR,
+    num_steps: int = 1,
+    adapt_keys: KeySelector = None,
+    first_order: bool = False,
+    step_weights: Sequence[float] | Tensor | None = None,
+) -> Tensor:
+    r"""The mean query loss over a meta-batch of tasks, each adapted on its own support.
+
+    .. math:: \mathcal{L}(\theta) = \frac{1}{T} \sum_{t=1}^{T} \ell_t(\theta)
+
+    All tasks adapt at once: :func:`task_loss` is vmapped over the leading task axis.
+    ``torch.autograd.grad(meta_loss(...), params.values())`` is the exact second-order
+    meta-gradient (Finn, Abbeel & Levine, ICML 2017); ``first_order=True`` gives FOMAML,
+    ``adapt_keys`` ANIL/BOIL, a learned dict ``inner_lr`` Meta-SGD, a sequence of them and
+    ``step_weights`` MAML++.
+
+    Args:
+        loss_fn: ``loss_fn(params, (x, y)) -> scalar`` for one task's batch.
+        params: ``{name: tensor}``.
+        tasks: a :class:`fmaml.Task` whose tensors have a leading task axis:
+            ``support = (x [T, n_s, *feature], y [T, n_s, *target])``, ``query`` likewise.
+        inner_lr, num_steps, adapt_keys, first_order, step_weights: as in :func:`task_loss`.
+
+    Returns:
+        A 0-d tensor.
+
+    Raises:
+        ValueError: tasks whose tensors disagree on the number of tasks, and everything
+            :func:`task_loss` raises.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fmaml
+        >>> model = fmaml.nn.mlp()
+        >>> params = fmaml.params_of(model)
+        >>> loss_fn = fmaml.supervised_loss(model, F.mse_loss)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> tasks = fmaml.tasks.SinusoidTasks(num_shots=5).sample(4, g)
+        >>> loss = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.01)
+        >>> grads = torch.autograd.grad(loss, list(params.values()))
+    """
+    per_task = _over_tasks(
+        lambda task: task_loss(
+            loss_fn,
+            params,
+            task,
+            inner_lr=inner_lr,
+            num_steps=num_steps,
+            adapt_keys=adapt_keys,
+            first_order=first_order,
+            step_weights=step_weights,
+        ),
+        tasks,
+    )
+    return per_task.mean()
+
+
+def meta_scores(
+    score_fn: LossFn,
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    tasks: Task,
+    *,
+    inner_lr: InnerLR,
+    num_steps: int,
+    adapt_keys: KeySelector = None,
+) -> Tensor:
+    """:func:`task_scores` for every task of a meta-batch.
+
+    Returns:
+        ``[T, num_steps + 1]``: each task's query score before adapting and after each step.
+    """
+    return _over_tasks(
+        lambda task: task_scores(
+            score_fn, loss_fn, params, task, inner_lr=inner_lr, num_steps=num_steps,
+            adapt_keys=adapt_keys,
+        ),
+        tasks,
+    )
+
+
+def _over_tasks(per_task, tasks: Task) -> Tensor:
+    """The one vmap over the task axis."""
+    num_tasks = check_tasks(tasks)
+    del num_tasks
+    return torch.func.vmap(per_task)(tasks)
+
+
+def check_tasks(tasks: Task) -> int:
+    """The number of tasks in a meta-batch; raises if its tensors disagree on it."""
+    if not isinstance(tasks, Task):
+        raise TypeError(
+            f"meta_loss(): `tasks` must be an fmaml.Task(support=(x, y), query=(x, y)), "
+            f"got {type(tasks).__name__}."
+        )
+    sizes = {
+        f"{part}[{i}]": tuple(t.shape)
+        for part, pair in (("support", tasks.support), ("query", tasks.query))
+        for i, t in enumerate(pair)
+    }
+    counts = {shape[0] if shape else None for shape in sizes.values()}
+    if len(counts) != 1 or None in counts:
+        listing = ", ".join(f"{k}: {list(v)}" for k, v in sizes.items())
+        raise ValueError(
+            "meta_loss(): every tensor of `tasks` needs the same leading task axis "
+            f"[num_tasks, ...]; got {listing}. Stack tasks along dim 0 "
+            "(for one task, use task_loss or add the axis with x[None])."
+        )
+    return counts.pop()
+
+
+def _check_step_weights(step_weights, num_steps: int):
+    if step_weights is None:
+        return None
+    length = len(step_weights)
+    if length != num_steps:
+        raise ValueError(
+            f"task_loss(): `step_weights` has {length} entries but `num_steps` is {num_steps}. "
+            "Give one weight per inner step; [0, ..., 0, 1] is plain MAML."
+        )
+    return step_weights
