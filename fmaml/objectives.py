@@ -26,7 +26,8 @@ def task_loss(
     adapt_keys: KeySelector = None,
     first_order: bool = False,
     step_weights: Sequence[float] | Tensor | None = None,
-) -> Tensor:
+    score_fn: LossFn | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     r"""Adapt on ``task.support``, return the loss on ``task.query``; one task.
 
     .. math:: \ell(\theta) = \sum_{s=1}^{S} w_s\, L(\theta_s; \text{query}),
@@ -41,9 +42,10 @@ def task_loss(
         inner_lr, num_steps, adapt_keys, first_order: as in :func:`fmaml.unroll`.
         step_weights: ``num_steps`` weights of the query loss after each inner step
             (MAML++ multi-step loss); ``None`` scores only the last step.
+        score_fn: if given, also return ``score_fn(adapted, query)`` (detached), e.g. accuracy.
 
     Returns:
-        A 0-d tensor.
+        A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
 
     Raises:
         ValueError: ``step_weights`` of the wrong length, and everything :func:`fmaml.unroll`
@@ -60,9 +62,15 @@ def task_loss(
         first_order=first_order,
     )
     if weights is None:
-        return loss_fn(trajectory[-1], task.query)
-    losses = torch.stack([loss_fn(adapted, task.query) for adapted in trajectory[1:]])
-    return (torch.as_tensor(weights, dtype=losses.dtype, device=losses.device) * losses).sum()
+        loss = loss_fn(trajectory[-1], task.query)
+    else:
+        losses = torch.stack([loss_fn(adapted, task.query) for adapted in trajectory[1:]])
+        loss = (torch.as_tensor(weights, dtype=losses.dtype, device=losses.device) * losses).sum()
+    if score_fn is None:
+        return loss
+    with torch.no_grad():
+        score = score_fn({k: v.detach() for k, v in trajectory[-1].items()}, task.query)
+    return loss, score
 
 
 def task_scores(
@@ -100,7 +108,8 @@ def meta_loss(
     adapt_keys: KeySelector = None,
     first_order: bool = False,
     step_weights: Sequence[float] | Tensor | None = None,
-) -> Tensor:
+    score_fn: LossFn | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     r"""The mean query loss over a meta-batch of tasks, each adapted on its own support.
 
     .. math:: \mathcal{L}(\theta) = \frac{1}{T} \sum_{t=1}^{T} \ell_t(\theta)
@@ -117,9 +126,10 @@ def meta_loss(
         tasks: a :class:`fmaml.Task` whose tensors have a leading task axis:
             ``support = (x [T, n_s, *feature], y [T, n_s, *target])``, ``query`` likewise.
         inner_lr, num_steps, adapt_keys, first_order, step_weights: as in :func:`task_loss`.
+        score_fn: if given, also return the mean of ``score_fn(adapted, query)`` over tasks.
 
     Returns:
-        A 0-d tensor.
+        A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
 
     Raises:
         ValueError: tasks whose tensors disagree on the number of tasks, and everything
@@ -145,10 +155,14 @@ def meta_loss(
             adapt_keys=adapt_keys,
             first_order=first_order,
             step_weights=step_weights,
+            score_fn=score_fn,
         ),
         tasks,
     )
-    return per_task.mean()
+    if score_fn is None:
+        return per_task.mean()
+    losses, scores = per_task
+    return losses.mean(), scores.mean()
 
 
 def meta_scores(
@@ -177,8 +191,7 @@ def meta_scores(
 
 def _over_tasks(per_task, tasks: Task) -> Tensor:
     """The one vmap over the task axis."""
-    num_tasks = check_tasks(tasks)
-    del num_tasks
+    check_tasks(tasks)
     return torch.func.vmap(per_task)(tasks)
 
 

@@ -1,0 +1,236 @@
+"""The ``fmaml`` command line (also ``python cli.py``): click commands over the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from fmaml.algorithms import ALGORITHMS
+from fmaml.checkpoint import CheckpointError, find_checkpoint
+from fmaml.config import DATASETS, PAPER_DEFAULTS, TrainConfig
+
+DEFAULTS_HELP = "\n".join(
+    f"  {ds:<13} {'' if ways is None else f'{ways}-way':<7} "
+    + ", ".join(f"{k}={v}" for k, v in values.items())
+    for (ds, ways), values in PAPER_DEFAULTS.items()
+)
+
+
+def friendly_errors(command):
+    """Turn the library's input errors into one clear message and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, CheckpointError, FloatingPointError, FileNotFoundError) as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """fmaml: MAML-family meta-learning on torch.func."""
+
+
+@main.command(epilog="\b\nPer-dataset defaults (MAML paper, Finn et al. 2017):\n" + DEFAULTS_HELP)
+@click.option("--dataset", type=click.Choice(DATASETS), default="omniglot", show_default=True)
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Image folder (omniglot default: ./data/omniglot).")
+@click.option("--split", default=None, help="How classes are split (see README, Data).")
+@click.option("--download/--no-download", default=True, show_default=True,
+              help="Download Omniglot into --data-root when it is not there.")
+@click.option("--algorithm", type=click.Choice(sorted(ALGORITHMS)), default="maml",
+              show_default=True)
+@click.option("--ways", type=int, default=None, help="Classes per task [5].")
+@click.option("--shots", type=int, default=None, help="Support examples per class [paper].")
+@click.option("--query", type=int, default=None,
+              help="Query examples per class [paper: = shots; 15 for mini-ImageNet].")
+@click.option("--meta-batch", type=int, default=None, help="Tasks per outer step [paper].")
+@click.option("--inner-steps", type=int, default=None, help="Inner steps in training [paper].")
+@click.option("--eval-inner-steps", type=int, default=None,
+              help="Inner steps at validation and test [paper].")
+@click.option("--inner-lr", type=float, default=None, help="Inner learning rate [paper].")
+@click.option("--outer-lr", type=float, default=1e-3, show_default=True, help="Adam rate.")
+@click.option("--grad-clip", type=float, default=None,
+              help="Clip meta-gradients to [-c, c] [mini-ImageNet: 10].")
+@click.option("--iterations", type=int, default=None,
+              help="Outer steps in total [paper]; with --resume, the new total.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--hidden", type=int, default=None, help="Filters / hidden units [paper].")
+@click.option("--val-every", type=int, default=500, show_default=True)
+@click.option("--val-episodes", type=int, default=100, show_default=True)
+@click.option("--checkpoint-every", type=int, default=500, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run folder [a new folder under ./runs].")
+@click.option("--resume", type=click.Path(file_okay=False), default=None,
+              help="Continue the run in this folder from its latest checkpoint.")
+@friendly_errors
+def train(out, resume, iterations, download, **options) -> None:
+    """Meta-train a model; write metrics.jsonl, latest.pt and best.pt to the run folder."""
+    from fmaml.config import resolve
+    from fmaml.train import train as run_training
+
+    if resume:
+        out = Path(resume)
+        config = None
+    else:
+        config = resolve(
+            TrainConfig(**options, iterations=iterations, extra={"download": download})
+        )
+        iterations = None
+        if out is None:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+            out = Path("runs") / f"{config.dataset}-{config.algorithm}-{stamp}"
+        out = Path(out)
+    click.echo(f"run folder: {out}", err=True)
+    bar = _Progress()
+    state = run_training(config, out, resume=bool(resume), iterations=iterations,
+                         on_step=bar.update)
+    bar.close()
+    best = state.best
+    click.echo(
+        f"done: {state.iteration} iterations; best validation {state.problem.score_name} "
+        f"{best.get('score', float('nan')):.4f} at iteration {best.get('iteration', '-')}; "
+        f"checkpoints in {out}"
+    )
+
+
+class _Progress:
+    """A click progress bar fed by the training loop's per-step callback."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.status = ""
+        self.start = time.perf_counter()
+        self.first = None
+
+    def update(self, state, metrics) -> None:
+        if self.bar is None:
+            total = state.config.iterations
+            self.first = state.iteration - 1
+            self.bar = click.progressbar(
+                length=total, label="meta-training", file=sys.stderr,
+                item_show_func=lambda _: self.status, show_pos=True,
+            )
+            self.bar.__enter__()
+            self.bar.update(self.first)
+        done = state.iteration - self.first
+        rate = done * state.config.meta_batch / (time.perf_counter() - self.start)
+        score = metrics.get(state.problem.score_name)
+        self.status = f"loss {metrics['loss']:.3f} {state.problem.score_name} {score:.3f} " \
+                      f"{rate:.0f} tasks/s"
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A checkpoint file, or a run folder (its best.pt).")
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
+@click.option("--episodes", type=int, default=600, show_default=True)
+@click.option("--inner-steps", type=int, default=None,
+              help="Inner steps [sinusoid: 10, reporting 1/5/10; else the run's test setting].")
+@click.option("--shots", type=int, default=None, help="[sinusoid: 5 and 10; else the run's]")
+@click.option("--query", type=int, default=None,
+              help="Query per class [the run's: paper protocol K; common practice 15].")
+@click.option("--seed", type=int, default=None, help="Episode seed [fixed: same tasks for all].")
+@click.option("--device", default=None, help="[the run's device]")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
+@friendly_errors
+def test(checkpoint, split, episodes, inner_steps, shots, query, seed, device, as_json) -> None:
+    """Evaluate a trained model on fixed held-out episodes: mean and 95% interval."""
+    from fmaml.train import TEST_SEED, evaluate_state, restore_state
+
+    path = find_checkpoint(checkpoint)
+    state = restore_state(path, device=device)
+    seed = TEST_SEED if seed is None else seed
+    if episodes < 1:
+        raise click.BadParameter(f"must be at least 1, got {episodes}", param_hint="--episodes")
+    if state.config.dataset == "sinusoid":
+        steps = 10 if inner_steps is None else inner_steps
+        report = {"dataset": "sinusoid", "checkpoint": str(path), "episodes": episodes,
+                  "inner_steps": steps, "metric": "mse", "seed": seed, "results": {}}
+        for k in [shots] if shots else [5, 10]:
+            result = evaluate_state(state, split=split, num_episodes=episodes, num_steps=steps,
+                                    shots=k, query=k, seed=seed)
+            report["results"][f"K={k}"] = {
+                str(s["step"]): {"mse": s["mean"], "ci95": s["ci95"]} for s in result["steps"]
+            }
+        shown = [s for s in (1, 5, 10) if s <= steps] or [steps]
+        for name, per_step in report["results"].items():
+            cells = "  ".join(
+                f"{s} step{'s' if s > 1 else ''}: {per_step[str(s)]['mse']:.3f} "
+                f"± {per_step[str(s)]['ci95']:.3f}" for s in shown
+            )
+            click.echo(f"sinusoid {name}, MSE on {episodes} tasks  {cells}")
+    else:
+        result = evaluate_state(state, split=split, num_episodes=episodes, num_steps=inner_steps,
+                                shots=shots, query=query, seed=seed)
+        last = result["steps"][-1]
+        config = state.config
+        protocol = ("paper protocol: K per class" if result["query_per_class"] == result["shots"]
+                    else "common practice: 15 per class" if result["query_per_class"] == 15
+                    else "custom")
+        click.echo(
+            f"{config.dataset} {config.ways}-way {result['shots']}-shot, {split} split: "
+            f"accuracy {100 * last['mean']:.2f} ± {100 * last['ci95']:.2f} % "
+            f"(95% CI = 1.96·std/√n over {result['episodes']} episodes; "
+            f"{result['inner_steps']} inner steps; {result['query_per_class']} query per class, "
+            f"{protocol})"
+        )
+        report = {
+            "dataset": config.dataset, "checkpoint": str(path), "split": split,
+            "ways": config.ways, "shots": result["shots"],
+            "accuracy": 100 * last["mean"], "ci95": 100 * last["ci95"],
+            "episodes": result["episodes"], "inner_steps": result["inner_steps"],
+            "query_per_class": result["query_per_class"], "seed": seed,
+            "accuracy_per_step": [100 * s["mean"] for s in result["steps"]],
+        }
+    if as_json:
+        click.echo(json.dumps(report))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="PNG path [RUN_DIR/curves.png].")
+@friendly_errors
+def plot(run_dir, output) -> None:
+    """Plot training and validation score against iteration to a PNG."""
+    from fmaml.plot import plot_run
+
+    path = plot_run(run_dir, output)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--settings", "names", multiple=True,
+              help="Which settings to run [all]: sinusoid, omniglot, miniimagenet.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed meta-steps.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON lines.")
+@friendly_errors
+def bench(names, repeats, device, as_json) -> None:
+    """Meta-steps per second: the vmapped path against a Python loop over tasks."""
+    from fmaml.bench import SETTINGS, run_bench
+
+    for row in run_bench(names or list(SETTINGS), repeats=repeats, device=device):
+        click.echo(json.dumps(row) if as_json else row["line"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""A meta-learning problem: a model, its losses and where its tasks come from.
+
+The training loop and the evaluation command see only a :class:`Problem`; this module is the
+one place that knows each dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmaml.config import TrainConfig
+from fmaml.module import SupervisedLoss, accuracy, supervised_loss
+from fmaml.nn import conv4, mlp
+from fmaml.tasks.sinusoid import SinusoidTasks
+from fmaml.types import Task
+
+SINUSOID_EVAL_QUERY = 100
+"""Query points per sinusoid evaluation task: enough to measure the MSE of the whole curve."""
+
+
+class EmptySplit(LookupError):
+    """Raised by a problem's ``episodes`` for a split that holds no classes."""
+
+
+@dataclass
+class Problem:
+    """What the training loop needs to know about a dataset.
+
+    Attributes:
+        model: the network (its parameter names key ``params``).
+        loss_fn: the inner and outer loss, ``(params, (x, y)) -> scalar``.
+        score_fn: the reported metric, same signature (accuracy or MSE).
+        score_name: ``"accuracy"`` or ``"mse"``.
+        higher_is_better: whether a larger score is better.
+        sample: ``sample(num_tasks, generator) -> Task``, a training meta-batch.
+        episodes: ``episodes(split, num_episodes, seed, chunk) -> iterator of Task``: fixed
+            evaluation episodes, the same for the same seed.
+    """
+
+    model: nn.Module
+    loss_fn: SupervisedLoss
+    score_fn: SupervisedLoss
+    score_name: str
+    higher_is_better: bool
+    sample: Callable[[int, torch.Generator], Task]
+    episodes: Callable[[str, int, int, int], Iterator[Task]]
+
+
+def dtype_of(config: TrainConfig) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "float64": torch.float64}[config.dtype]
+    except KeyError:
+        raise ValueError(f"--dtype must be float32 or float64, got {config.dtype!r}.") from None
+
+
+def build_problem(config: TrainConfig) -> Problem:
+    """The :class:`Problem` for a resolved config (see :func:`fmaml.config.resolve`)."""
+    if config.dataset == "sinusoid":
+        return _sinusoid(config)
+    from fmaml.image_problems import image_problem  # imports the data loaders only when needed
+
+    return image_problem(config)
+
+
+def _sinusoid(config: TrainConfig) -> Problem:
+    dtype, device = dtype_of(config), torch.device(config.device)
+    model = _init_model(lambda: mlp(hidden=(config.hidden, config.hidden)), config.seed)
+    model = model.to(device=device, dtype=dtype)
+    loss_fn = supervised_loss(model, F.mse_loss)
+    train_tasks = SinusoidTasks(num_shots=config.shots, num_query=config.query)
+    eval_tasks = dataclasses.replace(train_tasks, num_query=SINUSOID_EVAL_QUERY)
+
+    def sample(num_tasks: int, generator: torch.Generator) -> Task:
+        return train_tasks.sample(num_tasks, generator, dtype=dtype, device=device)
+
+    def episodes(split: str, num_episodes: int, seed: int, chunk: int) -> Iterator[Task]:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        tasks = eval_tasks.sample(num_episodes, generator, dtype=dtype, device=device)
+        for start in range(0, num_episodes, chunk):
+            yield _slice(tasks, start, start + chunk)
+
+    return Problem(model, loss_fn, loss_fn, "mse", False, sample, episodes)
+
+
+def classification_problem(
+    model: nn.Module, num_shots: int, sample, episodes
+) -> Problem:
+    """A classification :class:`Problem`.
+
+    The inner loss is the MAML authors' cross-entropy: summed over the set and divided by
+    ``num_shots`` (N times the mean), so the paper's inner rates apply unchanged.
+    """
+
+    def cross_entropy_per_shot(logits, y):
+        return F.cross_entropy(logits, y, reduction="sum") / num_shots
+
+    loss_fn = supervised_loss(model, cross_entropy_per_shot)
+    return Problem(
+        model, loss_fn, loss_fn.with_criterion(accuracy), "accuracy", True, sample, episodes
+    )
+
+
+def _init_model(make: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """Build a model with initial weights drawn from ``seed`` without touching global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+def _slice(tasks: Task, start: int, stop: int) -> Task:
+    return Task(
+        support=tuple(t[start:stop] for t in tasks.support),
+        query=tuple(t[start:stop] for t in tasks.query),
+    )
+
+
+def image_model(config: TrainConfig, in_channels: int) -> nn.Module:
+    """conv4 for an image config, initialised from the run's seed."""
+    dtype, device = dtype_of(config), torch.device(config.device)
+    model = _init_model(
+        lambda: conv4(config.ways, in_channels, config.hidden, config.image_size), config.seed
+    )
+    return model.to(device=device, dtype=dtype)

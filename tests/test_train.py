@@ -1,0 +1,171 @@
+"""The training loop: checkpoints that resume exactly, atomic writes, clear failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fmaml.train as train_module
+from fmaml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fmaml.config import TrainConfig, resolve
+from fmaml.train import evaluate_state, restore_state, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(**changes) -> TrainConfig:
+    values = dict(dataset="sinusoid", iterations=60, meta_batch=4, val_every=20, val_episodes=8,
+                  checkpoint_every=20, log_every=5, hidden=8)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def params_equal(a, b) -> bool:
+    return all(torch.equal(a[k].detach(), b[k].detach()) for k in a)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
+def test_resume_in_process_gives_identical_parameters(tmp_path, algorithm):
+    whole = train(tiny(algorithm=algorithm), tmp_path / "whole")
+    train(tiny(algorithm=algorithm), tmp_path / "parts", iterations=40)
+    resumed = train(None, tmp_path / "parts", resume=True)
+    assert resumed.iteration == whole.iteration == 60
+    assert params_equal(resumed.params, whole.params)
+    if algorithm == "metasgd":
+        assert params_equal(resumed.rates, whole.rates)
+    rows = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if r["split"] == "val"] == [20, 40, 60]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    """A real process, killed with SIGKILL mid-run, resumed: the same final parameters."""
+    args = ["--dataset", "sinusoid", "--iterations", "1200", "--meta-batch", "5",
+            "--hidden", "16", "--checkpoint-every", "100", "--val-every", "1000",
+            "--val-episodes", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "cli.py", "train", *args, "--out", str(run)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run / "latest.pt").exists() and load_checkpoint(run / "latest.pt")["iteration"] >= 300:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(run / "latest.pt")["iteration"]
+    assert 300 <= killed_at < 1200, "the run must be killed mid-way"
+    subprocess.run([sys.executable, "cli.py", "train", "--resume", str(run)], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, "cli.py", "train", *args, "--out", str(straight)], cwd=ROOT,
+                   env=env, check=True, capture_output=True)
+    a, b = load_checkpoint(run / "latest.pt"), load_checkpoint(straight / "latest.pt")
+    assert a["iteration"] == b["iteration"] == 1200
+    assert params_equal(a["params"], b["params"])
+    assert torch.equal(a["generator"], b["generator"])
+
+
+def test_checkpoint_holds_everything_to_resume(tmp_path):
+    train(tiny(algorithm="metasgd"), tmp_path)
+    saved = load_checkpoint(tmp_path / "latest.pt")
+    assert {"config", "params", "rates", "optimizer", "generator", "iteration", "best"} <= set(
+        saved)
+    assert saved["optimizer"]["state"], "Adam moments are saved"
+    assert TrainConfig.from_dict(saved["config"]) == resolve(tiny(algorithm="metasgd"))
+
+
+def test_best_checkpoint_tracks_lowest_validation_mse(tmp_path):
+    state = train(tiny(), tmp_path)
+    vals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in vals if r["split"] == "val"]
+    best = min(vals, key=lambda r: r["score"])
+    assert state.best["iteration"] == best["iteration"]
+    assert load_checkpoint(tmp_path / "best.pt")["iteration"] == best["iteration"]
+
+
+def test_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real = train_module.meta_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, score = real(*args, **kwargs)
+        return (loss * float("nan"), score) if calls["n"] > 25 else (loss, score)
+
+    monkeypatch.setattr(train_module, "meta_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"meta-loss is nan at iteration 26.*"
+                       r"last good checkpoint: .*latest.pt"):
+        train(tiny(), tmp_path)
+    saved = load_checkpoint(tmp_path / "latest.pt")
+    assert saved["iteration"] == 20
+    assert all(torch.isfinite(v).all() for v in saved["params"].values())
+
+
+def test_atomic_write_keeps_the_old_checkpoint_on_a_crash(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, {"iteration": 1})
+
+    def crash(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"iteration": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist. Pass a checkpoint file"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint in the run folder"):
+        load_checkpoint(tmp_path)
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match=r"is not an fmaml checkpoint \(found \['state_dict"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*garbage.pt"):
+        load_checkpoint(tmp_path / "garbage.pt")
+    save_checkpoint(tmp_path / "future.pt", {})
+    contents = torch.load(tmp_path / "future.pt", weights_only=True)
+    torch.save({**contents, "version": 99}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="of version 99; this fmaml reads version 1"):
+        load_checkpoint(tmp_path / "future.pt")
+
+
+def test_training_into_an_existing_run_is_refused(tmp_path):
+    train(tiny(iterations=5), tmp_path)
+    with pytest.raises(CheckpointError, match="already holds a run.*--resume"):
+        train(tiny(iterations=5), tmp_path)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("meta_batch", 0, "--meta-batch must be a positive integer, got 0"),
+    ("inner_steps", -2, "--inner-steps must be a positive integer"),
+    ("inner_lr", 0.0, "--inner-lr must be positive"),
+    ("dataset", "imagenet", "unknown dataset 'imagenet'"),
+])
+def test_config_errors(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        resolve(tiny(**{field: value}))
+
+
+def test_evaluate_state_reports_every_step(tmp_path):
+    train(tiny(), tmp_path)
+    state = restore_state(tmp_path / "best.pt")
+    report = evaluate_state(state, num_episodes=50, num_steps=4, shots=5, query=5)
+    assert report["episodes"] == 50 and len(report["steps"]) == 5
+    again = evaluate_state(state, num_episodes=50, num_steps=4, shots=5, query=5)
+    assert report == again, "fixed episodes: the same seed gives the same numbers"
