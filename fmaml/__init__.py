@@ -2,8 +2,12 @@
 
 from fmaml import nn, tasks
 from fmaml.adapt import adapt, init_rates, step_rates, unroll
+from fmaml.config import TrainConfig
+from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.module import SupervisedLoss, accuracy, params_of, supervised_loss
 from fmaml.objectives import meta_loss, meta_scores, task_loss, task_scores
+from fmaml.train import TrainState, evaluate_state, restore_state
+from fmaml.train import train as fit
 from fmaml.tree import combine, partition, tree_map
 from fmaml.types import Batch, LossFn, Params, Task
 
@@ -15,15 +19,22 @@ __all__ = [
     "Params",
     "SupervisedLoss",
     "Task",
+    "TrainConfig",
+    "TrainState",
     "accuracy",
     "adapt",
     "combine",
+    "evaluate",
+    "evaluate_state",
+    "fit",
     "init_rates",
+    "mean_ci95",
     "meta_loss",
     "meta_scores",
     "nn",
     "params_of",
     "partition",
+    "restore_state",
     "step_rates",
     "supervised_loss",
     "task_loss",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -16,11 +15,11 @@ from torch import Tensor
 from fmaml.tree import KeySelector, select
 from fmaml.types import Batch, LossFn, Params
 
-Rate = Union[float, Tensor, Mapping[str, Tensor]]
+Rate = float | Tensor | Mapping[str, Tensor]
 """One step's inner learning rate: a number, a 0-d tensor, or a dict of per-parameter rates
 (Meta-SGD: shaped like the parameter; MAML++ LSLR: a 0-d tensor per parameter)."""
 
-InnerLR = Union[Rate, Sequence[Rate]]
+InnerLR = Rate | Sequence[Rate]
 """A rate for every step, or a sequence of ``num_steps`` rates (MAML++ per-step rates)."""
 
 

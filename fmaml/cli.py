@@ -42,39 +42,76 @@ def main() -> None:
 
 @main.command(epilog="\b\nPer-dataset defaults (MAML paper, Finn et al. 2017):\n" + DEFAULTS_HELP)
 @click.option("--dataset", type=click.Choice(DATASETS), default="omniglot", show_default=True)
-@click.option("--data-root", type=click.Path(file_okay=False), default=None,
-              help="Image folder (omniglot default: ./data/omniglot).")
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Image folder (omniglot default: ./data/omniglot).",
+)
 @click.option("--split", default=None, help="How classes are split (see README, Data).")
-@click.option("--download/--no-download", default=True, show_default=True,
-              help="Download Omniglot into --data-root when it is not there.")
-@click.option("--algorithm", type=click.Choice(sorted(ALGORITHMS)), default="maml",
-              show_default=True)
+@click.option(
+    "--download/--no-download",
+    default=True,
+    show_default=True,
+    help="Download Omniglot into --data-root when it is not there.",
+)
+@click.option(
+    "--algorithm", type=click.Choice(sorted(ALGORITHMS)), default="maml", show_default=True
+)
 @click.option("--ways", type=int, default=None, help="Classes per task [5].")
 @click.option("--shots", type=int, default=None, help="Support examples per class [paper].")
-@click.option("--query", type=int, default=None,
-              help="Query examples per class [paper: = shots; 15 for mini-ImageNet].")
+@click.option(
+    "--query",
+    type=int,
+    default=None,
+    help="Query examples per class [paper: = shots; 15 for mini-ImageNet].",
+)
 @click.option("--meta-batch", type=int, default=None, help="Tasks per outer step [paper].")
 @click.option("--inner-steps", type=int, default=None, help="Inner steps in training [paper].")
-@click.option("--eval-inner-steps", type=int, default=None,
-              help="Inner steps at validation and test [paper].")
+@click.option(
+    "--eval-inner-steps", type=int, default=None, help="Inner steps at validation and test [paper]."
+)
 @click.option("--inner-lr", type=float, default=None, help="Inner learning rate [paper].")
 @click.option("--outer-lr", type=float, default=1e-3, show_default=True, help="Adam rate.")
-@click.option("--grad-clip", type=float, default=None,
-              help="Clip meta-gradients to [-c, c] [mini-ImageNet: 10].")
-@click.option("--iterations", type=int, default=None,
-              help="Outer steps in total [paper]; with --resume, the new total.")
+@click.option(
+    "--grad-clip",
+    type=float,
+    default=None,
+    help="Clip meta-gradients to [-c, c] [mini-ImageNet: 10].",
+)
+@click.option(
+    "--iterations",
+    type=int,
+    default=None,
+    help="Outer steps in total [paper]; with --resume, the new total.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--hidden", type=int, default=None, help="Filters / hidden units [paper].")
+@click.option(
+    "--image-size",
+    type=int,
+    default=None,
+    help="Images are resized to this square size [omniglot 28, else 84].",
+)
 @click.option("--val-every", type=int, default=500, show_default=True)
 @click.option("--val-episodes", type=int, default=100, show_default=True)
 @click.option("--checkpoint-every", type=int, default=500, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
-              show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Run folder [a new folder under ./runs].")
-@click.option("--resume", type=click.Path(file_okay=False), default=None,
-              help="Continue the run in this folder from its latest checkpoint.")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run folder [a new folder under ./runs].",
+)
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Continue the run in this folder from its latest checkpoint.",
+)
 @friendly_errors
 def train(out, resume, iterations, download, **options) -> None:
     """Meta-train a model; write metrics.jsonl, latest.pt and best.pt to the run folder."""
@@ -95,8 +132,9 @@ def train(out, resume, iterations, download, **options) -> None:
         out = Path(out)
     click.echo(f"run folder: {out}", err=True)
     bar = _Progress()
-    state = run_training(config, out, resume=bool(resume), iterations=iterations,
-                         on_step=bar.update)
+    state = run_training(
+        config, out, resume=bool(resume), iterations=iterations, on_step=bar.update
+    )
     bar.close()
     best = state.best
     click.echo(
@@ -120,16 +158,20 @@ class _Progress:
             total = state.config.iterations
             self.first = state.iteration - 1
             self.bar = click.progressbar(
-                length=total, label="meta-training", file=sys.stderr,
-                item_show_func=lambda _: self.status, show_pos=True,
+                length=total,
+                label="meta-training",
+                file=sys.stderr,
+                item_show_func=lambda _: self.status,
+                show_pos=True,
             )
             self.bar.__enter__()
             self.bar.update(self.first)
         done = state.iteration - self.first
         rate = done * state.config.meta_batch / (time.perf_counter() - self.start)
         score = metrics.get(state.problem.score_name)
-        self.status = f"loss {metrics['loss']:.3f} {state.problem.score_name} {score:.3f} " \
-                      f"{rate:.0f} tasks/s"
+        self.status = (
+            f"loss {metrics['loss']:.3f} {state.problem.score_name} {score:.3f} {rate:.0f} tasks/s"
+        )
         self.bar.update(1)
 
     def close(self) -> None:
@@ -138,15 +180,27 @@ class _Progress:
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(),
-              help="A checkpoint file, or a run folder (its best.pt).")
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(),
+    help="A checkpoint file, or a run folder (its best.pt).",
+)
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
 @click.option("--episodes", type=int, default=600, show_default=True)
-@click.option("--inner-steps", type=int, default=None,
-              help="Inner steps [sinusoid: 10, reporting 1/5/10; else the run's test setting].")
+@click.option(
+    "--inner-steps",
+    type=int,
+    default=None,
+    help="Inner steps [sinusoid: 10, reporting 1/5/10; else the run's test setting].",
+)
 @click.option("--shots", type=int, default=None, help="[sinusoid: 5 and 10; else the run's]")
-@click.option("--query", type=int, default=None,
-              help="Query per class [the run's: paper protocol K; common practice 15].")
+@click.option(
+    "--query",
+    type=int,
+    default=None,
+    help="Query per class [the run's: paper protocol K; common practice 15].",
+)
 @click.option("--seed", type=int, default=None, help="Episode seed [fixed: same tasks for all].")
 @click.option("--device", default=None, help="[the run's device]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
@@ -162,29 +216,56 @@ def test(checkpoint, split, episodes, inner_steps, shots, query, seed, device, a
         raise click.BadParameter(f"must be at least 1, got {episodes}", param_hint="--episodes")
     if state.config.dataset == "sinusoid":
         steps = 10 if inner_steps is None else inner_steps
-        report = {"dataset": "sinusoid", "checkpoint": str(path), "episodes": episodes,
-                  "inner_steps": steps, "metric": "mse", "seed": seed, "results": {}}
+        report = {
+            "dataset": "sinusoid",
+            "checkpoint": str(path),
+            "episodes": episodes,
+            "inner_steps": steps,
+            "metric": "mse",
+            "seed": seed,
+            "results": {},
+        }
         for k in [shots] if shots else [5, 10]:
-            result = evaluate_state(state, split=split, num_episodes=episodes, num_steps=steps,
-                                    shots=k, query=k, seed=seed)
+            result = evaluate_state(
+                state,
+                split=split,
+                num_episodes=episodes,
+                num_steps=steps,
+                shots=k,
+                query=k,
+                seed=seed,
+            )
             report["results"][f"K={k}"] = {
-                str(s["step"]): {"mse": s["mean"], "ci95": s["ci95"]} for s in result["steps"]
+                str(s["step"]): {"mse": s["mean"], "ci95": s["ci95"], "median": s["median"]}
+                for s in result["steps"]
             }
         shown = [s for s in (1, 5, 10) if s <= steps] or [steps]
         for name, per_step in report["results"].items():
             cells = "  ".join(
                 f"{s} step{'s' if s > 1 else ''}: {per_step[str(s)]['mse']:.3f} "
-                f"± {per_step[str(s)]['ci95']:.3f}" for s in shown
+                f"± {per_step[str(s)]['ci95']:.3f} (median {per_step[str(s)]['median']:.3f})"
+                for s in shown
             )
             click.echo(f"sinusoid {name}, MSE on {episodes} tasks  {cells}")
     else:
-        result = evaluate_state(state, split=split, num_episodes=episodes, num_steps=inner_steps,
-                                shots=shots, query=query, seed=seed)
+        result = evaluate_state(
+            state,
+            split=split,
+            num_episodes=episodes,
+            num_steps=inner_steps,
+            shots=shots,
+            query=query,
+            seed=seed,
+        )
         last = result["steps"][-1]
         config = state.config
-        protocol = ("paper protocol: K per class" if result["query_per_class"] == result["shots"]
-                    else "common practice: 15 per class" if result["query_per_class"] == 15
-                    else "custom")
+        protocol = (
+            "paper protocol: K per class"
+            if result["query_per_class"] == result["shots"]
+            else "common practice: 15 per class"
+            if result["query_per_class"] == 15
+            else "custom"
+        )
         click.echo(
             f"{config.dataset} {config.ways}-way {result['shots']}-shot, {split} split: "
             f"accuracy {100 * last['mean']:.2f} ± {100 * last['ci95']:.2f} % "
@@ -193,11 +274,17 @@ def test(checkpoint, split, episodes, inner_steps, shots, query, seed, device, a
             f"{protocol})"
         )
         report = {
-            "dataset": config.dataset, "checkpoint": str(path), "split": split,
-            "ways": config.ways, "shots": result["shots"],
-            "accuracy": 100 * last["mean"], "ci95": 100 * last["ci95"],
-            "episodes": result["episodes"], "inner_steps": result["inner_steps"],
-            "query_per_class": result["query_per_class"], "seed": seed,
+            "dataset": config.dataset,
+            "checkpoint": str(path),
+            "split": split,
+            "ways": config.ways,
+            "shots": result["shots"],
+            "accuracy": 100 * last["mean"],
+            "ci95": 100 * last["ci95"],
+            "episodes": result["episodes"],
+            "inner_steps": result["inner_steps"],
+            "query_per_class": result["query_per_class"],
+            "seed": seed,
             "accuracy_per_step": [100 * s["mean"] for s in result["steps"]],
         }
     if as_json:
@@ -206,8 +293,9 @@ def test(checkpoint, split, episodes, inner_steps, shots, query, seed, device, a
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--output", type=click.Path(dir_okay=False), default=None,
-              help="PNG path [RUN_DIR/curves.png].")
+@click.option(
+    "--output", type=click.Path(dir_okay=False), default=None, help="PNG path [RUN_DIR/curves.png]."
+)
 @friendly_errors
 def plot(run_dir, output) -> None:
     """Plot training and validation score against iteration to a PNG."""
@@ -218,8 +306,12 @@ def plot(run_dir, output) -> None:
 
 
 @main.command()
-@click.option("--settings", "names", multiple=True,
-              help="Which settings to run [all]: sinusoid, omniglot, miniimagenet.")
+@click.option(
+    "--settings",
+    "names",
+    multiple=True,
+    help="Which settings to run [all]: sinusoid, omniglot, miniimagenet.",
+)
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed meta-steps.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON lines.")

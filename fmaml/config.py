@@ -60,24 +60,58 @@ class TrainConfig:
 # The MAML paper's settings (Finn et al. 2017 and the authors' code), per dataset and ways.
 PAPER_DEFAULTS: dict[tuple[str, int | None], dict[str, Any]] = {
     ("sinusoid", None): dict(
-        ways=1, shots=10, query=10, meta_batch=25, inner_steps=1, eval_inner_steps=10,
-        inner_lr=0.01, iterations=70_000, hidden=40,
+        ways=1,
+        shots=10,
+        query=10,
+        meta_batch=25,
+        inner_steps=1,
+        eval_inner_steps=10,
+        inner_lr=0.01,
+        iterations=70_000,
+        hidden=40,
     ),
     ("omniglot", 5): dict(
-        shots=1, meta_batch=32, inner_steps=1, eval_inner_steps=3, inner_lr=0.4,
-        iterations=60_000, hidden=64, image_size=28,
+        shots=1,
+        meta_batch=32,
+        inner_steps=1,
+        eval_inner_steps=3,
+        inner_lr=0.4,
+        iterations=60_000,
+        hidden=64,
+        image_size=28,
     ),
     ("omniglot", 20): dict(
-        shots=1, meta_batch=16, inner_steps=5, eval_inner_steps=5, inner_lr=0.1,
-        iterations=60_000, hidden=64, image_size=28,
+        shots=1,
+        meta_batch=16,
+        inner_steps=5,
+        eval_inner_steps=5,
+        inner_lr=0.1,
+        iterations=60_000,
+        hidden=64,
+        image_size=28,
     ),
     ("miniimagenet", 5): dict(
-        shots=1, query=15, meta_batch=4, inner_steps=5, eval_inner_steps=10, inner_lr=0.01,
-        iterations=60_000, hidden=32, image_size=84, grad_clip=10.0,
+        shots=1,
+        query=15,
+        meta_batch=4,
+        inner_steps=5,
+        eval_inner_steps=10,
+        inner_lr=0.01,
+        iterations=60_000,
+        hidden=32,
+        image_size=84,
+        grad_clip=10.0,
     ),
     ("folder", 5): dict(
-        shots=1, query=15, meta_batch=4, inner_steps=5, eval_inner_steps=10, inner_lr=0.01,
-        iterations=60_000, hidden=32, image_size=84,
+        shots=1,
+        query=15,
+        meta_batch=4,
+        inner_steps=5,
+        eval_inner_steps=10,
+        inner_lr=0.01,
+        iterations=60_000,
+        hidden=32,
+        image_size=84,
     ),
 }
 
@@ -118,8 +152,19 @@ def resolve(config: TrainConfig) -> TrainConfig:
 
 def check(config: TrainConfig) -> None:
     """Raise ``ValueError`` naming the first option whose value cannot work."""
-    positive_ints = ("ways", "shots", "query", "meta_batch", "inner_steps", "eval_inner_steps",
-                     "iterations", "val_every", "val_episodes", "checkpoint_every", "log_every")
+    positive_ints = (
+        "ways",
+        "shots",
+        "query",
+        "meta_batch",
+        "inner_steps",
+        "eval_inner_steps",
+        "iterations",
+        "val_every",
+        "val_episodes",
+        "checkpoint_every",
+        "log_every",
+    )
     for name in positive_ints:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -25,7 +25,8 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
 
     Example:
         >>> import torch
-        >>> mean_ci95(torch.tensor([1.0, 3.0]))
+        >>> mean, ci95 = mean_ci95(torch.tensor([1.0, 3.0]))
+        >>> mean, round(ci95, 6)
         (2.0, 1.96)
     """
     values = values.detach().double().flatten()
@@ -65,8 +66,15 @@ def evaluate(
     params = tree_detach(params)
     inner_lr = _detach_rates(inner_lr)
     chunks = [
-        meta_scores(score_fn, loss_fn, params, tasks, inner_lr=inner_lr, num_steps=num_steps,
-                    adapt_keys=adapt_keys).detach()
+        meta_scores(
+            score_fn,
+            loss_fn,
+            params,
+            tasks,
+            inner_lr=inner_lr,
+            num_steps=num_steps,
+            adapt_keys=adapt_keys,
+        ).detach()
         for tasks in episodes
     ]
     return torch.cat(chunks)

@@ -92,7 +92,11 @@ def task_scores(
         ``[num_steps + 1]``: the score before adapting and after each inner step.
     """
     trajectory = unroll(
-        loss_fn, params, task.support, inner_lr=inner_lr, num_steps=num_steps,
+        loss_fn,
+        params,
+        task.support,
+        inner_lr=inner_lr,
+        num_steps=num_steps,
         adapt_keys=adapt_keys,
     )
     return torch.stack([score_fn(adapted, task.query) for adapted in trajectory])
@@ -182,7 +186,12 @@ def meta_scores(
     """
     return _over_tasks(
         lambda task: task_scores(
-            score_fn, loss_fn, params, task, inner_lr=inner_lr, num_steps=num_steps,
+            score_fn,
+            loss_fn,
+            params,
+            task,
+            inner_lr=inner_lr,
+            num_steps=num_steps,
             adapt_keys=adapt_keys,
         ),
         tasks,

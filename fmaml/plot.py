@@ -39,11 +39,18 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     score = "accuracy" if "accuracy" in train[0] else "mse"
     scale = 100.0 if score == "accuracy" else 1.0
     fig, (ax_score, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_score.plot([r["iteration"] for r in train], [scale * r[score] for r in train],
-                  alpha=0.35, label=f"train {score} (query, per meta-batch)")
+    ax_score.plot(
+        [r["iteration"] for r in train],
+        [scale * r[score] for r in train],
+        alpha=0.35,
+        label=f"train {score} (query, per meta-batch)",
+    )
     window = max(1, len(train) // 50)
-    smooth = [sum(scale * r[score] for r in train[max(0, i - window + 1): i + 1])
-              / len(train[max(0, i - window + 1): i + 1]) for i in range(len(train))]
+    smooth = [
+        sum(scale * r[score] for r in train[max(0, i - window + 1) : i + 1])
+        / len(train[max(0, i - window + 1) : i + 1])
+        for i in range(len(train))
+    ]
     ax_score.plot([r["iteration"] for r in train], smooth, label="train (moving average)")
     if val:
         its = [r["iteration"] for r in val]

@@ -88,9 +88,7 @@ def _sinusoid(config: TrainConfig) -> Problem:
     return Problem(model, loss_fn, loss_fn, "mse", False, sample, episodes)
 
 
-def classification_problem(
-    model: nn.Module, num_shots: int, sample, episodes
-) -> Problem:
+def classification_problem(model: nn.Module, num_shots: int, sample, episodes) -> Problem:
     """A classification :class:`Problem`.
 
     The inner loss is the MAML authors' cross-entropy: summed over the set and divided by

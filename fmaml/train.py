@@ -101,7 +101,7 @@ def restore_state(path: str | Path, *, device: str | None = None) -> TrainState:
     with torch.no_grad():
         for name, value in saved["params"].items():
             state.params[name].copy_(value)
-        for mine, theirs in zip(_rate_dicts(state.rates), _rate_dicts(saved["rates"])):
+        for mine, theirs in zip(_rate_dicts(state.rates), _rate_dicts(saved["rates"]), strict=True):
             for name, value in theirs.items():
                 mine[name].copy_(value)
     state.optimizer.load_state_dict(saved["optimizer"])
@@ -244,7 +244,6 @@ def train(
                         state.best = {"iteration": it, **result}
                         save_checkpoint(out / BEST, state_dict(state))
             if it % config.checkpoint_every == 0 or it == total:
-                log.flush()
                 save_checkpoint(out / LATEST, state_dict(state))
             if on_step is not None:
                 on_step(state, metrics)
@@ -262,6 +261,7 @@ def _improves(state: TrainState, score: float) -> bool:
 
 def _write(log, row: dict[str, Any]) -> None:
     log.write(json.dumps(row) + "\n")
+    log.flush()
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:
@@ -315,7 +315,7 @@ def evaluate_state(
 
     Returns:
         ``{"score_name", "episodes", "inner_steps", "shots", "query_per_class", "steps":
-        [{"step", "mean", "ci95"}, ...]}`` with one entry per step 0..num_steps.
+        [{"step", "mean", "ci95", "median"}, ...]}`` with one entry per step 0..num_steps.
     """
     config = state.config
     num_steps = config.eval_inner_steps if num_steps is None else num_steps
@@ -340,7 +340,8 @@ def evaluate_state(
     steps = []
     for step in range(num_steps + 1):
         mean, ci95 = mean_ci95(scores[:, step])
-        steps.append({"step": step, "mean": mean, "ci95": ci95})
+        median = scores[:, step].double().median().item()
+        steps.append({"step": step, "mean": mean, "ci95": ci95, "median": median})
     return {
         "score_name": problem.score_name,
         "split": split,

@@ -6,12 +6,11 @@ Every function here is pure: it builds a new dict and never changes a tensor in 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from typing import Union
 
 import torch
 from torch import Tensor
 
-KeySelector = Union[Callable[[str], bool], Collection[str], None]
+KeySelector = Callable[[str], bool] | Collection[str] | None
 """Which parameters to pick: a predicate on the name, a collection of names, or ``None`` (all)."""
 
 
@@ -153,4 +152,5 @@ def tree_clone(tree: Mapping[str, Tensor], *, requires_grad: bool = False) -> di
 
 def tree_norm(tree: Mapping[str, Tensor]) -> Tensor:
     """The global L2 norm of all leaves, as a 0-d tensor."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in tree.values()]))
+    norms = [torch.linalg.vector_norm(v) for v in tree.values()]
+    return torch.linalg.vector_norm(torch.stack(norms))

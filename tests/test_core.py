@@ -30,12 +30,19 @@ def setup(num_tasks=3, seed=0):
 def variant_kwargs(name, params):
     """The library's own algorithm table, turned into meta_loss arguments."""
     algorithm = get_algorithm(name)
-    kwargs = {"num_steps": 2, "first_order": algorithm.first_order,
-              "adapt_keys": algorithm.adapt_keys, "inner_lr": 0.1}
+    kwargs = {
+        "num_steps": 2,
+        "first_order": algorithm.first_order,
+        "adapt_keys": algorithm.adapt_keys,
+        "inner_lr": 0.1,
+    }
     if algorithm.learned_rates:
         kwargs["inner_lr"] = fmaml.init_rates(
-            params, 0.1, adapt_keys=algorithm.adapt_keys,
-            per_element=algorithm.learned_rates == "element")
+            params,
+            0.1,
+            adapt_keys=algorithm.adapt_keys,
+            per_element=algorithm.learned_rates == "element",
+        )
     return kwargs
 
 
@@ -48,11 +55,21 @@ def test_vmap_equals_python_loop(name):
     _, params, loss_fn, tasks = setup()
     kwargs = variant_kwargs(name, params)
     batched = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
-    looped = sum(
-        fmaml.task_loss(loss_fn, params, fmaml.Task(
-            (tasks.support[0][t], tasks.support[1][t]), (tasks.query[0][t], tasks.query[1][t])),
-            **kwargs)
-        for t in range(3)) / 3
+    looped = (
+        sum(
+            fmaml.task_loss(
+                loss_fn,
+                params,
+                fmaml.Task(
+                    (tasks.support[0][t], tasks.support[1][t]),
+                    (tasks.query[0][t], tasks.query[1][t]),
+                ),
+                **kwargs,
+            )
+            for t in range(3)
+        )
+        / 3
+    )
     torch.testing.assert_close(batched, looped)
     for a, b in zip(grads_of(batched, params), grads_of(looped, params)):
         torch.testing.assert_close(a, b)
@@ -90,8 +107,9 @@ def test_adapting_lowers_the_support_loss(name):
 
 def test_unroll_returns_every_step():
     _, params, loss_fn, tasks = setup()
-    steps = fmaml.unroll(loss_fn, params, (tasks.support[0][0], tasks.support[1][0]),
-                         inner_lr=0.1, num_steps=3)
+    steps = fmaml.unroll(
+        loss_fn, params, (tasks.support[0][0], tasks.support[1][0]), inner_lr=0.1, num_steps=3
+    )
     assert len(steps) == 4 and steps[0] == dict(params)
 
 
@@ -125,8 +143,9 @@ def test_anil_over_every_key_is_maml():
 def test_last_step_weights_and_constant_per_step_rates_are_maml():
     _, params, loss_fn, tasks = setup()
     maml = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, num_steps=3)
-    weighted = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=[0.1, 0.1, 0.1], num_steps=3,
-                               step_weights=[0.0, 0.0, 1.0])
+    weighted = fmaml.meta_loss(
+        loss_fn, params, tasks, inner_lr=[0.1, 0.1, 0.1], num_steps=3, step_weights=[0.0, 0.0, 1.0]
+    )
     assert_same_meta_gradient(params, weighted, maml)
 
 
@@ -142,15 +161,17 @@ def test_per_tensor_rates_receive_meta_gradients():
 def test_first_order_differs_from_second_order():
     _, params, loss_fn, tasks = setup()
     second = grads_of(fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.4), params)
-    first = grads_of(fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.4, first_order=True),
-                     params)
+    first = grads_of(
+        fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.4, first_order=True), params
+    )
     assert not all(torch.allclose(a, b) for a, b in zip(first, second))
 
 
 def test_score_fn_reports_query_accuracy():
     _, params, loss_fn, tasks = setup()
-    loss, score = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1,
-                                  score_fn=loss_fn.with_criterion(fmaml.accuracy))
+    loss, score = fmaml.meta_loss(
+        loss_fn, params, tasks, inner_lr=0.1, score_fn=loss_fn.with_criterion(fmaml.accuracy)
+    )
     assert loss.requires_grad and not score.requires_grad
     assert 0.0 <= score.item() <= 1.0
 
@@ -226,8 +247,11 @@ def test_error_rate_dict_keys(small):
     params, loss_fn, _, support = small
     rates = fmaml.init_rates(params, 0.1, adapt_keys=head_keys)
     rates["head.wieght"] = rates.pop("head.weight")
-    with pytest.raises(ValueError, match=r"(?s)keys don't match.*missing:    \['head.weight'\]"
-                       r".*unexpected: \['head.wieght'\].*same partition as `adapt_keys`"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)keys don't match.*missing:    \['head.weight'\]"
+        r".*unexpected: \['head.wieght'\].*same partition as `adapt_keys`",
+    ):
         fmaml.adapt(loss_fn, params, support, inner_lr=rates, adapt_keys=head_keys)
 
 
@@ -300,8 +324,11 @@ def test_error_params_keys(small):
     params, loss_fn, _, support = small
     wrong = dict(params)
     wrong["head.wieght"] = wrong.pop("head.weight")
-    with pytest.raises(ValueError, match=r"(?s)does not match the model.*missing:    "
-                       r"\['head.weight'\].*Build params with fmaml.params_of"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)does not match the model.*missing:    "
+        r"\['head.weight'\].*Build params with fmaml.params_of",
+    ):
         loss_fn(wrong, support)
 
 

@@ -64,8 +64,9 @@ def test_inner_lr_gradient_matches_closed_form():
 # --- an independent oracle: a loop over tasks with torch.autograd.grad -------------------------
 
 
-def oracle_meta_grad(module, criterion, params, tasks, *, inner_lr, num_steps, adapt_keys=None,
-                     first_order=False):
+def oracle_meta_grad(
+    module, criterion, params, tasks, *, inner_lr, num_steps, adapt_keys=None, first_order=False
+):
     """Plain autograd, one task at a time, on the *original* module (torch's own layers)."""
     names = [k for k in params if adapt_keys is None or adapt_keys(k)]
     buffers = {k: b.detach().clone() for k, b in module.named_buffers()}
@@ -81,7 +82,9 @@ def oracle_meta_grad(module, criterion, params, tasks, *, inner_lr, num_steps, a
         for _ in range(num_steps):
             support_loss = loss(fast, tasks.support[0][t], tasks.support[1][t])
             grads = torch.autograd.grad(
-                support_loss, [fast[k] for k in names], create_graph=not first_order,
+                support_loss,
+                [fast[k] for k in names],
+                create_graph=not first_order,
                 allow_unused=True,
             )
             for k, grad in zip(names, grads):
@@ -130,8 +133,11 @@ def sinusoid_tasks(num_tasks=4, seed=0):
 
 
 MODELS = {
-    "conv4": (lambda: fmaml.nn.conv4(3, hidden=4, image_size=12), lambda: image_tasks(3, 3, 12),
-              F.cross_entropy),
+    "conv4": (
+        lambda: fmaml.nn.conv4(3, hidden=4, image_size=12),
+        lambda: image_tasks(3, 3, 12),
+        F.cross_entropy,
+    ),
     "mlp": (lambda: fmaml.nn.mlp(hidden=(8, 8)), sinusoid_tasks, F.mse_loss),
     "custom-batchnorm": (CustomNet, lambda: image_tasks(3, 3, 6), F.cross_entropy),
 }
@@ -206,8 +212,7 @@ def test_gradcheck_and_gradgradcheck_meta_loss():
     names = list(params)
 
     def f(*leaves):
-        return fmaml.meta_loss(loss_fn, dict(zip(names, leaves)), tasks, inner_lr=0.1,
-                               num_steps=2)
+        return fmaml.meta_loss(loss_fn, dict(zip(names, leaves)), tasks, inner_lr=0.1, num_steps=2)
 
     leaves = tuple(params.values())
     assert torch.autograd.gradcheck(f, leaves)

@@ -22,8 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(**changes) -> TrainConfig:
-    values = dict(dataset="sinusoid", iterations=60, meta_batch=4, val_every=20, val_episodes=8,
-                  checkpoint_every=20, log_every=5, hidden=8)
+    values = dict(
+        dataset="sinusoid",
+        iterations=60,
+        meta_batch=4,
+        val_every=20,
+        val_episodes=8,
+        checkpoint_every=20,
+        log_every=5,
+        hidden=8,
+    )
     values.update(changes)
     return TrainConfig(**values)
 
@@ -41,20 +49,38 @@ def test_resume_in_process_gives_identical_parameters(tmp_path, algorithm):
     assert params_equal(resumed.params, whole.params)
     if algorithm == "metasgd":
         assert params_equal(resumed.rates, whole.rates)
-    rows = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     assert [r["iteration"] for r in rows if r["split"] == "val"] == [20, 40, 60]
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     """A real process, killed with SIGKILL mid-run, resumed: the same final parameters."""
-    args = ["--dataset", "sinusoid", "--iterations", "1200", "--meta-batch", "5",
-            "--hidden", "16", "--checkpoint-every", "100", "--val-every", "1000",
-            "--val-episodes", "10"]
+    args = [
+        "--dataset",
+        "sinusoid",
+        "--iterations",
+        "1200",
+        "--meta-batch",
+        "5",
+        "--hidden",
+        "16",
+        "--checkpoint-every",
+        "100",
+        "--val-every",
+        "1000",
+        "--val-episodes",
+        "10",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "cli.py", "train", *args, "--out", str(run)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", "train", *args, "--out", str(run)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         if (run / "latest.pt").exists() and load_checkpoint(run / "latest.pt")["iteration"] >= 300:
@@ -64,11 +90,21 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     proc.wait()
     killed_at = load_checkpoint(run / "latest.pt")["iteration"]
     assert 300 <= killed_at < 1200, "the run must be killed mid-way"
-    subprocess.run([sys.executable, "cli.py", "train", "--resume", str(run)], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "cli.py", "train", "--resume", str(run)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     straight = tmp_path / "straight"
-    subprocess.run([sys.executable, "cli.py", "train", *args, "--out", str(straight)], cwd=ROOT,
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "cli.py", "train", *args, "--out", str(straight)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     a, b = load_checkpoint(run / "latest.pt"), load_checkpoint(straight / "latest.pt")
     assert a["iteration"] == b["iteration"] == 1200
     assert params_equal(a["params"], b["params"])
@@ -79,7 +115,8 @@ def test_checkpoint_holds_everything_to_resume(tmp_path):
     train(tiny(algorithm="metasgd"), tmp_path)
     saved = load_checkpoint(tmp_path / "latest.pt")
     assert {"config", "params", "rates", "optimizer", "generator", "iteration", "best"} <= set(
-        saved)
+        saved
+    )
     assert saved["optimizer"]["state"], "Adam moments are saved"
     assert TrainConfig.from_dict(saved["config"]) == resolve(tiny(algorithm="metasgd"))
 
@@ -103,8 +140,11 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path, 
         return (loss * float("nan"), score) if calls["n"] > 25 else (loss, score)
 
     monkeypatch.setattr(train_module, "meta_loss", poisoned)
-    with pytest.raises(FloatingPointError, match=r"meta-loss is nan at iteration 26.*"
-                       r"last good checkpoint: .*latest.pt"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"meta-loss is nan at iteration 26.*"
+        r"last good checkpoint: .*latest.pt",
+    ):
         train(tiny(), tmp_path)
     saved = load_checkpoint(tmp_path / "latest.pt")
     assert saved["iteration"] == 20
@@ -151,12 +191,15 @@ def test_training_into_an_existing_run_is_refused(tmp_path):
         train(tiny(iterations=5), tmp_path)
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("meta_batch", 0, "--meta-batch must be a positive integer, got 0"),
-    ("inner_steps", -2, "--inner-steps must be a positive integer"),
-    ("inner_lr", 0.0, "--inner-lr must be positive"),
-    ("dataset", "imagenet", "unknown dataset 'imagenet'"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("meta_batch", 0, "--meta-batch must be a positive integer, got 0"),
+        ("inner_steps", -2, "--inner-steps must be a positive integer"),
+        ("inner_lr", 0.0, "--inner-lr must be positive"),
+        ("dataset", "imagenet", "unknown dataset 'imagenet'"),
+    ],
+)
 def test_config_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
         resolve(tiny(**{field: value}))

@@ -58,8 +58,12 @@ def conv4(
         >>> fmaml.nn.conv4(num_classes=5)(torch.zeros(2, 1, 28, 28)).shape
         torch.Size([2, 5])
     """
-    for name, value in (("num_classes", num_classes), ("in_channels", in_channels),
-                        ("hidden", hidden), ("image_size", image_size)):
+    for name, value in (
+        ("num_classes", num_classes),
+        ("in_channels", in_channels),
+        ("hidden", hidden),
+        ("image_size", image_size),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"conv4(): `{name}` must be a positive integer, got {value!r}.")
     if max_pool is None:

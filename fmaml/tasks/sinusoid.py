@@ -12,7 +12,9 @@ from fmaml.types import Task
 
 @dataclass(frozen=True)
 class SinusoidTasks:
-    """Tasks ``y = A sin(x - phase)`` with ``A ~ U[0.1, 5]``, ``phase ~ U[0, pi]``, ``x ~ U[-5, 5]``.
+    """Sinusoid tasks ``y = A sin(x - phase)`` (Finn et al. 2017, section 5.1).
+
+    ``A ~ U[0.1, 5]``, ``phase ~ U[0, pi]``, ``x ~ U[-5, 5]``, drawn per task.
 
     Args:
         num_shots: support points per task (``K``).

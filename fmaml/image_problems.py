@@ -1,0 +1,82 @@
+"""Few-shot image classification problems: Omniglot, mini-ImageNet and class folders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from fmaml.config import TrainConfig
+from fmaml.problems import EmptySplit, Problem, classification_problem, dtype_of, image_model
+from fmaml.tasks.images import EpisodeSampler, fixed_episodes, load_splits
+from fmaml.types import Task
+
+DEFAULT_ROOTS = {"omniglot": "data/omniglot", "miniimagenet": "data/miniimagenet"}
+"""Where ``--data-root`` points when it is not given."""
+
+CHANNELS = {"omniglot": 1, "miniimagenet": 3, "folder": 3}
+
+
+def data_root(config: TrainConfig) -> Path:
+    """The run's data folder: ``--data-root``, else the dataset's default under ``./data``."""
+    if config.data_root is not None:
+        return Path(config.data_root)
+    if config.dataset not in DEFAULT_ROOTS:
+        raise ValueError(
+            f"--data-root is required for --dataset {config.dataset}: pass the folder that "
+            "holds one sub-folder of images per class."
+        )
+    return Path(DEFAULT_ROOTS[config.dataset])
+
+
+def image_problem(config: TrainConfig) -> Problem:
+    """The :class:`~fmaml.problems.Problem` of an image config: data, conv4 and samplers.
+
+    The images stay uint8 on ``config.device``; every meta-batch is drawn there at once. Omniglot
+    classes are rotated by a random multiple of 90 degrees per task (MAML protocol).
+
+    Raises:
+        DataError: the data is missing or cannot serve ``ways``-way ``shots + query`` tasks.
+    """
+    channels = CHANNELS[config.dataset]
+    splits = load_splits(
+        config.dataset,
+        data_root(config),
+        split=config.split,
+        image_size=config.image_size,
+        channels=channels if config.dataset == "folder" else None,
+        download=config.dataset == "omniglot" and bool(config.extra.get("download", False)),
+        seed=config.seed,
+    )
+    device, dtype = torch.device(config.device), dtype_of(config)
+    rotate = config.dataset == "omniglot"
+    samplers: dict[str, EpisodeSampler] = {}
+
+    def sampler(split: str) -> EpisodeSampler:
+        if split not in splits:
+            raise EmptySplit(split)
+        if split not in samplers:
+            samplers[split] = EpisodeSampler(
+                splits[split].to(device),
+                config.ways,
+                config.shots,
+                config.query,
+                rotate=rotate,
+                dtype=dtype,
+            )
+        return samplers[split]
+
+    train_sampler = sampler("train")
+
+    def sample(num_tasks: int, generator: torch.Generator) -> Task:
+        return train_sampler.sample(num_tasks, generator)
+
+    def episodes(split: str, num_episodes: int, seed: int, chunk: int) -> Iterator[Task]:
+        source = sampler(split)
+        spec = fixed_episodes(source, num_episodes, seed)
+        for start in range(0, num_episodes, chunk):
+            yield source.gather(spec.slice(start, start + chunk))
+
+    model = image_model(config, in_channels=channels)
+    return classification_problem(model, config.shots, sample, episodes)

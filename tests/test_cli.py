@@ -1,0 +1,266 @@
+"""The command line, through click's CliRunner and once as a real process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest_images import OMNIGLOT_SUBSET, make_folder, make_omniglot
+
+from fmaml.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--val-every", "5", "--val-episodes", "4", "--checkpoint-every", "5"]
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def last_json(output: str) -> dict:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def test_sinusoid_train_test_plot(tmp_path):
+    run = tmp_path / "run"
+    result = invoke(
+        "train",
+        "--dataset",
+        "sinusoid",
+        "--iterations",
+        "10",
+        "--meta-batch",
+        "4",
+        "--hidden",
+        "8",
+        "--out",
+        run,
+        *FAST,
+    )
+    assert result.exit_code == 0, result.output
+    assert {"latest.pt", "best.pt", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    result = invoke("test", "--checkpoint", run, "--episodes", "20", "--json")
+    assert result.exit_code == 0, result.output
+    report = last_json(result.output)
+    assert report["episodes"] == 20 and set(report["results"]) == {"K=5", "K=10"}
+    assert {"1", "5", "10"} <= set(report["results"]["K=5"])
+    assert "sinusoid K=5, MSE on 20 tasks  1 step:" in result.output
+    result = invoke("plot", run)
+    assert result.exit_code == 0, result.output
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_continues_to_a_new_total(tmp_path):
+    run = tmp_path / "run"
+    assert (
+        invoke(
+            "train",
+            "--dataset",
+            "sinusoid",
+            "--iterations",
+            "10",
+            "--hidden",
+            "8",
+            "--out",
+            run,
+            *FAST,
+        ).exit_code
+        == 0
+    )
+    result = invoke("train", "--resume", run, "--iterations", "15")
+    assert result.exit_code == 0, result.output
+    assert "done: 15 iterations" in result.output
+
+
+def test_folder_dataset_train_and_test(tmp_path, isolated_cache):
+    make_folder(tmp_path / "images", {f"class{i}": 6 for i in range(10)})
+    run = tmp_path / "run"
+    result = invoke(
+        "train",
+        "--dataset",
+        "folder",
+        "--data-root",
+        tmp_path / "images",
+        "--split",
+        "0.6,0.2,0.2",
+        "--ways",
+        "2",
+        "--shots",
+        "1",
+        "--query",
+        "2",
+        "--meta-batch",
+        "2",
+        "--image-size",
+        "12",
+        "--hidden",
+        "4",
+        "--iterations",
+        "6",
+        "--out",
+        run,
+        *FAST,
+    )
+    assert result.exit_code == 0, result.output
+    result = invoke("test", "--checkpoint", run, "--episodes", "10", "--json")
+    assert result.exit_code == 0, result.output
+    report = last_json(result.output)
+    assert report["episodes"] == 10 and report["query_per_class"] == 2
+    assert 0 <= report["accuracy"] <= 100 and report["ci95"] >= 0
+    assert report["inner_steps"] == 10, "the paper's test-time steps for 84x84 data"
+    assert "accuracy" in result.output and "95% CI" in result.output
+
+
+def test_omniglot_layout_with_validation_split(tmp_path, isolated_cache):
+    make_omniglot(tmp_path / "omni", {f"Alpha{i}": 3 for i in range(4)}, images_per_character=4)
+    run = tmp_path / "run"
+    result = invoke(
+        "train",
+        "--data-root",
+        tmp_path / "omni",
+        "--split",
+        "alphabet:0.5,0.25,0.25",
+        "--ways",
+        "2",
+        "--meta-batch",
+        "2",
+        "--hidden",
+        "4",
+        "--iterations",
+        "5",
+        "--no-download",
+        "--out",
+        run,
+        *FAST,
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["split"] == "val" for r in rows)
+    result = invoke(
+        "test",
+        "--checkpoint",
+        run / "best.pt",
+        "--split",
+        "val",
+        "--episodes",
+        "4",
+        "--query",
+        "2",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    assert last_json(result.output)["query_per_class"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["test", "--checkpoint", "missing.pt"], "does not exist. Pass a checkpoint file"),
+        (["train", "--dataset", "folder"], "--data-root is required for --dataset folder"),
+        (
+            ["train", "--dataset", "sinusoid", "--meta-batch", "0"],
+            "--meta-batch must be a positive",
+        ),
+        (["train", "--data-root", "no/such/folder", "--no-download"], "no/such/folder"),
+    ],
+)
+def test_errors_are_one_clear_line(tmp_path, args, message):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_too_many_shots_for_the_data(tmp_path, isolated_cache):
+    make_folder(tmp_path / "images", {f"c{i}": 3 for i in range(6)})
+    result = invoke(
+        "train",
+        "--dataset",
+        "folder",
+        "--data-root",
+        tmp_path / "images",
+        "--split",
+        "0.5,0,0.5",
+        "--ways",
+        "2",
+        "--shots",
+        "5",
+        "--out",
+        tmp_path / "r",
+    )
+    assert result.exit_code == 1
+    assert "num_shots + num_query" in result.output and "Traceback" not in result.output
+
+
+def test_help_shows_paper_defaults():
+    result = invoke("train", "--help")
+    assert result.exit_code == 0
+    assert "omniglot      5-way" in result.output and "inner_lr=0.4" in result.output
+    assert "miniimagenet  5-way" in result.output and "grad_clip=10.0" in result.output
+
+
+def test_real_process_help():
+    done = subprocess.run(
+        [sys.executable, "cli.py", "test", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--checkpoint" in done.stdout and "--json" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not OMNIGLOT_SUBSET.is_dir(), reason="shared Omniglot subset not present")
+def test_real_omniglot_learns_above_chance(tmp_path):
+    """Real data, real process: 60 MAML steps on 6 alphabets beat chance on the other 2.
+
+    One test-time step, as trained: this early the paper's 3 test steps overshoot.
+    """
+    run = tmp_path / "run"
+    subprocess.run(
+        [
+            sys.executable,
+            "cli.py",
+            "train",
+            "--data-root",
+            str(OMNIGLOT_SUBSET),
+            "--iterations",
+            "60",
+            "--meta-batch",
+            "16",
+            "--out",
+            str(run),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "cli.py",
+            "test",
+            "--checkpoint",
+            str(run),
+            "--episodes",
+            "100",
+            "--query",
+            "15",
+            "--inner-steps",
+            "1",
+            "--json",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    report = last_json(done.stdout)
+    assert report["episodes"] == 100 and report["inner_steps"] == 1
+    assert report["accuracy"] - report["ci95"] > 30.0, report
