@@ -1,10 +1,10 @@
 """fmaml: MAML-family meta-learning for PyTorch as pure functions on torch.func."""
 
-from fmaml import nn, tasks
+from fmaml import nn, schedules, tasks
 from fmaml.adapt import adapt, init_rates, step_rates, unroll
 from fmaml.config import TrainConfig
 from fmaml.evaluate import evaluate, mean_ci95
-from fmaml.module import SupervisedLoss, accuracy, params_of, supervised_loss
+from fmaml.module import SupervisedLoss, accuracy, params_of, per_step, supervised_loss
 from fmaml.objectives import meta_loss, meta_scores, task_loss, task_scores
 from fmaml.train import TrainState, evaluate_state, restore_state
 from fmaml.train import train as fit
@@ -34,7 +34,9 @@ __all__ = [
     "nn",
     "params_of",
     "partition",
+    "per_step",
     "restore_state",
+    "schedules",
     "step_rates",
     "supervised_loss",
     "task_loss",

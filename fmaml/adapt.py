@@ -6,6 +6,7 @@ one task (no task axis); :func:`fmaml.meta_loss` vmaps them over a meta-batch.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Mapping, Sequence
 
@@ -77,20 +78,20 @@ def unroll(
     names = select(params.keys(), adapt_keys, caller="adapt")
     rates = step_rates(inner_lr, params, names, num_steps, caller="adapt")
     frozen = {k: v for k, v in params.items() if k not in set(names)}
-
-    def support_loss(fast: Params) -> Tensor:
-        return loss_fn({**frozen, **fast}, support)
-
-    gradient = torch.func.grad(support_loss)
     fast = {k: params[k] for k in names}
     trajectory = [dict(params)]
-    for rate in rates:
-        grads = gradient(fast)
+    for step, rate in enumerate(rates):
+        grads = torch.func.grad(_support_loss)(fast, at_step(loss_fn, step), frozen, support)
         if first_order:
             grads = {k: g.detach() for k, g in grads.items()}
         fast = {k: fast[k] - rate[k] * grads[k] for k in names}
         trajectory.append({k: fast.get(k, v) for k, v in params.items()})
     return trajectory
+
+
+def _support_loss(fast: Params, loss_fn: LossFn, frozen: Params, support: Batch) -> Tensor:
+    """The support loss as a function of the adapted parameters alone (argument 0)."""
+    return loss_fn({**frozen, **fast}, support)
 
 
 def adapt(
@@ -125,6 +126,22 @@ def adapt(
         adapt_keys=adapt_keys,
         first_order=first_order,
     )[-1]
+
+
+def at_step(loss_fn: LossFn, step: int, support_x: Tensor | None = None) -> LossFn:
+    """``loss_fn`` for the forward pass after ``step`` inner steps.
+
+    A *stepwise* loss (``loss_fn.stepwise``, e.g. per-step BatchNorm from
+    :func:`fmaml.per_step`) is given the step; a loss with ``support_statistics`` is given
+    ``support_x`` to take its BatchNorm statistics from (for query batches). Any other loss is
+    returned as it is.
+    """
+    kwargs: dict = {}
+    if getattr(loss_fn, "stepwise", False):
+        kwargs["step"] = step
+    if support_x is not None and getattr(loss_fn, "support_statistics", False):
+        kwargs["stats_from"] = support_x
+    return functools.partial(loss_fn, **kwargs) if kwargs else loss_fn
 
 
 def step_rates(

@@ -7,6 +7,13 @@
 | anil    | ``adapt_keys``: the head only                   | Raghu et al., ICLR 2020            |
 | boil    | ``adapt_keys``: the body only                   | Oh et al., ICLR 2021               |
 | metasgd | ``inner_lr``: a learned per-element dict        | Li et al., arXiv 1707.09835, 2017  |
+| mamlpp  | MAML with all five MAML++ fixes (train loop)    | Antoniou et al., ICLR 2019         |
+
+MAML++'s fixes are training-loop settings on top of an algorithm (see
+:class:`fmaml.config.TrainConfig`): LSLR (``inner_lr`` a list of per-tensor rate dicts), MSL
+(``step_weights`` from :func:`fmaml.schedules.msl_weights`), DA (``first_order`` from
+:func:`fmaml.schedules.first_order_at`), BNWB (:func:`fmaml.per_step` over the BatchNorm
+parameters) and CA (:func:`fmaml.schedules.cosine_lr`).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     "anil": Algorithm("anil", adapt_keys=head_keys),
     "boil": Algorithm("boil", adapt_keys=body_keys),
     "metasgd": Algorithm("metasgd", learned_rates="element"),
+    "mamlpp": Algorithm("mamlpp"),
 }
 
 

@@ -96,6 +96,48 @@ def main() -> None:
 @click.option("--val-every", type=int, default=500, show_default=True)
 @click.option("--val-episodes", type=int, default=100, show_default=True)
 @click.option("--checkpoint-every", type=int, default=500, show_default=True)
+@click.option(
+    "--lslr/--no-lslr",
+    default=None,
+    help="MAML++ LSLR: a learned rate per tensor and step [mamlpp: on].",
+)
+@click.option(
+    "--msl-epochs",
+    type=int,
+    default=None,
+    help="MAML++ multi-step loss for this many epochs, 0 = off [mamlpp: 10/15].",
+)
+@click.option(
+    "--da-epochs",
+    type=int,
+    default=None,
+    help="MAML++ derivative-order annealing: first-order epochs, 0 = off [mamlpp: 50].",
+)
+@click.option(
+    "--per-step-bn/--no-per-step-bn",
+    default=None,
+    help="MAML++ BNWB: BatchNorm weights and biases per step [mamlpp: on].",
+)
+@click.option(
+    "--bn-statistics",
+    type=click.Choice(["batch", "support"]),
+    default=None,
+    help="Query BatchNorm statistics: the batch itself (MAML, transductive) or the "
+    "task's support set at the same step (MAML++ BNRS, leak-free) [mamlpp: support].",
+)
+@click.option(
+    "--cosine-annealing/--no-cosine-annealing",
+    default=None,
+    help="MAML++ CA: cosine-anneal the outer rate to --min-outer-lr [mamlpp: on].",
+)
+@click.option("--min-outer-lr", type=float, default=1e-5, show_default=True)
+@click.option(
+    "--iterations-per-epoch",
+    type=int,
+    default=500,
+    show_default=True,
+    help="Epoch length for the MAML++ schedules.",
+)
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
     "--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True

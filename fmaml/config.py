@@ -40,6 +40,16 @@ class TrainConfig:
     log_every: int = 10
     device: str = "cpu"
     dtype: str = "float32"
+    # MAML++ (Antoniou et al. 2019); None: on for --algorithm mamlpp, off otherwise.
+    lslr: bool | None = None
+    msl_epochs: int | None = None
+    da_epochs: int | None = None
+    per_step_bn: bool | None = None
+    bn_statistics: str | None = None
+    cosine_annealing: bool | None = None
+    min_outer_lr: float = 1e-5
+    iterations_per_epoch: int = 500
+    loss_reduction: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +126,60 @@ PAPER_DEFAULTS: dict[tuple[str, int | None], dict[str, Any]] = {
 }
 
 
+# MAML++'s released configurations (antreasantoniou/HowToTrainYourMAMLPytorch), where they
+# differ from MAML's: Omniglot meta-batch 8, 5 steps, LSLR from 0.1; mini-ImageNet meta-batch 2,
+# 48 filters, LSLR from 0.01, 15 query; 100 epochs x 500 iterations; mean cross-entropy.
+MAMLPP_DEFAULTS: dict[str, dict[str, Any]] = {
+    "omniglot": dict(
+        meta_batch=8,
+        inner_steps=5,
+        eval_inner_steps=5,
+        inner_lr=0.1,
+        iterations=50_000,
+        msl_epochs=10,
+    ),
+    "miniimagenet": dict(
+        meta_batch=2,
+        inner_steps=5,
+        eval_inner_steps=5,
+        inner_lr=0.01,
+        iterations=50_000,
+        hidden=48,
+        query=15,
+        msl_epochs=15,
+        grad_clip=None,
+    ),
+    "folder": dict(
+        meta_batch=2,
+        inner_steps=5,
+        eval_inner_steps=5,
+        inner_lr=0.01,
+        iterations=50_000,
+        hidden=48,
+        query=15,
+        msl_epochs=15,
+    ),
+    "sinusoid": dict(inner_steps=5, eval_inner_steps=10, msl_epochs=10),
+}
+MAMLPP_FIXES = dict(
+    lslr=True,
+    da_epochs=50,
+    per_step_bn=True,
+    bn_statistics="support",
+    cosine_annealing=True,
+    loss_reduction="mean",
+)
+PLAIN_FIXES = dict(
+    lslr=False,
+    msl_epochs=0,
+    da_epochs=0,
+    per_step_bn=False,
+    bn_statistics="batch",
+    cosine_annealing=False,
+    loss_reduction="sum_per_shot",
+)
+
+
 def paper_defaults(dataset: str, ways: int | None) -> dict[str, Any]:
     """The MAML paper's setting for ``dataset`` with ``ways`` classes (5 if ``None``)."""
     if dataset not in DATASETS:
@@ -137,6 +201,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
         ValueError: for a non-positive size, rate or iteration count, naming the option.
     """
     defaults = paper_defaults(config.dataset, config.ways)
+    if config.algorithm == "mamlpp":
+        defaults.update(MAMLPP_FIXES)
+        defaults.update(MAMLPP_DEFAULTS[config.dataset])
+    else:
+        defaults.update(PLAIN_FIXES)
     values = config.to_dict()
     for key, value in defaults.items():
         if values.get(key) is None:
@@ -175,5 +244,22 @@ def check(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value!r}.")
+    for name in ("msl_epochs", "da_epochs"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 (off) or more, got {value!r}.")
+    if config.loss_reduction not in ("sum_per_shot", "mean"):
+        raise ValueError(
+            f"loss_reduction must be 'sum_per_shot' or 'mean', got {config.loss_reduction!r}."
+        )
+    if config.bn_statistics not in ("batch", "support"):
+        raise ValueError(
+            f"--bn-statistics must be 'batch' or 'support', got {config.bn_statistics!r}."
+        )
+    if config.lslr and config.algorithm == "metasgd":
+        raise ValueError(
+            "--lslr (per-step, per-tensor rates) and --algorithm metasgd (per-element rates) "
+            "both learn the inner rate; choose one."
+        )
     if config.dataset != "sinusoid" and config.ways < 2:
         raise ValueError(f"--ways must be at least 2 for classification, got {config.ways}.")

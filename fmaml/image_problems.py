@@ -79,4 +79,4 @@ def image_problem(config: TrainConfig) -> Problem:
             yield source.gather(spec.slice(start, start + chunk))
 
     model = image_model(config, in_channels=channels)
-    return classification_problem(model, config.shots, sample, episodes)
+    return classification_problem(model, config.shots, sample, episodes, config.loss_reduction)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import copy
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from fmaml.nn.batchnorm import with_batch_statistics
+from fmaml.nn.batchnorm import BatchNorm, with_batch_statistics, with_stat_rows
 from fmaml.types import Batch, Params
 
 
@@ -45,6 +46,15 @@ class SupervisedLoss:
     ``functional_call(..., strict=True)`` never falls back to a module tensor silently.
     """
 
+    stepwise = False
+    """Whether the loss takes the inner step (``loss(params, batch, step=s)``): MAML++ BNWB."""
+
+    per_step_keys: tuple[str, ...] = ()
+
+    support_statistics = False
+    """BatchNorm statistics of the query come from the support set (MAML++ BNRS, fmaml's
+    leak-free form); ``False``: from the batch itself (MAML's transductive default)."""
+
     def __init__(self, model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor]):
         self.module = with_batch_statistics(model)
         self.criterion = criterion
@@ -54,21 +64,66 @@ class SupervisedLoss:
         }
         self.param_names = [k for k, p in self.module.named_parameters() if p.requires_grad]
 
-    def predict(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        """The model's output for ``x: [n, *feature]`` under ``params``."""
-        self._check_keys(params)
-        return torch.func.functional_call(self.module, {**self.fixed, **params}, (x,), strict=True)
+    def predict(
+        self,
+        params: Mapping[str, Tensor],
+        x: Tensor,
+        step: int = 0,
+        stats_from: Tensor | None = None,
+    ) -> Tensor:
+        """The model's output for ``x: [n, *feature]`` under ``params`` (at inner ``step``).
 
-    def __call__(self, params: Mapping[str, Tensor], batch: Batch) -> Tensor:
+        Per-step parameters (see :func:`per_step`) are ``[slots, *shape]``; ``step`` picks a
+        slot, the last one for any later step. With ``stats_from: [m, *feature]`` (a support
+        set), BatchNorm normalises ``x`` with the statistics of ``stats_from`` alone: the rows
+        of ``x`` do not influence each other.
+        """
+        self._check_keys(params)
+        if self.per_step_keys:
+            params = {
+                k: v[min(step, v.shape[0] - 1)] if k in self.per_step_keys else v
+                for k, v in params.items()
+            }
+        values = {**self.fixed, **params}
+        if stats_from is None:
+            return torch.func.functional_call(self.module, values, (x,), strict=True)
+        rows = stats_from.shape[0]
+        module = with_stat_rows(self.module, rows)
+        both = torch.cat([stats_from, x])
+        return torch.func.functional_call(module, values, (both,), strict=True)[rows:]
+
+    def __call__(
+        self,
+        params: Mapping[str, Tensor],
+        batch: Batch,
+        step: int = 0,
+        stats_from: Tensor | None = None,
+    ) -> Tensor:
         x, y = batch
-        return self.criterion(self.predict(params, x), y)
+        return self.criterion(self.predict(params, x, step, stats_from), y)
+
+    def with_support_statistics(self, enabled: bool = True) -> SupervisedLoss:
+        """This loss with the query's BatchNorm statistics taken from the support set."""
+        other = copy.copy(self)
+        other.support_statistics = enabled
+        return other
 
     def with_criterion(self, criterion: Callable[[Tensor, Tensor], Tensor]) -> SupervisedLoss:
         """The same model with another criterion (e.g. a metric for evaluation)."""
-        other = object.__new__(SupervisedLoss)
-        other.module, other.fixed, other.param_names = self.module, self.fixed, self.param_names
+        other = copy.copy(self)
         other.criterion = criterion
         return other
+
+    def batchnorm_keys(self) -> list[str]:
+        """Names of the BatchNorm weights and biases among the trainable parameters."""
+        keys = [
+            f"{name}.{leaf}"
+            for name, module in self.module.named_modules()
+            if isinstance(module, BatchNorm)
+            for leaf in ("weight", "bias")
+            if getattr(module, leaf) is not None
+        ]
+        return [k for k in keys if k in self.param_names]
 
     def _check_keys(self, params: Mapping[str, Tensor]) -> None:
         missing = [k for k in self.param_names if k not in params]
@@ -80,6 +135,56 @@ class SupervisedLoss:
                 f"  unexpected: {unexpected}\n"
                 "Build params with fmaml.params_of(model) from the same model."
             )
+
+
+def per_step(
+    loss_fn: SupervisedLoss, params: Mapping[str, Tensor], keys: Sequence[str], num_steps: int
+) -> tuple[SupervisedLoss, Params]:
+    """One copy of the ``keys`` parameters per inner step (MAML++ BNWB).
+
+    The returned parameters hold each selected tensor stacked ``num_steps + 1`` times,
+    ``[num_steps + 1, *shape]``: slot ``s`` is used for the forward pass after ``s`` inner
+    steps. The returned loss is *stepwise*: :func:`fmaml.unroll` and :func:`fmaml.task_loss`
+    pass it the step. With every slot equal, the loss and meta-gradient (summed over the
+    slots) are MAML's.
+
+    Args:
+        loss_fn: from :func:`supervised_loss`.
+        params: ``{name: tensor}``.
+        keys: the names to give per-step copies, e.g. ``loss_fn.batchnorm_keys()``.
+        num_steps: inner steps.
+
+    Returns:
+        ``(stepwise_loss_fn, params)`` with new leaves that require grad.
+
+    Raises:
+        ValueError: a key that is not a parameter.
+
+    Example:
+        >>> import torch.nn.functional as F, fmaml
+        >>> model = fmaml.nn.conv4(5)
+        >>> loss_fn = fmaml.supervised_loss(model, F.cross_entropy)
+        >>> stepwise, params = per_step(loss_fn, fmaml.params_of(model),
+        ...                             loss_fn.batchnorm_keys(), num_steps=5)
+        >>> params["body.block0.norm.weight"].shape
+        torch.Size([6, 64])
+    """
+    unknown = [k for k in keys if k not in params]
+    if unknown:
+        raise ValueError(
+            f"per_step(): {unknown} are not parameters; expected names from "
+            "fmaml.params_of(model), e.g. loss_fn.batchnorm_keys()."
+        )
+    stacked = {
+        k: v.detach().unsqueeze(0).repeat(num_steps + 1, *([1] * v.dim())).requires_grad_(True)
+        if k in keys
+        else v
+        for k, v in params.items()
+    }
+    stepwise = copy.copy(loss_fn)
+    stepwise.per_step_keys = tuple(keys)
+    stepwise.stepwise = bool(keys)
+    return stepwise, stacked
 
 
 def supervised_loss(

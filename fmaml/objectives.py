@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fmaml.adapt import InnerLR, unroll
+from fmaml.adapt import InnerLR, at_step, unroll
 from fmaml.tree import KeySelector
 from fmaml.types import LossFn, Task
 
@@ -62,14 +62,20 @@ def task_loss(
         first_order=first_order,
     )
     if weights is None:
-        loss = loss_fn(trajectory[-1], task.query)
+        loss = at_step(loss_fn, num_steps, task.support[0])(trajectory[-1], task.query)
     else:
-        losses = torch.stack([loss_fn(adapted, task.query) for adapted in trajectory[1:]])
+        losses = torch.stack(
+            [
+                at_step(loss_fn, s, task.support[0])(trajectory[s], task.query)
+                for s in range(1, num_steps + 1)
+            ]
+        )
         loss = (torch.as_tensor(weights, dtype=losses.dtype, device=losses.device) * losses).sum()
     if score_fn is None:
         return loss
     with torch.no_grad():
-        score = score_fn({k: v.detach() for k, v in trajectory[-1].items()}, task.query)
+        adapted = {k: v.detach() for k, v in trajectory[-1].items()}
+        score = at_step(score_fn, num_steps, task.support[0])(adapted, task.query)
     return loss, score
 
 
@@ -99,7 +105,12 @@ def task_scores(
         num_steps=num_steps,
         adapt_keys=adapt_keys,
     )
-    return torch.stack([score_fn(adapted, task.query) for adapted in trajectory])
+    return torch.stack(
+        [
+            at_step(score_fn, s, task.support[0])(adapted, task.query)
+            for s, adapted in enumerate(trajectory)
+        ]
+    )
 
 
 def meta_loss(

@@ -88,17 +88,21 @@ def _sinusoid(config: TrainConfig) -> Problem:
     return Problem(model, loss_fn, loss_fn, "mse", False, sample, episodes)
 
 
-def classification_problem(model: nn.Module, num_shots: int, sample, episodes) -> Problem:
+def classification_problem(
+    model: nn.Module, num_shots: int, sample, episodes, loss_reduction: str = "sum_per_shot"
+) -> Problem:
     """A classification :class:`Problem`.
 
-    The inner loss is the MAML authors' cross-entropy: summed over the set and divided by
-    ``num_shots`` (N times the mean), so the paper's inner rates apply unchanged.
+    With ``loss_reduction="sum_per_shot"`` the loss is the MAML authors' cross-entropy: summed
+    over the set and divided by ``num_shots`` (N times the mean), so the paper's inner rates
+    apply unchanged; ``"mean"`` is the mean cross-entropy (MAML++).
     """
 
     def cross_entropy_per_shot(logits, y):
         return F.cross_entropy(logits, y, reduction="sum") / num_shots
 
-    loss_fn = supervised_loss(model, cross_entropy_per_shot)
+    criterion = cross_entropy_per_shot if loss_reduction == "sum_per_shot" else F.cross_entropy
+    loss_fn = supervised_loss(model, criterion)
     return Problem(
         model, loss_fn, loss_fn.with_criterion(accuracy), "accuracy", True, sample, episodes
     )

@@ -7,6 +7,7 @@ resume bit-for-bit on the CPU.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -29,9 +30,10 @@ from fmaml.checkpoint import (
 )
 from fmaml.config import TrainConfig, resolve
 from fmaml.evaluate import evaluate, mean_ci95
-from fmaml.module import params_of
+from fmaml.module import params_of, per_step
 from fmaml.objectives import meta_loss
 from fmaml.problems import EmptySplit, Problem, build_problem
+from fmaml.schedules import cosine_lr, first_order_at, msl_weights
 from fmaml.types import Params
 
 VAL_SEED = 20170309
@@ -52,11 +54,19 @@ class TrainState:
     generator: torch.Generator
     iteration: int = 0
     best: dict[str, Any] = field(default_factory=dict)
+    adapt_keys: Any = None
 
     @property
     def inner_lr(self) -> InnerLR:
         """The inner rate the inner loop uses: the learned rates, else the config's number."""
         return self.config.inner_lr if self.rates is None else self.rates
+
+    def inner_lr_for(self, num_steps: int) -> InnerLR:
+        """The inner rate for ``num_steps`` steps: per-step rates repeat their last step."""
+        rates = self.inner_lr
+        if isinstance(rates, list):
+            return [rates[min(i, len(rates) - 1)] for i in range(num_steps)]
+        return rates
 
     def leaves(self) -> list[torch.Tensor]:
         """Every meta-learned tensor, in a fixed order (the optimizer's)."""
@@ -65,23 +75,68 @@ class TrainState:
 
 
 def init_state(config: TrainConfig) -> TrainState:
-    """A fresh run: model, learned rates (if the algorithm has them), Adam, task generator."""
+    """A fresh run: model, learned rates (if the algorithm has them), Adam, task generator.
+
+    MAML++ settings shape the parameters here: ``lslr`` gives one learned rate per tensor and
+    step; ``per_step_bn`` gives the BatchNorm weights and biases one copy per step (BNWB) and
+    keeps them out of the inner loop, as MAML++ does; ``bn_statistics="support"`` normalises
+    each query with the statistics of its own support set at the same step (BNRS, leak-free).
+    """
     config = resolve(config)
     algorithm = get_algorithm(config.algorithm)
     problem = build_problem(config)
     params = params_of(problem.model)
+    adapt_keys = algorithm.adapt_keys
+    if config.bn_statistics == "support":
+        problem = dataclasses.replace(
+            problem,
+            loss_fn=problem.loss_fn.with_support_statistics(),
+            score_fn=problem.score_fn.with_support_statistics(),
+        )
+    if config.per_step_bn and problem.loss_fn.batchnorm_keys():
+        bn_keys = problem.loss_fn.batchnorm_keys()
+        loss_fn, params = per_step(problem.loss_fn, params, bn_keys, config.inner_steps)
+        problem = dataclasses.replace(
+            problem, loss_fn=loss_fn, score_fn=loss_fn.with_criterion(problem.score_fn.criterion)
+        )
+        adapt_keys = _without(adapt_keys, set(bn_keys))
     rates = None
-    if algorithm.learned_rates is not None:
+    if config.lslr:
         rates = init_rates(
             params,
             config.inner_lr,
-            adapt_keys=algorithm.adapt_keys,
+            adapt_keys=adapt_keys,
+            per_element=False,
+            num_steps=config.inner_steps,
+        )
+    elif algorithm.learned_rates is not None:
+        rates = init_rates(
+            params,
+            config.inner_lr,
+            adapt_keys=adapt_keys,
             per_element=algorithm.learned_rates == "element",
         )
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
-    state = TrainState(config, problem, params, rates, None, generator)  # type: ignore[arg-type]
+    state = TrainState(config, problem, params, rates, None, generator, adapt_keys=adapt_keys)  # type: ignore[arg-type]
     state.optimizer = torch.optim.Adam(state.leaves(), lr=config.outer_lr)
     return state
+
+
+def _stepwise_like(template, fresh):
+    """``fresh`` (a loss for other shots) with the per-step parameters of ``template``."""
+    out = copy.copy(fresh)
+    out.per_step_keys, out.stepwise = template.per_step_keys, template.stepwise
+    out.support_statistics = template.support_statistics
+    return out
+
+
+def _without(adapt_keys, excluded: set[str]):
+    """``adapt_keys`` (a predicate, names or None) minus ``excluded``, as a predicate."""
+    if adapt_keys is None:
+        return lambda name: name not in excluded
+    if callable(adapt_keys):
+        return lambda name: adapt_keys(name) and name not in excluded
+    return [k for k in adapt_keys if k not in excluded]
 
 
 def restore_state(path: str | Path, *, device: str | None = None) -> TrainState:
@@ -134,6 +189,11 @@ def meta_step(state: TrainState) -> dict[str, float]:
     """
     config = state.config
     algorithm = get_algorithm(config.algorithm)
+    epoch = state.iteration // config.iterations_per_epoch
+    if config.cosine_annealing:
+        lr = cosine_lr(state.iteration, config.iterations, config.outer_lr, config.min_outer_lr)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
     tasks = state.problem.sample(config.meta_batch, state.generator)
     loss, score = meta_loss(
         state.problem.loss_fn,
@@ -141,8 +201,9 @@ def meta_step(state: TrainState) -> dict[str, float]:
         tasks,
         inner_lr=state.inner_lr,
         num_steps=config.inner_steps,
-        adapt_keys=algorithm.adapt_keys,
-        first_order=algorithm.first_order,
+        adapt_keys=state.adapt_keys,
+        first_order=algorithm.first_order or first_order_at(epoch, config.da_epochs),
+        step_weights=msl_weights(config.inner_steps, epoch, config.msl_epochs),
         score_fn=state.problem.score_fn,
     )
     if not torch.isfinite(loss):
@@ -164,7 +225,6 @@ def meta_step(state: TrainState) -> dict[str, float]:
 def validate(state: TrainState, split: str = "val") -> dict[str, float] | None:
     """Score the current parameters on the fixed validation episodes (None if no such split)."""
     config = state.config
-    algorithm = get_algorithm(config.algorithm)
     try:
         episodes = state.problem.episodes(split, config.val_episodes, VAL_SEED, config.meta_batch)
         scores = evaluate(
@@ -172,9 +232,9 @@ def validate(state: TrainState, split: str = "val") -> dict[str, float] | None:
             state.problem.loss_fn,
             state.params,
             episodes,
-            inner_lr=state.inner_lr,
+            inner_lr=state.inner_lr_for(config.eval_inner_steps),
             num_steps=config.eval_inner_steps,
-            adapt_keys=algorithm.adapt_keys,
+            adapt_keys=state.adapt_keys,
         )
     except EmptySplit:
         return None
@@ -323,19 +383,20 @@ def evaluate_state(
     query = config.query if query is None else query
     problem = state.problem
     if (shots, query) != (config.shots, config.query):
-        problem = build_problem(resolve(dataclasses.replace(config, shots=shots, query=query)))
-    algorithm = get_algorithm(config.algorithm)
-    inner_lr = state.inner_lr
-    if isinstance(inner_lr, list):  # per-step rates: evaluation may run more steps
-        inner_lr = [inner_lr[min(i, len(inner_lr) - 1)] for i in range(num_steps)]
+        other = build_problem(resolve(dataclasses.replace(config, shots=shots, query=query)))
+        problem = dataclasses.replace(
+            other,
+            loss_fn=_stepwise_like(state.problem.loss_fn, other.loss_fn),
+            score_fn=_stepwise_like(state.problem.score_fn, other.score_fn),
+        )
     scores = evaluate(
         problem.score_fn,
         problem.loss_fn,
         state.params,
         problem.episodes(split, num_episodes, seed, chunk or config.meta_batch),
-        inner_lr=inner_lr,
+        inner_lr=state.inner_lr_for(num_steps),
         num_steps=num_steps,
-        adapt_keys=algorithm.adapt_keys,
+        adapt_keys=state.adapt_keys,
     )
     steps = []
     for step in range(num_steps + 1):

@@ -21,11 +21,21 @@ class BatchNorm(nn.Module):
         num_features: channels ``C`` of an input ``[n, C, *spatial]``.
         eps: added to the variance.
         affine: learn a scale ``weight`` and an offset ``bias`` (names as ``nn.BatchNorm2d``).
+        stat_rows: if set, the statistics come from the first ``stat_rows`` rows of the batch
+            only and normalise every row (fmaml puts a task's support set there so that
+            its query set is normalised without using the query: see
+            :class:`fmaml.SupervisedLoss`).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        stat_rows: int | None = None,
+    ):
         super().__init__()
-        self.num_features, self.eps = num_features, eps
+        self.num_features, self.eps, self.stat_rows = num_features, eps, stat_rows
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features))
             self.bias = nn.Parameter(torch.zeros(num_features))
@@ -35,8 +45,9 @@ class BatchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims, keepdim=True)
-        var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+        source = x if self.stat_rows is None else x[: self.stat_rows]
+        mean = source.mean(dim=dims, keepdim=True)
+        var = ((source - mean) ** 2).mean(dim=dims, keepdim=True)
         out = (x - mean) * torch.rsqrt(var + self.eps)
         if self.weight is None:
             return out
@@ -44,7 +55,8 @@ class BatchNorm(nn.Module):
         return out * self.weight.reshape(shape) + self.bias.reshape(shape)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
+        rows = "" if self.stat_rows is None else f", stat_rows={self.stat_rows}"
+        return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}{rows}"
 
 
 def with_batch_statistics(model: nn.Module) -> nn.Module:
@@ -71,3 +83,13 @@ def with_batch_statistics(model: nn.Module) -> nn.Module:
                     replacement.bias = child.bias
                 setattr(parent, name, replacement)
     return model
+
+
+def with_stat_rows(model: nn.Module, rows: int) -> nn.Module:
+    """A shallow copy of ``model`` whose :class:`BatchNorm` layers take statistics from the
+    first ``rows`` rows; parameters and other modules are shared, not copied."""
+    copied = copy.copy(model)
+    copied._modules = {name: with_stat_rows(child, rows) for name, child in model._modules.items()}
+    if isinstance(copied, BatchNorm):
+        copied.stat_rows = rows
+    return copied
