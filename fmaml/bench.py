@@ -1,25 +1,61 @@
-"""Meta-steps per second of the vmapped path against a Python loop over tasks.
+"""Meta-training speed: fmaml's strategies against learn2learn, higher and a plain loop.
 
 The settings are the ones the MAML paper trains: sinusoid (MLP 40-40, meta-batch 25, K=10,
-1 inner step), Omniglot-shaped (conv4-64, 28x28, 5-way 1-shot, 15 query, meta-batch 32,
-1 step) and mini-ImageNet-shaped (conv4-32, 84x84, 5-way 1-shot, 15 query, meta-batch 4,
-5 steps). Data is synthetic (the speed does not depend on the pixels).
+1 inner step), Omniglot-shaped (conv4-64 with stride-2 convolutions, 28x28, 5-way 1-shot,
+15 query per class, meta-batch 32, 1 step) and mini-ImageNet-shaped (conv4-32 with max-pool,
+84x84, 5-way 1-shot, 15 query, meta-batch 4, 5 steps). Data is synthetic: the speed does not
+depend on the pixels, and every implementation gets the same tasks and the same initial
+parameters.
+
+For every setting and order (second- and first-order MAML) :func:`run_bench` first checks
+that every implementation gives the same meta-gradient (float64, on the first tasks of the
+meta-batch), then times one meta-step (the meta-gradient of the whole meta-batch) and reports
+meta-steps/s, tasks/s, achieved GFLOP/s and peak memory. FLOPs are counted with
+``torch.utils.flop_counter`` on the plain per-task loop and the same count is used for every
+implementation (the counter charges a grouped convolution's weight gradient once per group,
+so counting each implementation's own ops would credit vmap with work it does not do). On
+a CPU each measurement runs in a fresh process, so that its peak resident memory is its own;
+on CUDA the peak is ``torch.cuda.max_memory_allocated``.
+
+Implementations (``--impls``):
+
+========================  ===================================================================
+``fmaml``                 :func:`fmaml.meta_loss` with :func:`fmaml.auto_strategy` (or the
+                          strategy given with ``--chunk-size``/``--workers``/``--checkpoint``)
+``fmaml-vmap``            one vmap over all tasks (``strategy=None``)
+``fmaml-checkpoint``      the ``fmaml`` strategy with every inner step recomputed
+``loop``                  :func:`fmaml.task_loss` task by task, one backward at the end
+``learn2learn``           ``l2l.algorithms.MAML``: clone, adapt, backward per task
+``higher``                ``higher.innerloop_ctx`` with SGD, backward per task
+========================  ===================================================================
+
+learn2learn and higher use the same network with torch's ``nn.BatchNorm2d`` (batch
+statistics, no running statistics), which is what their users write.
 """
 
 from __future__ import annotations
 
-import functools
+import copy
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
 import platform
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fmaml.module import params_of, supervised_loss
-from fmaml.nn import conv4, mlp
+from fmaml.nn import BatchNorm, conv4, mlp
 from fmaml.objectives import meta_loss, task_loss
+from fmaml.strategy import Strategy, auto_strategy
 from fmaml.tasks.sinusoid import SinusoidTasks
 from fmaml.types import Task
 
@@ -47,9 +83,35 @@ SETTINGS = {
     ),
 }
 
+ORDERS = ("second", "first")
+IMPLS = ("fmaml", "fmaml-vmap", "fmaml-checkpoint", "loop", "learn2learn", "higher")
+PEERS = {"learn2learn": "learn2learn", "higher": "higher"}
+DEFAULT_IMPLS = ("fmaml", "fmaml-vmap", "loop")
 
-def build(setting: Setting, device: str):
-    """Model, loss function, params and one meta-batch for ``setting``."""
+
+@dataclass
+class Problem:
+    """One setting's network, loss, parameters and meta-batch, ready to time."""
+
+    setting: Setting
+    model: nn.Module
+    criterion: Callable
+    params: dict
+    tasks: Task
+
+    @property
+    def loss_fn(self):
+        return supervised_loss(self.model, self.criterion)
+
+
+def build(
+    setting: Setting,
+    device: str = "cpu",
+    *,
+    dtype: torch.dtype = torch.float32,
+    num_tasks: int | None = None,
+) -> Problem:
+    """The network (seeded initialisation) and one meta-batch (seeded data) for ``setting``."""
     generator = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -57,12 +119,13 @@ def build(setting: Setting, device: str):
             model = mlp()
         else:
             model = conv4(setting.ways, setting.channels, setting.hidden, setting.image_size)
-    model = model.to(device)
+    model = model.to(device=device, dtype=dtype)
+    n = setting.meta_batch
     if setting.name == "sinusoid":
-        tasks = SinusoidTasks(10).sample(setting.meta_batch, generator)
+        tasks = SinusoidTasks(10).sample(n, generator)
         criterion = F.mse_loss
     else:
-        n, size = setting.meta_batch, setting.image_size
+        size = setting.image_size
         shape = (setting.channels, size, size)
         xs = torch.rand(n, setting.ways, *shape, generator=generator)
         xq = torch.rand(n, setting.ways * setting.query, *shape, generator=generator)
@@ -70,92 +133,524 @@ def build(setting: Setting, device: str):
         yq = torch.arange(setting.ways).repeat(setting.query).expand(n, -1)
         tasks = Task((xs, ys), (xq, yq))
         criterion = F.cross_entropy
-    tasks = Task(*[tuple(t.to(device) for t in pair) for pair in tasks])
-    return supervised_loss(model, criterion), params_of(model), tasks
-
-
-def _step_vmap(loss_fn, params, tasks, setting, first_order):
-    loss = meta_loss(
-        loss_fn,
-        params,
-        tasks,
-        inner_lr=setting.inner_lr,
-        num_steps=setting.inner_steps,
-        first_order=first_order,
+    keep = n if num_tasks is None else min(num_tasks, n)
+    tasks = Task(
+        *[
+            tuple(
+                (t[:keep].to(dtype) if t.is_floating_point() else t[:keep]).to(device) for t in pair
+            )
+            for pair in tasks
+        ]
     )
-    torch.autograd.grad(loss, list(params.values()))
+    return Problem(setting, model, criterion, params_of(model), tasks)
 
 
-def _step_loop(loss_fn, params, tasks, setting, first_order):
-    total = 0.0
-    for t in range(setting.meta_batch):
-        task = Task(tuple(x[t] for x in tasks.support), tuple(x[t] for x in tasks.query))
-        total = total + task_loss(
+# --- the implementations: each returns step() -> meta-gradient, in the order of params -------
+
+
+def _fmaml_step(problem: Problem, first_order: bool, strategy: Strategy | None):
+    s, params = problem.setting, problem.params
+    loss_fn, leaves = problem.loss_fn, list(params.values())
+
+    def step():
+        loss = meta_loss(
             loss_fn,
             params,
-            task,
-            inner_lr=setting.inner_lr,
-            num_steps=setting.inner_steps,
+            problem.tasks,
+            inner_lr=s.inner_lr,
+            num_steps=s.inner_steps,
             first_order=first_order,
+            strategy=strategy,
         )
-    torch.autograd.grad(total / setting.meta_batch, list(params.values()))
+        return torch.autograd.grad(loss, leaves)
+
+    return step
 
 
-STRATEGIES = {"vmap": _step_vmap, "loop": _step_loop}
+def _loop_step(problem: Problem, first_order: bool):
+    s, params, tasks = problem.setting, problem.params, problem.tasks
+    loss_fn, leaves = problem.loss_fn, list(params.values())
+    num_tasks = tasks.support[0].shape[0]
+
+    def step():
+        total = 0.0
+        for t in range(num_tasks):
+            task = Task(tuple(x[t] for x in tasks.support), tuple(x[t] for x in tasks.query))
+            total = total + task_loss(
+                loss_fn,
+                params,
+                task,
+                inner_lr=s.inner_lr,
+                num_steps=s.inner_steps,
+                first_order=first_order,
+            )
+        return torch.autograd.grad(total / num_tasks, leaves)
+
+    return step
 
 
-def time_steps(step, repeats: int, device: str) -> float:
-    """Seconds per call of ``step()``, after one warm-up call."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+def torch_batchnorm_twin(problem: Problem) -> nn.Module:
+    """The setting's network with torch's ``nn.BatchNorm2d`` (batch statistics) and the same
+    initial parameters: what a learn2learn or higher user would train."""
+    model = copy.deepcopy(problem.model)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, BatchNorm):
+                twin = nn.BatchNorm2d(
+                    child.num_features,
+                    eps=child.eps,
+                    affine=child.weight is not None,
+                    track_running_stats=False,
+                )
+                setattr(parent, name, twin)
+    model = model.to(device=problem.tasks.support[0].device)
+    model = model.to(dtype=next(iter(problem.params.values())).dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(problem.params[name])
+    return model
+
+
+def _learn2learn_step(problem: Problem, first_order: bool):
+    import learn2learn as l2l
+
+    s, tasks, criterion = problem.setting, problem.tasks, problem.criterion
+    model = torch_batchnorm_twin(problem)
+    maml = l2l.algorithms.MAML(model, lr=s.inner_lr, first_order=first_order)
+    leaves = list(model.parameters())
+    (xs, ys), (xq, yq) = tasks.support, tasks.query
+    num_tasks = xs.shape[0]
+
+    def step():
+        for p in leaves:
+            p.grad = None
+        for t in range(num_tasks):
+            learner = maml.clone()
+            for _ in range(s.inner_steps):
+                learner.adapt(criterion(learner(xs[t]), ys[t]))
+            (criterion(learner(xq[t]), yq[t]) / num_tasks).backward()
+        return [p.grad for p in leaves]
+
+    return step
+
+
+def _higher_step(problem: Problem, first_order: bool):
+    import higher
+
+    s, tasks, criterion = problem.setting, problem.tasks, problem.criterion
+    model = torch_batchnorm_twin(problem)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=s.inner_lr)
+    leaves = list(model.parameters())
+    (xs, ys), (xq, yq) = tasks.support, tasks.query
+    num_tasks = xs.shape[0]
+
+    def step():
+        for p in leaves:
+            p.grad = None
+        for t in range(num_tasks):
+            with higher.innerloop_ctx(
+                model, inner_opt, copy_initial_weights=False, track_higher_grads=not first_order
+            ) as (fmodel, diffopt):
+                for _ in range(s.inner_steps):
+                    diffopt.step(criterion(fmodel(xs[t]), ys[t]))
+                query = criterion(fmodel(xq[t]), yq[t]) / num_tasks
+                if not first_order:
+                    query.backward()
+                    continue
+                # Untracked inner steps leave fresh leaves: hand their gradients back (FOMAML).
+                for p, g in zip(
+                    leaves, torch.autograd.grad(query, list(fmodel.parameters())), strict=True
+                ):
+                    p.grad = g if p.grad is None else p.grad + g
+        return [p.grad for p in leaves]
+
+    return step
+
+
+def chosen_strategy(problem: Problem, strategy: Strategy | Mapping | None) -> Strategy:
+    """The ``fmaml`` implementation's strategy: ``strategy`` itself, or
+    :func:`fmaml.auto_strategy`'s choice for the problem with the fields of a dict
+    ``strategy`` replaced."""
+    if isinstance(strategy, Strategy):
+        return strategy
+    device = problem.tasks.support[0].device
+    return dataclasses.replace(auto_strategy(device, problem.loss_fn), **(strategy or {}))
+
+
+def make_step(
+    impl: str, problem: Problem, first_order: bool, strategy: Strategy | Mapping | None = None
+):
+    """``step()`` computing one meta-gradient with implementation ``impl``."""
+    chosen = chosen_strategy(problem, strategy)
+    if impl == "fmaml":
+        return _fmaml_step(problem, first_order, chosen)
+    if impl == "fmaml-vmap":
+        return _fmaml_step(problem, first_order, None)
+    if impl == "fmaml-checkpoint":
+        return _fmaml_step(problem, first_order, dataclasses.replace(chosen, checkpoint=True))
+    if impl == "loop":
+        return _loop_step(problem, first_order)
+    if impl == "learn2learn":
+        return _learn2learn_step(problem, first_order)
+    if impl == "higher":
+        return _higher_step(problem, first_order)
+    raise ValueError(f"bench: unknown implementation {impl!r}; expected one of {list(IMPLS)}.")
+
+
+def strategy_of(impl: str, problem: Problem, strategy: Strategy | Mapping | None) -> str:
+    """How ``impl`` runs a meta-batch, in words."""
+    chosen = chosen_strategy(problem, strategy)
+    return {
+        "fmaml": str(chosen),
+        "fmaml-vmap": str(Strategy()),
+        "fmaml-checkpoint": str(dataclasses.replace(chosen, checkpoint=True)),
+        "loop": "python loop over tasks, one backward",
+        "learn2learn": "python loop over tasks, backward per task",
+        "higher": "python loop over tasks, backward per task",
+    }[impl]
+
+
+# --- checks and measurements -------------------------------------------------------------------
+
+
+def peer_missing(impl: str) -> str | None:
+    """Why a peer implementation can't run here, or ``None`` when it can."""
+    package = PEERS.get(impl)
+    if package is None:
+        return None
+    if importlib.util.find_spec(package) is None:
+        return f"{impl} is not installed (see benchmarks/README.md)"
+    try:
+        importlib.import_module(package)
+    except Exception as error:  # a broken install: say why and go on without it
+        return f"{impl} does not import: {type(error).__name__}: {error}"
+    return None
+
+
+def gradient_check(
+    setting: Setting,
+    impls: Sequence[str],
+    first_order: bool,
+    *,
+    device: str = "cpu",
+    strategy: Strategy | Mapping | None = None,
+    num_tasks: int = 4,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, float]:
+    """Each implementation's largest deviation from the loop's meta-gradient.
+
+    The deviation is ``max |g - g_loop| / max |g_loop|`` over every parameter, on the first
+    ``num_tasks`` tasks of the meta-batch, in ``dtype``.
+    """
+    problem = build(setting, device, dtype=dtype, num_tasks=num_tasks)
+    reference = make_step("loop", problem, first_order)()
+    scale = max(r.abs().max().item() for r in reference)
+    deviations = {}
+    for impl in impls:
+        grads = make_step(impl, problem, first_order, strategy)()
+        deviations[impl] = max(
+            (g - r).abs().max().item() / scale for g, r in zip(grads, reference, strict=True)
+        )
+    return deviations
+
+
+def count_flops(setting: Setting, first_order: bool, device: str = "cpu") -> int:
+    """FLOPs of one meta-step, counted by ``torch.utils.flop_counter`` on the per-task loop."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    problem = build(setting, device)
+    step = make_step("loop", problem, first_order)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def time_steps(step: Callable, repeats: int, device: str, min_seconds: float = 1.0) -> list[float]:
+    """Seconds of each call of ``step()``: one warm-up call, then at least ``repeats`` calls
+    and at least ``min_seconds`` of them."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     step()
     sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
+    times, begin = [], time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - begin < min_seconds:
+        start = time.perf_counter()
         step()
-    sync()
-    return (time.perf_counter() - start) / repeats
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
 
 
-def run_bench(names, *, repeats: int = 3, device: str = "cpu") -> Iterator[dict]:
-    """Time every setting in ``names`` with each strategy, second- and first-order.
+def _rss_peak_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ``ru_maxrss`` it is not inherited
+    from the parent across ``fork``/``exec``)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(
+    setting: str,
+    order: str,
+    impl: str,
+    *,
+    repeats: int = 3,
+    device: str = "cpu",
+    strategy: Strategy | Mapping | None = None,
+    min_seconds: float = 1.0,
+) -> dict:
+    """Time one implementation on one setting in this process; peak memory included."""
+    problem = build(SETTINGS[setting], device)
+    step = make_step(impl, problem, order == "first", strategy)
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = _rss_peak_mb()
+    times = time_steps(step, repeats, device, min_seconds)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_peak_mb()
+    return {
+        "seconds_per_step": sum(times) / len(times),
+        "fastest_step_s": min(times),
+        "timed_steps": len(times),
+        "peak_memory_mb": peak,
+        "memory_before_mb": before,
+        "memory_kind": "cuda max_memory_allocated" if cuda else "peak RSS of the process",
+    }
+
+
+def _measure_in_subprocess(job: dict) -> dict:
+    """:func:`measure` in a fresh Python process (its own peak RSS), same torch threads."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    code = "import fmaml.bench as b; b._worker()"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"bench: measuring {job['impl']} on {job['setting']} failed in its subprocess:\n"
+            f"{done.stderr.strip()[-2000:]}"
+        )
+    return json.loads(lines[-1])
+
+
+def _worker() -> None:
+    job = json.loads(sys.stdin.read())
+    torch.set_num_threads(job.pop("threads"))
+    strategy = job.pop("strategy")
+    job["strategy"] = None if strategy is None else Strategy(**strategy)
+    print(json.dumps(measure(job.pop("setting"), job.pop("order"), job.pop("impl"), **job)))
+
+
+def describe_device(device: str) -> str:
+    """The device in words: the GPU's name, or the CPU model and torch's thread count."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def run_bench(
+    names: Sequence[str],
+    *,
+    repeats: int = 3,
+    device: str = "cpu",
+    impls: Sequence[str] | None = None,
+    compare: bool = False,
+    orders: Sequence[str] = ORDERS,
+    strategy: Strategy | Mapping | None = None,
+    isolate: bool | None = None,
+    check: bool = True,
+    min_seconds: float = 1.0,
+    fastest: bool = False,
+    rounds: int = 1,
+    say: Callable[[str], None] = lambda line: None,
+) -> Iterator[dict]:
+    """Check, then time, every implementation on every setting and order.
+
+    Args:
+        names: settings, from :data:`SETTINGS`.
+        repeats: timed meta-steps at least (after one warm-up step).
+        device: ``"cpu"`` or ``"cuda[:i]"``.
+        impls: implementations to run; default ``fmaml``, ``fmaml-vmap`` and ``loop``;
+            ``compare`` adds ``learn2learn`` and ``higher``.
+        compare: add the peers and report each implementation's speed relative to them.
+        orders: ``"second"`` and/or ``"first"``.
+        strategy: the strategy of the ``fmaml`` implementation: a :class:`fmaml.Strategy`,
+            or a dict of fields to change in :func:`fmaml.auto_strategy`'s choice for each
+            setting; default that choice.
+        isolate: measure each in a fresh process (default: on a CPU, for its peak RSS).
+        check: compare the meta-gradients first (float64) and stop if one differs.
+        min_seconds: time at least this long per measurement.
+        fastest: rates from the fastest timed step instead of the mean (for a machine that
+            other work keeps busy).
+        rounds: measure every implementation this many times, interleaved, and keep each
+            one's best round (for a busy machine); peak memory is the largest seen.
+        say: called with progress and skip messages.
 
     Yields:
-        One dict per measurement with ``setting``, ``strategy``, ``order``,
-        ``meta_steps_per_s``, ``tasks_per_s``, ``device`` and a printable ``line``.
+        One dict per measurement (``setting``, ``order``, ``impl``, ``strategy``,
+        ``meta_steps_per_s``, ``tasks_per_s``, ``gflop_per_s``, ``peak_memory_mb``, ratios,
+        ``device``, ``torch``, ``date``, ``line``) and, with ``compare``, one ``summary`` row
+        per setting and order.
+
+    Raises:
+        ValueError: unknown settings, implementations or orders; ``repeats`` below 1.
+        RuntimeError: an implementation whose meta-gradient differs from the loop's.
     """
     unknown = sorted(set(names) - set(SETTINGS))
     if unknown:
         raise ValueError(f"bench: unknown settings {unknown}; expected some of {list(SETTINGS)}.")
     if repeats < 1:
         raise ValueError(f"bench: --repeats must be at least 1, got {repeats}.")
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.startswith("cuda")
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    if rounds < 1:
+        raise ValueError(f"bench: --rounds must be at least 1, got {rounds}.")
+    bad_orders = sorted(set(orders) - set(ORDERS))
+    if bad_orders:
+        raise ValueError(f"bench: unknown orders {bad_orders}; expected some of {list(ORDERS)}.")
+    impls = list(impls or DEFAULT_IMPLS)
+    impls += [peer for peer in PEERS if compare and peer not in impls]
+    bad_impls = sorted(set(impls) - set(IMPLS))
+    if bad_impls:
+        raise ValueError(f"bench: unknown implementations {bad_impls}; expected {list(IMPLS)}.")
+    runnable = []
+    for impl in impls:
+        why = peer_missing(impl)
+        if why:
+            say(f"skipped: {why}")
+        else:
+            runnable.append(impl)
+    cuda = str(device).startswith("cuda")
+    isolate = (not cuda) if isolate is None else isolate
+    where = describe_device(device)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     for name in names:
         setting = SETTINGS[name]
-        loss_fn, params, tasks = build(setting, device)
-        for first_order in (False, True):
-            for strategy, step in STRATEGIES.items():
-                seconds = time_steps(
-                    functools.partial(step, loss_fn, params, tasks, setting, first_order),
-                    repeats,
-                    device,
+        for order in orders:
+            first_order = order == "first"
+            if check:
+                deviations = gradient_check(
+                    setting, runnable, first_order, device=device, strategy=strategy
                 )
-                order = "first" if first_order else "second"
+                worst = max(deviations.values(), default=0.0)
+                say(
+                    f"{name} {order}-order: meta-gradients agree across "
+                    f"{', '.join(runnable)} (float64, largest relative deviation {worst:.1e})"
+                )
+                wrong = {k: v for k, v in deviations.items() if not v < 1e-8}
+                if wrong:
+                    raise RuntimeError(
+                        f"bench: on {name} ({order} order) these implementations give another "
+                        f"meta-gradient than the loop (relative deviation): {wrong}."
+                    )
+            flops = count_flops(setting, first_order, device)
+            problem = build(setting, device, num_tasks=1)
+            key = "fastest_step_s" if fastest else "seconds_per_step"
+            seen: dict[str, list[dict]] = {impl: [] for impl in runnable}
+            for _ in range(rounds):  # interleaved, so that a busy spell hits every impl
+                for impl in runnable:
+                    job = {
+                        "setting": name,
+                        "order": order,
+                        "impl": impl,
+                        "repeats": repeats,
+                        "device": device,
+                        "min_seconds": min_seconds,
+                    }
+                    if isolate:
+                        job["threads"] = torch.get_num_threads()
+                        job["strategy"] = dataclasses.asdict(chosen_strategy(problem, strategy))
+                        seen[impl].append(_measure_in_subprocess(job))
+                    else:
+                        seen[impl].append(measure(**job, strategy=strategy))
+            best = {
+                impl: {
+                    **min(results, key=lambda r: r[key]),
+                    "peak_memory_mb": max(r["peak_memory_mb"] for r in results),
+                    "round_seconds": [r[key] for r in results],
+                }
+                for impl, results in seen.items()
+            }
+            rows = []
+            for impl in runnable:
+                result = best[impl]
+                seconds = result[key]
                 row = {
                     "setting": name,
-                    "strategy": strategy,
                     "order": order,
+                    "impl": impl,
+                    "strategy": strategy_of(impl, problem, strategy),
                     "meta_steps_per_s": 1 / seconds,
                     "tasks_per_s": setting.meta_batch / seconds,
+                    "gflop_per_step": flops / 1e9,
+                    "gflop_per_s": flops / 1e9 / seconds,
+                    "rate_from": ("fastest step" if fastest else "mean step")
+                    + (f", best of {rounds} interleaved rounds" if rounds > 1 else ""),
+                    **result,
                     "device": where,
                     "torch": torch.__version__,
+                    "date": date,
                 }
+                if cuda:
+                    row["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+                    row["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
                 row["line"] = (
-                    f"{name:<13} {order:<6}-order {strategy:<5} "
-                    f"{row['meta_steps_per_s']:9.2f} meta-steps/s "
-                    f"{row['tasks_per_s']:9.1f} tasks/s   [{where}]"
+                    f"{name:<12} {order:<6} {impl:<16} {row['meta_steps_per_s']:9.3f} steps/s "
+                    f"{row['tasks_per_s']:9.1f} tasks/s {row['gflop_per_s']:7.1f} GFLOP/s "
+                    f"{row['peak_memory_mb']:8.0f} MB  [{row['strategy']}]"
                 )
-                yield row
+                rows.append(row)
+            yield from _with_ratios(rows, compare)
+
+
+def _with_ratios(rows: list[dict], compare: bool) -> Iterator[dict]:
+    speed = {r["impl"]: r["meta_steps_per_s"] for r in rows}
+    memory = {r["impl"]: r["peak_memory_mb"] for r in rows}
+    peers = [p for p in PEERS if p in speed]
+    for row in rows:
+        for peer in peers:
+            row[f"vs_{peer}"] = row["meta_steps_per_s"] / speed[peer]
+        if peers:
+            row["line"] += "  " + "  ".join(f"{row[f'vs_{p}']:.2f}x {p}" for p in peers)
+        yield row
+    if compare and peers and "fmaml" in speed:
+        fastest = max(peers, key=speed.get)
+        first = rows[0]
+        summary = {
+            "summary": True,
+            "setting": first["setting"],
+            "order": first["order"],
+            "fastest_peer": fastest,
+            "speedup_vs_fastest_peer": speed["fmaml"] / speed[fastest],
+            "memory_vs_fastest_peer": memory["fmaml"] / memory[fastest],
+        }
+        summary["line"] = (
+            f"{first['setting']:<12} {first['order']:<6} fmaml is "
+            f"{summary['speedup_vs_fastest_peer']:.2f}x the fastest peer ({fastest}), "
+            f"peak memory {memory['fmaml']:.0f} MB vs {memory[fastest]:.0f} MB"
+        )
+        yield summary

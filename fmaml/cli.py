@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -14,6 +16,7 @@ import click
 from fmaml.algorithms import ALGORITHMS
 from fmaml.checkpoint import CheckpointError, find_checkpoint
 from fmaml.config import DATASETS, PAPER_DEFAULTS, TrainConfig
+from fmaml.distributed import RankFailure
 
 DEFAULTS_HELP = "\n".join(
     f"  {ds:<13} {'' if ways is None else f'{ways}-way':<7} "
@@ -29,7 +32,13 @@ def friendly_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ValueError, CheckpointError, FloatingPointError, FileNotFoundError) as error:
+        except (
+            ValueError,
+            CheckpointError,
+            FloatingPointError,
+            FileNotFoundError,
+            RankFailure,
+        ) as error:
             raise click.ClickException(str(error)) from None
 
     return wrapper
@@ -40,7 +49,20 @@ def main() -> None:
     """fmaml: MAML-family meta-learning on torch.func."""
 
 
-@main.command(epilog="\b\nPer-dataset defaults (MAML paper, Finn et al. 2017):\n" + DEFAULTS_HELP)
+TORCHRUN_HELP = """
+\b
+Several processes (data-parallel; --meta-batch stays the total per step):
+  torchrun --nproc_per_node=N cli.py train --out RUN ...
+  torchrun --nproc_per_node=N cli.py train --resume RUN
+Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes itself."""
+
+
+@main.command(
+    epilog="\b\nPer-dataset defaults (MAML paper, Finn et al. 2017):\n"
+    + DEFAULTS_HELP
+    + "\n"
+    + TORCHRUN_HELP
+)
 @click.option("--dataset", type=click.Choice(DATASETS), default="omniglot", show_default=True)
 @click.option(
     "--data-root",
@@ -156,7 +178,31 @@ def main() -> None:
 )
 @friendly_errors
 def train(out, resume, iterations, download, **options) -> None:
-    """Meta-train a model; write metrics.jsonl, latest.pt and best.pt to the run folder."""
+    """Meta-train a model; write metrics.jsonl, latest.pt and best.pt to the run folder.
+
+    Under torchrun every rank runs this command; the meta-batch is split across them.
+    """
+    from fmaml import distributed
+
+    if distributed.launched_by_torchrun() and out is None and not resume:
+        raise click.UsageError(
+            "under torchrun, name the run folder with --out RUN_DIR (or --resume RUN_DIR): "
+            "every rank and every restart must use the same folder."
+        )
+    lead = not distributed.launched_by_torchrun() or os.environ["RANK"] == "0"
+    try:
+        _train(out, resume, iterations, download, lead, options)
+    except (CheckpointError, FloatingPointError) as error:
+        # Every rank meets these alike (rank 0 read the folder and sent what it found; the
+        # NaN check is on the all-reduced loss): rank 0 says why. Other errors, such as data
+        # missing on one machine, are printed by every rank that meets them.
+        if not lead:
+            raise SystemExit(1) from error
+        raise
+
+
+def _train(out, resume, iterations, download, lead: bool, options: dict) -> None:
+    from fmaml import distributed
     from fmaml.config import resolve
     from fmaml.train import train as run_training
 
@@ -172,17 +218,45 @@ def train(out, resume, iterations, download, **options) -> None:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
             out = Path("runs") / f"{config.dataset}-{config.algorithm}-{stamp}"
         out = Path(out)
-    click.echo(f"run folder: {out}", err=True)
+    ranks = distributed.init_from_env()
+    if ranks is not None:
+        signal.signal(signal.SIGTERM, _stop_rank)
+    restarted = ranks is not None and distributed.restart_count() > 0
+    if lead:
+        click.echo(f"run folder: {out}", err=True)
+        if ranks is not None:
+            click.echo(
+                f"ranks: {ranks.world_size} (backend {distributed.backend()})"
+                + (f"; restart {distributed.restart_count()}" if restarted else ""),
+                err=True,
+            )
     bar = _Progress()
-    state = run_training(
-        config, out, resume=bool(resume), iterations=iterations, on_step=bar.update
-    )
-    bar.close()
+    try:
+        state = run_training(
+            config,
+            out,
+            resume=True if resume else "auto" if restarted else False,
+            iterations=iterations,
+            on_step=bar.update if lead else None,
+        )
+    finally:
+        bar.close()
+    distributed.shutdown()
+    if not lead:
+        return
     best = state.best
     click.echo(
         f"done: {state.iteration} iterations; best validation {state.problem.score_name} "
         f"{best.get('score', float('nan')):.4f} at iteration {best.get('iteration', '-')}; "
         f"checkpoints in {out}"
+    )
+
+
+def _stop_rank(signum, frame) -> None:
+    """torchrun sends SIGTERM to every rank when one fails: stop with a message, not a trace."""
+    raise RankFailure(
+        f"stopped by signal {signal.Signals(signum).name} (torchrun stops every rank when one "
+        "fails; see its summary for which)"
     )
 
 
@@ -248,10 +322,19 @@ class _Progress:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
 @friendly_errors
 def test(checkpoint, split, episodes, inner_steps, shots, query, seed, device, as_json) -> None:
-    """Evaluate a trained model on fixed held-out episodes: mean and 95% interval."""
+    """Evaluate a trained model on fixed held-out episodes: mean and 95% interval.
+
+    Under torchrun the episodes are split across the ranks (each reads the checkpoint) and
+    rank 0 prints the result of the whole set.
+    """
+    from fmaml import distributed
     from fmaml.train import TEST_SEED, evaluate_state, restore_state
 
+    ranks = distributed.init_from_env()
     path = find_checkpoint(checkpoint)
+    if ranks is not None and device is not None and device.startswith("cuda"):
+        device = "cuda"  # each rank's own GPU
+    echo = click.echo if ranks is None or ranks.rank == 0 else _silent
     state = restore_state(path, device=device)
     seed = TEST_SEED if seed is None else seed
     if episodes < 1:
@@ -288,7 +371,7 @@ def test(checkpoint, split, episodes, inner_steps, shots, query, seed, device, a
                 f"± {per_step[str(s)]['ci95']:.3f} (median {per_step[str(s)]['median']:.3f})"
                 for s in shown
             )
-            click.echo(f"sinusoid {name}, MSE on {episodes} tasks  {cells}")
+            echo(f"sinusoid {name}, MSE on {episodes} tasks  {cells}")
     else:
         result = evaluate_state(
             state,
@@ -308,7 +391,7 @@ def test(checkpoint, split, episodes, inner_steps, shots, query, seed, device, a
             if result["query_per_class"] == 15
             else "custom"
         )
-        click.echo(
+        echo(
             f"{config.dataset} {config.ways}-way {result['shots']}-shot, {split} split: "
             f"accuracy {100 * last['mean']:.2f} ± {100 * last['ci95']:.2f} % "
             f"(95% CI = 1.96·std/√n over {result['episodes']} episodes; "
@@ -330,7 +413,12 @@ def test(checkpoint, split, episodes, inner_steps, shots, query, seed, device, a
             "accuracy_per_step": [100 * s["mean"] for s in result["steps"]],
         }
     if as_json:
-        click.echo(json.dumps(report))
+        echo(json.dumps(report))
+    distributed.shutdown()
+
+
+def _silent(*args, **kwargs) -> None:
+    """Ranks other than 0 print nothing."""
 
 
 @main.command()
@@ -354,16 +442,135 @@ def plot(run_dir, output) -> None:
     multiple=True,
     help="Which settings to run [all]: sinusoid, omniglot, miniimagenet.",
 )
-@click.option("--repeats", type=int, default=3, show_default=True, help="Timed meta-steps.")
+@click.option(
+    "--orders",
+    multiple=True,
+    type=click.Choice(["second", "first"]),
+    help="Second- and/or first-order MAML [both].",
+)
+@click.option(
+    "--impls",
+    multiple=True,
+    help="Implementations [fmaml, fmaml-vmap, loop]; also fmaml-checkpoint, learn2learn, "
+    "higher (--compare adds these two).",
+)
+@click.option(
+    "--compare", is_flag=True, help="Also run learn2learn and higher; print speed ratios."
+)
+@click.option(
+    "--repeats", type=int, default=3, show_default=True, help="Timed meta-steps, at least."
+)
+@click.option(
+    "--min-seconds",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Time each for this long, at least.",
+)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="torch intra-op threads [torch's default].")
+@click.option(
+    "--chunk-size",
+    default=None,
+    help="fmaml strategy: tasks vmapped together ('all', or a number; 1 = no vmap) [auto].",
+)
+@click.option(
+    "--workers", type=int, default=None, help="fmaml strategy: CPU worker threads [auto]."
+)
+@click.option(
+    "--checkpoint/--no-checkpoint",
+    default=None,
+    help="fmaml strategy: recompute each inner step in the backward [auto: no].",
+)
+@click.option(
+    "--isolate/--no-isolate",
+    default=None,
+    help="Each measurement in a fresh process, for its own peak RSS [on for CPU].",
+)
+@click.option(
+    "--cudnn-benchmark", is_flag=True, help="Let cuDNN time its algorithms (all implementations)."
+)
+@click.option(
+    "--fastest", is_flag=True, help="Rates from the fastest timed step (on a busy machine)."
+)
+@click.option(
+    "--rounds",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Measure each implementation this often, interleaved; keep its best round.",
+)
+@click.option("--no-check", is_flag=True, help="Skip the meta-gradient agreement check.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON lines.")
 @friendly_errors
-def bench(names, repeats, device, as_json) -> None:
-    """Meta-steps per second: the vmapped path against a Python loop over tasks."""
-    from fmaml.bench import SETTINGS, run_bench
+def bench(
+    names,
+    orders,
+    impls,
+    compare,
+    repeats,
+    min_seconds,
+    device,
+    threads,
+    chunk_size,
+    workers,
+    checkpoint,
+    isolate,
+    cudnn_benchmark,
+    fastest,
+    rounds,
+    no_check,
+    as_json,
+) -> None:
+    """Meta-steps/s, tasks/s, GFLOP/s and peak memory of one MAML meta-step.
 
-    for row in run_bench(names or list(SETTINGS), repeats=repeats, device=device):
-        click.echo(json.dumps(row) if as_json else row["line"])
+    Checks first that every implementation gives the same meta-gradient (float64), then times
+    fmaml's strategies (and, with --compare, learn2learn and higher, on the same data and
+    initial parameters) for each setting, second- and first-order.
+    """
+    import torch
+
+    from fmaml.bench import ORDERS, SETTINGS, run_bench
+
+    if threads is not None:
+        if threads < 1:
+            raise click.ClickException(f"--threads must be at least 1, got {threads}.")
+        torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = cudnn_benchmark or torch.backends.cudnn.benchmark
+    overrides = {}
+    if chunk_size is not None:
+        if chunk_size == "all":
+            overrides["chunk_size"] = None
+        elif chunk_size.isdigit() and int(chunk_size) > 0:
+            overrides["chunk_size"] = int(chunk_size)
+        else:
+            raise click.ClickException(
+                f"--chunk-size must be 'all' or a positive number, got {chunk_size!r}."
+            )
+    if workers is not None:
+        overrides["workers"] = workers
+    if checkpoint is not None:
+        overrides["checkpoint"] = checkpoint
+    rows = run_bench(
+        names or list(SETTINGS),
+        repeats=repeats,
+        device=device,
+        impls=impls or None,
+        compare=compare,
+        orders=orders or ORDERS,
+        strategy=overrides,
+        isolate=isolate,
+        check=not no_check,
+        min_seconds=min_seconds,
+        fastest=fastest,
+        rounds=rounds,
+        say=lambda line: click.echo(line, err=as_json),
+    )
+    try:
+        for row in rows:
+            click.echo(json.dumps(row) if as_json else row["line"])
+    except RuntimeError as error:
+        raise click.ClickException(str(error)) from None
 
 
 if __name__ == "__main__":

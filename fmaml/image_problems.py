@@ -69,14 +69,18 @@ def image_problem(config: TrainConfig) -> Problem:
 
     train_sampler = sampler("train")
 
-    def sample(num_tasks: int, generator: torch.Generator) -> Task:
-        return train_sampler.sample(num_tasks, generator)
+    def sample(num_tasks: int, generator: torch.Generator, shard=None) -> Task:
+        spec = train_sampler.describe(num_tasks, generator)  # all of it: the same draws
+        return train_sampler.gather(spec if shard is None else spec.slice(*shard))
 
-    def episodes(split: str, num_episodes: int, seed: int, chunk: int) -> Iterator[Task]:
+    def episodes(
+        split: str, num_episodes: int, seed: int, chunk: int, shard=None
+    ) -> Iterator[Task]:
         source = sampler(split)
         spec = fixed_episodes(source, num_episodes, seed)
-        for start in range(0, num_episodes, chunk):
-            yield source.gather(spec.slice(start, start + chunk))
+        first, stop = (0, num_episodes) if shard is None else shard
+        for start in range(first, stop, chunk):
+            yield source.gather(spec.slice(start, min(start + chunk, stop)))
 
     model = image_model(config, in_channels=channels)
     return classification_problem(model, config.shots, sample, episodes, config.loss_reduction)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from fmaml.adapt import InnerLR, at_step, unroll
+from fmaml.strategy import Strategy, run_strategy
 from fmaml.tree import KeySelector
 from fmaml.types import LossFn, Task
 
@@ -124,6 +125,7 @@ def meta_loss(
     first_order: bool = False,
     step_weights: Sequence[float] | Tensor | None = None,
     score_fn: LossFn | None = None,
+    strategy: Strategy | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The mean query loss over a meta-batch of tasks, each adapted on its own support.
 
@@ -142,6 +144,11 @@ def meta_loss(
             ``support = (x [T, n_s, *feature], y [T, n_s, *target])``, ``query`` likewise.
         inner_lr, num_steps, adapt_keys, first_order, step_weights: as in :func:`task_loss`.
         score_fn: if given, also return the mean of ``score_fn(adapted, query)`` over tasks.
+        strategy: how to run the meta-batch (:class:`fmaml.Strategy`: chunks of tasks with
+            gradients accumulated, one task at a time, recomputed inner steps, CPU workers;
+            :func:`fmaml.auto_strategy` picks one per device). ``None``: one vmap over all
+            tasks. The value and meta-gradient are the same; see :class:`fmaml.Strategy` for
+            what the returned loss can then be differentiated with respect to.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
@@ -160,6 +167,19 @@ def meta_loss(
         >>> loss = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.01)
         >>> grads = torch.autograd.grad(loss, list(params.values()))
     """
+    if strategy is not None and not strategy.is_plain:
+        return run_strategy(
+            strategy,
+            loss_fn,
+            params,
+            tasks,
+            inner_lr=inner_lr,
+            num_steps=num_steps,
+            adapt_keys=adapt_keys,
+            first_order=first_order,
+            step_weights=step_weights,
+            score_fn=score_fn,
+        )
     per_task = _over_tasks(
         lambda task: task_loss(
             loss_fn,

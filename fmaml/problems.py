@@ -38,9 +38,13 @@ class Problem:
         score_fn: the reported metric, same signature (accuracy or MSE).
         score_name: ``"accuracy"`` or ``"mse"``.
         higher_is_better: whether a larger score is better.
-        sample: ``sample(num_tasks, generator) -> Task``, a training meta-batch.
-        episodes: ``episodes(split, num_episodes, seed, chunk) -> iterator of Task``: fixed
-            evaluation episodes, the same for the same seed.
+        sample: ``sample(num_tasks, generator, shard=None) -> Task``, a training meta-batch.
+            With ``shard=(start, stop)`` only tasks ``start:stop`` of it are built, but the
+            whole meta-batch is drawn, so ``generator`` advances as without ``shard`` (every
+            rank of a distributed run keeps the same generator state).
+        episodes: ``episodes(split, num_episodes, seed, chunk, shard=None) -> iterator of
+            Task``: fixed evaluation episodes, the same for the same seed, in chunks of at most
+            ``chunk`` tasks; with ``shard=(start, stop)`` only episodes ``start:stop``.
     """
 
     model: nn.Module
@@ -48,8 +52,8 @@ class Problem:
     score_fn: SupervisedLoss
     score_name: str
     higher_is_better: bool
-    sample: Callable[[int, torch.Generator], Task]
-    episodes: Callable[[str, int, int, int], Iterator[Task]]
+    sample: Callable[..., Task]
+    episodes: Callable[..., Iterator[Task]]
 
 
 def dtype_of(config: TrainConfig) -> torch.dtype:
@@ -76,14 +80,18 @@ def _sinusoid(config: TrainConfig) -> Problem:
     train_tasks = SinusoidTasks(num_shots=config.shots, num_query=config.query)
     eval_tasks = dataclasses.replace(train_tasks, num_query=SINUSOID_EVAL_QUERY)
 
-    def sample(num_tasks: int, generator: torch.Generator) -> Task:
-        return train_tasks.sample(num_tasks, generator, dtype=dtype, device=device)
+    def sample(num_tasks: int, generator: torch.Generator, shard=None) -> Task:
+        tasks = train_tasks.sample(num_tasks, generator, dtype=dtype, device=device)
+        return tasks if shard is None else _slice(tasks, *shard)
 
-    def episodes(split: str, num_episodes: int, seed: int, chunk: int) -> Iterator[Task]:
+    def episodes(
+        split: str, num_episodes: int, seed: int, chunk: int, shard=None
+    ) -> Iterator[Task]:
         generator = torch.Generator(device=device).manual_seed(seed)
         tasks = eval_tasks.sample(num_episodes, generator, dtype=dtype, device=device)
-        for start in range(0, num_episodes, chunk):
-            yield _slice(tasks, start, start + chunk)
+        first, stop = (0, num_episodes) if shard is None else shard
+        for start in range(first, stop, chunk):
+            yield _slice(tasks, start, min(start + chunk, stop))
 
     return Problem(model, loss_fn, loss_fn, "mse", False, sample, episodes)
 

@@ -3,6 +3,9 @@
 ``train(config, out_dir)`` meta-trains, logs metrics to ``metrics.jsonl``, validates on fixed
 episodes, and keeps ``latest.pt`` and ``best.pt`` checkpoints that hold everything needed to
 resume bit-for-bit on the CPU.
+
+Under ``torch.distributed`` (``torchrun``) every rank runs the same loop on its share of each
+meta-batch (see :mod:`fmaml.distributed`); rank 0 alone writes metrics and checkpoints.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from fmaml import distributed
 from fmaml.adapt import InnerLR, init_rates
 from fmaml.algorithms import get_algorithm
 from fmaml.checkpoint import (
@@ -29,6 +33,7 @@ from fmaml.checkpoint import (
     save_checkpoint,
 )
 from fmaml.config import TrainConfig, resolve
+from fmaml.distributed import RankFailure, Ranks
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.module import params_of, per_step
 from fmaml.objectives import meta_loss
@@ -144,13 +149,17 @@ def restore_state(path: str | Path, *, device: str | None = None) -> TrainState:
 
     Args:
         path: a checkpoint file.
-        device: move the run to this device (the task generator then restarts from the
-            seed: its state belongs to the device that saved it).
+        device: move the run to this device (on a device of another kind the task generator
+            restarts from the seed: its state belongs to the kind of device that saved it).
     """
-    saved = load_checkpoint(path)
+    return _state_from(load_checkpoint(path), device)
+
+
+def _state_from(saved: dict[str, Any], device: str | None) -> TrainState:
+    """The state a checkpoint's contents describe (see :func:`restore_state`)."""
     config = TrainConfig.from_dict(saved["config"])
-    moved = device is not None and device != config.device
-    if moved:
+    moved = device is not None and torch.device(device).type != torch.device(config.device).type
+    if device is not None:
         config = dataclasses.replace(config, device=device)
     state = init_state(config)
     with torch.no_grad():
@@ -180,21 +189,63 @@ def state_dict(state: TrainState) -> dict[str, Any]:
     }
 
 
-def meta_step(state: TrainState) -> dict[str, float]:
+def meta_step(state: TrainState, ranks: Ranks | None = None) -> dict[str, float]:
     """One outer step: sample a meta-batch, adapt, back-propagate, update. Returns metrics.
+
+    Args:
+        state: the run; its parameters, optimizer, generator and iteration are updated.
+        ranks: split the meta-batch across these ranks (:func:`fmaml.distributed.current`);
+            every rank must call. ``None``: all tasks here, no collectives.
 
     Raises:
         FloatingPointError: if the meta-loss is NaN or infinite; the parameters are left
-            unchanged (the step is not taken).
+            unchanged (the step is not taken). With ``ranks`` every rank raises.
     """
     config = state.config
-    algorithm = get_algorithm(config.algorithm)
-    epoch = state.iteration // config.iterations_per_epoch
     if config.cosine_annealing:
         lr = cosine_lr(state.iteration, config.iterations, config.outer_lr, config.min_outer_lr)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
-    tasks = state.problem.sample(config.meta_batch, state.generator)
+    metrics = meta_gradient(state, ranks)
+    if config.grad_clip is not None:
+        for leaf in state.leaves():
+            if leaf.grad is not None:
+                leaf.grad.clamp_(-config.grad_clip, config.grad_clip)
+    state.optimizer.step()
+    state.iteration += 1
+    return metrics
+
+
+def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, float]:
+    r"""Draw the next meta-batch, adapt, and leave the meta-gradient in every leaf's ``.grad``.
+
+    With ``ranks``, every rank draws the whole meta-batch description (so the generator
+    advances identically everywhere) and adapts only its share :math:`S_r` of the :math:`T`
+    tasks; its loss is weighted by :math:`|S_r| / T` and the gradients are summed over the
+    ranks, so every rank holds the gradient of the mean over all :math:`T` tasks:
+
+    .. math:: \nabla \frac{1}{T}\sum_{t=1}^{T} \ell_t
+        = \sum_r \frac{|S_r|}{T} \nabla \frac{1}{|S_r|} \sum_{t \in S_r} \ell_t
+
+    The second-order terms stay inside each rank's backward pass: the meta-gradient is as
+    exact as the single-process one. The loss and score returned (and checked for NaN) are
+    the all-reduced ones, so every rank decides alike.
+
+    Returns:
+        ``{"loss": ..., score_name: ...}`` over the whole meta-batch.
+
+    Raises:
+        FloatingPointError: the meta-loss is NaN or infinite (on any rank); no gradient is
+            left to step with.
+    """
+    config = state.config
+    algorithm = get_algorithm(config.algorithm)
+    epoch = state.iteration // config.iterations_per_epoch
+    if ranks is None:
+        tasks = state.problem.sample(config.meta_batch, state.generator)
+    else:
+        start, stop = ranks.share(config.meta_batch)
+        tasks = state.problem.sample(config.meta_batch, state.generator, shard=(start, stop))
     loss, score = meta_loss(
         state.problem.loss_fn,
         state.params,
@@ -206,35 +257,57 @@ def meta_step(state: TrainState) -> dict[str, float]:
         step_weights=msl_weights(config.inner_steps, epoch, config.msl_epochs),
         score_fn=state.problem.score_fn,
     )
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"train(): the meta-loss is {loss.item()} at iteration {state.iteration + 1}; "
-            "the step was not taken. Lower --outer-lr or --inner-lr, or set --grad-clip."
-        )
+    if ranks is None:
+        if not torch.isfinite(loss):
+            raise _non_finite(loss, state.iteration, "")
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return {"loss": loss.item(), state.problem.score_name: score.item()}
+    weight = (stop - start) / config.meta_batch
+    objective = loss * weight
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if config.grad_clip is not None:
-        for leaf in state.leaves():
-            if leaf.grad is not None:
-                leaf.grad.clamp_(-config.grad_clip, config.grad_clip)
-    state.optimizer.step()
-    state.iteration += 1
-    return {"loss": loss.item(), state.problem.score_name: score.item()}
+    objective.backward()
+    # One all-reduce per step: the shares of the loss and score, which ranks went non-finite,
+    # and the gradients. The step is decided on the sums, so every rank decides alike.
+    totals = torch.zeros(2 + ranks.world_size, dtype=loss.dtype, device=loss.device)
+    totals[0] = objective.detach()
+    totals[1] = score.detach() * weight
+    totals[2 + ranks.rank] = (~torch.isfinite(loss)).to(loss.dtype)
+    grads = [leaf.grad for leaf in state.leaves() if leaf.grad is not None]
+    ranks.all_reduce_many([totals, *grads])
+    if not torch.isfinite(totals[0]):
+        state.optimizer.zero_grad(set_to_none=True)  # nothing to step with
+        culprits = totals[2:].nonzero().flatten().tolist()
+        raise _non_finite(totals[0], state.iteration, f" (non-finite on rank {culprits})")
+    return {"loss": totals[0].item(), state.problem.score_name: totals[1].item()}
 
 
-def validate(state: TrainState, split: str = "val") -> dict[str, float] | None:
-    """Score the current parameters on the fixed validation episodes (None if no such split)."""
+def _non_finite(loss: torch.Tensor, iteration: int, culprits: str) -> FloatingPointError:
+    return FloatingPointError(
+        f"train(): the meta-loss is {loss.item()} at iteration {iteration + 1}{culprits}; "
+        "the step was not taken. Lower --outer-lr or --inner-lr, or set --grad-clip."
+    )
+
+
+def validate(
+    state: TrainState, split: str = "val", ranks: Ranks | None = None
+) -> dict[str, float] | None:
+    """Score the current parameters on the fixed validation episodes (None if no such split).
+
+    With ``ranks`` the episodes are split across them (every rank must call) and every rank
+    gets the result of the whole set.
+    """
     config = state.config
     try:
-        episodes = state.problem.episodes(split, config.val_episodes, VAL_SEED, config.meta_batch)
-        scores = evaluate(
-            state.problem.score_fn,
-            state.problem.loss_fn,
-            state.params,
-            episodes,
-            inner_lr=state.inner_lr_for(config.eval_inner_steps),
-            num_steps=config.eval_inner_steps,
-            adapt_keys=state.adapt_keys,
+        scores = _episode_scores(
+            state,
+            state.problem,
+            split,
+            config.val_episodes,
+            VAL_SEED,
+            config.meta_batch,
+            config.eval_inner_steps,
+            ranks,
         )
     except EmptySplit:
         return None
@@ -242,74 +315,225 @@ def validate(state: TrainState, split: str = "val") -> dict[str, float] | None:
     return {"score": mean, "ci95": ci95}
 
 
+def _episode_scores(
+    state: TrainState,
+    problem: Problem,
+    split: str,
+    num_episodes: int,
+    seed: int,
+    chunk: int,
+    num_steps: int,
+    ranks: Ranks | None,
+) -> torch.Tensor:
+    """``[num_episodes, num_steps + 1]`` scores; with ``ranks``, each rank scores its share.
+
+    Raises:
+        EmptySplit: ``split`` holds no classes (on every rank alike).
+    """
+
+    def scores_of(episodes):
+        return evaluate(
+            problem.score_fn,
+            problem.loss_fn,
+            state.params,
+            episodes,
+            inner_lr=state.inner_lr_for(num_steps),
+            num_steps=num_steps,
+            adapt_keys=state.adapt_keys,
+        )
+
+    if ranks is None:
+        return scores_of(problem.episodes(split, num_episodes, seed, chunk))
+    start, stop = ranks.share(num_episodes)
+    episodes = problem.episodes(split, num_episodes, seed, chunk, shard=(start, stop))
+    if stop > start:
+        local = scores_of(episodes)
+    else:  # more ranks than episodes: nothing to score here, but the split must exist
+        for _ in episodes:
+            pass
+        device = next(iter(state.params.values())).device
+        local = torch.zeros(0, num_steps + 1, device=device)
+    return ranks.gather_rows(local, start, num_episodes)
+
+
 def train(
     config: TrainConfig | None,
     out_dir: str | Path,
     *,
-    resume: bool = False,
+    resume: bool | Literal["auto"] = False,
     iterations: int | None = None,
     on_step: Callable[[TrainState, dict[str, float]], None] | None = None,
 ) -> TrainState:
     """Meta-train to ``iterations`` in total, writing metrics and checkpoints in ``out_dir``.
 
+    When ``torch.distributed`` is initialised (e.g. under ``torchrun``), every rank of the job
+    must call this with the same arguments: each meta-batch is split across the ranks and
+    their meta-gradients are averaged (:func:`meta_gradient`), so every rank takes the same
+    step; the tasks of a step depend on the seed alone, not on the number of ranks. Rank 0
+    alone reads the run folder and writes metrics and checkpoints (the other ranks need no
+    shared file system); validation episodes are split across the ranks too.
+
     Args:
         config: the run's settings; ignored when resuming (the checkpoint's are used).
         out_dir: the run folder: ``metrics.jsonl``, ``latest.pt``, ``best.pt``.
-        resume: continue from ``out_dir/latest.pt``.
+        resume: continue from ``out_dir/latest.pt``; ``"auto"``: continue if it exists,
+            else start afresh (torchrun's elastic restarts use this).
         iterations: total iterations to reach; default ``config.iterations``.
-        on_step: called after every step with the state and the step's metrics (progress).
+        on_step: called after every step, on every rank, with the state and the step's
+            metrics (over the whole meta-batch).
 
     Returns:
-        The final :class:`TrainState`.
+        The final :class:`TrainState` (on every rank).
 
     Raises:
-        CheckpointError: resuming without a readable ``latest.pt``.
-        FloatingPointError: a non-finite meta-loss; names the last good checkpoint.
+        CheckpointError: resuming without a readable ``latest.pt``; starting in a folder that
+            already holds a run.
+        FloatingPointError: a non-finite meta-loss; names the iteration and the last good
+            checkpoint (every rank raises, and no checkpoint is written with it).
+        RankFailure: another rank died or this one was stopped (distributed); names the
+            iteration and the last checkpoint.
     """
+    ranks = distributed.current()
     out = Path(out_dir)
-    if resume:
-        state = restore_state(out / LATEST)
-        _truncate_metrics(out / METRICS, state.iteration)
-    else:
-        state = init_state(config)
-        out.mkdir(parents=True, exist_ok=True)
-        if (out / LATEST).exists():
-            raise CheckpointError(
-                f"train(): {out} already holds a run (latest.pt). "
-                "Resume it with --resume, or choose another --out."
-            )
+    state = _open_run(config, out, resume, ranks)
     config = state.config
+    lead = ranks is None or ranks.rank == 0
+    saved_at = state.iteration if state.iteration > 0 else None
     total = config.iterations if iterations is None else iterations
     window_start, window_tasks = time.perf_counter(), 0
-    with open(out / METRICS, "a") as log:
+    log = open(out / METRICS, "a") if lead else None
+    try:
         while state.iteration < total:
             try:
-                metrics = meta_step(state)
+                metrics = meta_step(state, ranks)
+                window_tasks += config.meta_batch
+                it = state.iteration
+                if it % config.log_every == 0 or it == total:
+                    elapsed = time.perf_counter() - window_start
+                    metrics["tasks_per_s"] = window_tasks / max(elapsed, 1e-9)
+                    if log is not None:
+                        _write(log, {"iteration": it, "split": "train", **metrics})
+                    window_start, window_tasks = time.perf_counter(), 0
+                if it % config.val_every == 0 or it == total:
+                    result = validate(state, ranks=ranks)
+                    if result is not None:
+                        if log is not None:
+                            _write(log, {"iteration": it, "split": "val", **result})
+                        if _improves(state, result["score"]):
+                            state.best = {"iteration": it, **result}
+                            if lead:
+                                save_checkpoint(out / BEST, state_dict(state))
+                if it % config.checkpoint_every == 0 or it == total:
+                    if ranks is not None:
+                        _check_in_step(state, ranks)
+                    if lead:
+                        save_checkpoint(out / LATEST, state_dict(state))
+                    saved_at = it
+                if on_step is not None:
+                    on_step(state, metrics)
             except FloatingPointError as error:
-                last = out / LATEST
-                where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint yet"
-                raise FloatingPointError(f"{error} ({where})") from None
-            window_tasks += config.meta_batch
-            it = state.iteration
-            if it % config.log_every == 0 or it == total:
-                elapsed = time.perf_counter() - window_start
-                metrics["tasks_per_s"] = window_tasks / max(elapsed, 1e-9)
-                _write(log, {"iteration": it, "split": "train", **metrics})
-                window_start, window_tasks = time.perf_counter(), 0
-            if it % config.val_every == 0 or it == total:
-                result = validate(state)
-                if result is not None:
-                    _write(log, {"iteration": it, "split": "val", **result})
-                    if _improves(state, result["score"]):
-                        state.best = {"iteration": it, **result}
-                        save_checkpoint(out / BEST, state_dict(state))
-            if it % config.checkpoint_every == 0 or it == total:
-                save_checkpoint(out / LATEST, state_dict(state))
-            if on_step is not None:
-                on_step(state, metrics)
-    if not (out / BEST).exists():  # no validation split: the final model is the best we know
+                raise FloatingPointError(f"{error} ({_last_good(out, saved_at)})") from None
+            except RankFailure as error:
+                where = _last_good(out, saved_at)
+                rank = f"rank {ranks.rank} of {ranks.world_size}" if ranks else "this process"
+                raise RankFailure(
+                    f"train(): {rank} stopped at iteration {state.iteration + 1}: {error}. "
+                    f"{where[0].upper()}{where[1:]}; continue with "
+                    f"`torchrun ... cli.py train --resume {out}`."
+                ) from None
+    finally:
+        if log is not None:
+            log.close()
+    if lead and not (out / BEST).exists():  # no validation split: the final model is the best
         save_checkpoint(out / BEST, state_dict(state))
     return state
+
+
+def _last_good(out: Path, saved_at: int | None) -> str:
+    if saved_at is None:
+        return "no checkpoint yet"
+    return f"last good checkpoint: {out / LATEST} (iteration {saved_at})"
+
+
+def _open_run(
+    config: TrainConfig | None, out: Path, resume: bool | str, ranks: Ranks | None
+) -> TrainState:
+    """The state to train from: a fresh one, or the run folder's ``latest.pt``.
+
+    Rank 0 alone looks at the folder and sends what it found to the other ranks, which then
+    build the same state; the ranks check that they agree before the first step.
+    """
+    if not resume and config is None:
+        raise ValueError("train(): pass a config to start a run, or resume=True.")
+    if resume is True:
+        config = None  # the checkpoint's settings are used
+    if config is not None and ranks is not None and torch.device(config.device).type == "cuda":
+        config = dataclasses.replace(config, device="cuda")  # each rank's own GPU
+    # a new run fails on bad settings or data before the folder is touched
+    state = init_state(config) if not resume else None
+    found: dict[str, Any] | CheckpointError | None = None
+    if ranks is None or ranks.rank == 0:
+        try:
+            found = _prepare_folder(out, resume)
+        except CheckpointError as error:
+            if ranks is None:
+                raise
+            found = error
+    if ranks is not None:
+        found = ranks.broadcast_object(found)
+        if isinstance(found, CheckpointError):
+            raise found
+    if found is not None:
+        saved_device = TrainConfig.from_dict(found["config"]).device
+        local = ranks is not None and torch.device(saved_device).type == "cuda"
+        state = _state_from(found, "cuda" if local else None)
+    elif state is None:
+        if config is None:
+            raise CheckpointError(
+                f"train(): {out} holds no latest.pt to resume from. Start the run with --out."
+            )
+        state = init_state(config)
+    if ranks is not None:
+        if state.config.meta_batch < ranks.world_size:
+            raise ValueError(
+                f"train(): --meta-batch {state.config.meta_batch} is smaller than the "
+                f"{ranks.world_size} ranks: every rank needs at least one task per step. Use "
+                f"--meta-batch {ranks.world_size} or more, or fewer processes."
+            )
+        _check_in_step(state, ranks)
+    return state
+
+
+def _prepare_folder(out: Path, resume: bool | str) -> dict[str, Any] | None:
+    """Check and prepare the run folder; the checkpoint to resume from, or None for a new run."""
+    if resume == "auto" and not (out / LATEST).exists():
+        _truncate_metrics(out / METRICS, 0)  # a restart before the first checkpoint
+        resume = False
+    if resume:
+        saved = load_checkpoint(out / LATEST)
+        _truncate_metrics(out / METRICS, saved["iteration"])
+        return saved
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / LATEST).exists():
+        raise CheckpointError(
+            f"train(): {out} already holds a run (latest.pt). "
+            "Resume it with --resume, or choose another --out."
+        )
+    return None
+
+
+def _check_in_step(state: TrainState, ranks: Ranks) -> None:
+    """Raise on every rank unless all hold the same settings, parameters and generator."""
+    device = next(iter(state.params.values())).device
+    ranks.check_same(
+        {
+            "settings": distributed.fingerprint(state.config.to_dict()),
+            "iteration": state.iteration,
+            "parameters": distributed.fingerprint([t.detach() for t in state.leaves()]),
+            "task generator": distributed.fingerprint(state.generator.get_state()),
+        },
+        device=device,
+    )
 
 
 def _improves(state: TrainState, score: float) -> bool:
@@ -361,8 +585,13 @@ def evaluate_state(
     query: int | None = None,
     seed: int = TEST_SEED,
     chunk: int | None = None,
+    across_ranks: bool = True,
 ) -> dict[str, Any]:
     """Adapt the trained model on fixed episodes and report the score after every step.
+
+    When ``torch.distributed`` is initialised, the episodes are split across its ranks (every
+    rank must call) and every rank gets the report of the whole set: the same mean and
+    interval as one process scoring the same episodes.
 
     Args:
         state: a trained run (:func:`train` or :func:`restore_state`).
@@ -371,7 +600,9 @@ def evaluate_state(
         num_steps: inner steps; default the config's ``eval_inner_steps``.
         shots, query: support and query size per class; default the config's.
         seed: the episodes depend on this alone.
-        chunk: tasks adapted at once (memory); default the training meta-batch.
+        chunk: tasks adapted at once (memory, per rank); default the training meta-batch.
+        across_ranks: ``False`` scores every episode in this process, even in a distributed
+            job.
 
     Returns:
         ``{"score_name", "episodes", "inner_steps", "shots", "query_per_class", "steps":
@@ -389,14 +620,15 @@ def evaluate_state(
             loss_fn=_stepwise_like(state.problem.loss_fn, other.loss_fn),
             score_fn=_stepwise_like(state.problem.score_fn, other.score_fn),
         )
-    scores = evaluate(
-        problem.score_fn,
-        problem.loss_fn,
-        state.params,
-        problem.episodes(split, num_episodes, seed, chunk or config.meta_batch),
-        inner_lr=state.inner_lr_for(num_steps),
-        num_steps=num_steps,
-        adapt_keys=state.adapt_keys,
+    scores = _episode_scores(
+        state,
+        problem,
+        split,
+        num_episodes,
+        seed,
+        chunk or config.meta_batch,
+        num_steps,
+        distributed.current() if across_ranks else None,
     )
     steps = []
     for step in range(num_steps + 1):

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One prepared GPU measurement: install the carried peer wheels (.whl, see README.md), then
+# run `cli.py bench --compare` on CUDA, one setting at a time, writing JSON lines and logs
+# into $OUT (bench.jsonl, bench.log, env.txt). Used with the project's device tool:
+#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=...)
+set -u
+OUT=${OUT:-/tmp/fmaml-gpu-bench}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+export PYTHONPATH=${PYTHONPATH:-}:$PWD
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1;
+  python3 -c "import torch, sys; print(sys.version); print('torch', torch.__version__, torch.version.cuda)";
+  python3 -c "import learn2learn, higher; print('learn2learn', learn2learn.__version__)" 2>&1 | tail -1;
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+bench() {  # name, time limit, extra arguments
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  timeout "$limit" python3 cli.py bench --device "$DEVICE" --json "$@" \
+    > "$OUT/$name.part" 2>> "$OUT/bench.log"
+  echo "rc=$?"
+  python3 - "$OUT/$name.part" "$name" >> "$OUT/bench.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    row = json.loads(line)
+    row["run"] = sys.argv[2]
+    print(row["line"], file=sys.stderr)
+    print(json.dumps(row))
+PY
+  rm -f "$OUT/$name.part"
+}
+bench omniglot 90 --settings omniglot --compare --impls fmaml --impls loop \
+  --impls fmaml-checkpoint --repeats 5 --min-seconds 0.5
+bench sinusoid 40 --settings sinusoid --compare --impls fmaml --impls loop --repeats 10 \
+  --min-seconds 0.5
+bench miniimagenet 60 --settings miniimagenet --compare --impls fmaml --impls loop \
+  --impls fmaml-checkpoint --repeats 5 --min-seconds 0.5
+bench omniglot-tuned 30 --settings omniglot --orders second --impls fmaml --impls learn2learn \
+  --cudnn-benchmark --no-check --repeats 5 --min-seconds 0.5
+bench omniglot-chunk8 25 --settings omniglot --orders second --impls fmaml --chunk-size 8 \
+  --no-check --repeats 5 --min-seconds 0.5
+date -u >> "$OUT/env.txt"

@@ -1,0 +1,534 @@
+"""How :func:`fmaml.meta_loss` runs a meta-batch: execution strategies.
+
+A :class:`Strategy` decides how the tasks of a meta-batch are computed, never what is
+computed: every strategy gives the same loss and the same meta-gradient (tested in float64 in
+``tests/test_strategy.py``). The choices are
+
+- ``chunk_size``: how many tasks are vmapped together. ``None`` vmaps the whole meta-batch
+  at once (the default of :func:`fmaml.meta_loss`); ``k`` vmaps ``k`` tasks at a time and
+  accumulates their gradients, so only one chunk's graph is alive at a time; ``1`` runs the
+  tasks one by one without ``vmap``, where BatchNorm and convolution use torch's plain
+  kernels (the fastest way on a CPU: vmap turns a convolution with per-task weights into a
+  grouped convolution, which is slow there).
+- ``checkpoint``: keep only each inner step's parameters and recompute the step (its support
+  forward and backward) in the backward pass: the memory of one inner step instead of all
+  of them, for one more support pass per step.
+- ``workers``: chunks computed by that many CPU threads at once, each with its share of
+  torch's intra-op threads (and its own copy of the model), instead of splitting each small
+  op across the threads; it also keeps OpenMP's spinning barriers out of a busy machine.
+- ``channels_last``: with ``chunk_size=1``, give the network each task's query images in
+  the channels-last memory format (CPU convolution, BatchNorm and max-pool kernels are
+  faster on it; the values are the same). Off by default: on the benchmark settings it
+  speeds up the query pass but not the meta-step (see ``benchmarks/README.md``).
+- ``threads``: torch's intra-op threads while the meta-batch runs. The ops of a small
+  network are too small to split; under vmap some are just large enough to enter OpenMP
+  regions, and if another process holds a core, their spinning barriers make a meta-step up
+  to 100x slower.
+
+:func:`auto_strategy` picks one per device; :func:`fmaml.meta_loss` takes any through its
+``strategy`` argument.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fmaml.tree import KeySelector, select
+from fmaml.types import LossFn, Task
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How :func:`fmaml.meta_loss` computes a meta-batch; the result does not depend on it.
+
+    Args:
+        chunk_size: tasks vmapped together; ``None``: all of them; ``1``: one at a time,
+            without ``vmap``.
+        checkpoint: recompute each inner step in the backward instead of storing it.
+        workers: CPU threads working on different chunks at once (1: none besides the
+            caller).
+        channels_last: one task at a time, query images ``[n, C, H, W]`` in channels-last
+            layout (needs ``chunk_size=1``).
+        threads: torch's intra-op threads while the meta-batch runs (shared by the
+            ``workers``); ``None``: as set (``torch.get_num_threads()``).
+
+    Any setting other than the default ``Strategy()`` computes the meta-gradient while
+    :func:`fmaml.meta_loss` runs, chunk by chunk, and returns a loss whose backward hands it
+    out. That loss is differentiable once, with respect to ``params`` and the tensors in
+    ``inner_lr`` and ``step_weights`` (not to tensors a ``loss_fn`` captures), outside
+    ``torch.func`` transforms.
+
+    Example:
+        >>> str(Strategy(chunk_size=1, workers=2))
+        'one task at a time, 2 workers'
+    """
+
+    chunk_size: int | None = None
+    checkpoint: bool = False
+    workers: int = 1
+    channels_last: bool = False
+    threads: int | None = None
+
+    def __post_init__(self):
+        for name in ("chunk_size", "workers", "threads"):
+            value = getattr(self, name)
+            if value is None and name != "workers":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"Strategy(): `{name}` must be an integer of at least 1"
+                    f"{'' if name == 'workers' else ' or None'}, got {value!r}."
+                )
+        if self.channels_last and self.chunk_size != 1:
+            raise ValueError(
+                "Strategy(): `channels_last` applies to one task at a time; set chunk_size=1 "
+                f"(got chunk_size={self.chunk_size!r})."
+            )
+
+    @property
+    def is_plain(self) -> bool:
+        """Whether this is the default: one vmap over every task, autograd's own backward."""
+        return self == Strategy()
+
+    def __str__(self) -> str:
+        if self.chunk_size is None:
+            text = "vmap over all tasks"
+        elif self.chunk_size == 1:
+            text = "one task at a time"
+        else:
+            text = f"vmap over chunks of {self.chunk_size} tasks"
+        if self.checkpoint:
+            text += ", inner steps recomputed"
+        if self.workers > 1:
+            text += f", {self.workers} workers"
+        if self.channels_last:
+            text += ", channels-last"
+        if self.threads is not None:
+            text += f", {self.threads} intra-op thread{'s' if self.threads > 1 else ''}"
+        return text
+
+
+def auto_strategy(device: torch.device | str = "cpu", loss_fn: LossFn | None = None) -> Strategy:
+    """The fastest strategy fmaml knows for ``device`` and the model behind ``loss_fn``.
+
+    On CUDA: one vmap over all tasks (large batched kernels, few launches). On a CPU, for a
+    model with convolutions: one task at a time without ``vmap`` (plain convolution and
+    BatchNorm kernels instead of grouped convolutions), split over ``min(2, threads)``
+    workers. On a CPU for any other model (an MLP): one vmap over all tasks on one intra-op
+    thread. The figures behind these choices are in ``benchmarks/README.md``.
+
+    Args:
+        device: where the meta-batch runs.
+        loss_fn: the loss whose ``module`` (as :func:`fmaml.supervised_loss` has) is
+            inspected for convolutions; other losses count as convolution-free.
+
+    Example:
+        >>> import torch.nn.functional as F, fmaml
+        >>> loss_fn = fmaml.supervised_loss(fmaml.nn.conv4(5), F.cross_entropy)
+        >>> auto_strategy("cuda", loss_fn)
+        Strategy(chunk_size=None, checkpoint=False, workers=1, channels_last=False, threads=None)
+        >>> auto_strategy("cpu", loss_fn).chunk_size
+        1
+    """
+    if torch.device(device).type == "cuda":
+        return Strategy()
+    module = getattr(loss_fn, "module", None)
+    convolutional = isinstance(module, torch.nn.Module) and any(
+        isinstance(m, torch.nn.modules.conv._ConvNd) for m in module.modules()
+    )
+    if not convolutional:
+        return Strategy(threads=1)
+    return Strategy(chunk_size=1, workers=max(1, min(2, torch.get_num_threads())))
+
+
+def run_strategy(
+    strategy: Strategy,
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    tasks: Task,
+    *,
+    inner_lr,
+    num_steps: int,
+    adapt_keys: KeySelector,
+    first_order: bool,
+    step_weights,
+    score_fn: LossFn | None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`fmaml.meta_loss` under a non-default ``strategy``; same arguments and result."""
+    from fmaml.adapt import step_rates
+    from fmaml.objectives import _check_step_weights, check_tasks
+
+    num_tasks = check_tasks(tasks)
+    weights = _check_step_weights(step_weights, num_steps)
+    names = select(params.keys(), adapt_keys, caller="meta_loss")
+    rates = step_rates(inner_lr, params, names, num_steps, caller="meta_loss")
+    _refuse_transforms()
+    if any(t.requires_grad for pair in tasks for t in pair):
+        raise ValueError(
+            f"meta_loss(): strategy {strategy} differentiates with respect to params, "
+            "inner_lr and step_weights only, but a tensor of `tasks` requires grad. Detach "
+            "the tasks, or use strategy=None."
+        )
+    inputs = _differentiable_inputs(params, inner_lr, step_weights)
+    want_grad = torch.is_grad_enabled() and bool(inputs)
+    size = num_tasks if strategy.chunk_size is None else min(strategy.chunk_size, num_tasks)
+    job = _Job(
+        loss_fn=loss_fn,
+        params=dict(params),
+        names=names,
+        rates=rates,
+        num_steps=num_steps,
+        first_order=first_order,
+        weights=weights,
+        score_fn=score_fn,
+        num_tasks=num_tasks,
+        inputs=inputs,
+        want_grad=want_grad,
+        unbatched=strategy.chunk_size == 1,
+        checkpoint=strategy.checkpoint,
+        inner_lr=inner_lr,
+        adapt_keys=adapt_keys,
+        step_weights=step_weights,
+    )
+    chunks = [
+        _slice(tasks, start, min(start + size, num_tasks), job.unbatched, strategy.channels_last)
+        for start in range(0, num_tasks, size)
+    ]
+    threads = torch.get_num_threads()
+    if strategy.threads is not None:
+        torch.set_num_threads(strategy.threads)
+    try:
+        value, grads, scores = _run_chunks(job, chunks, strategy.workers)
+    finally:
+        torch.set_num_threads(threads)
+    if want_grad:
+        value = _Precomputed.apply(value, tuple(grads), *inputs)
+    return value if score_fn is None else (value, scores / num_tasks)
+
+
+# --- one chunk ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    loss_fn: LossFn
+    params: dict
+    names: list
+    rates: list
+    num_steps: int
+    first_order: bool
+    weights: object
+    score_fn: LossFn | None
+    num_tasks: int
+    inputs: list
+    want_grad: bool
+    unbatched: bool
+    checkpoint: bool
+    inner_lr: object
+    adapt_keys: KeySelector
+    step_weights: object
+
+    def on_own_module(self) -> _Job:
+        """This job with losses whose modules are private copies (for another thread)."""
+        copies = {}
+        for name in ("loss_fn", "score_fn"):
+            fn = getattr(self, name)
+            if fn is None:
+                continue
+            module = getattr(fn, "module", None)
+            if not isinstance(module, torch.nn.Module):
+                raise ValueError(
+                    "meta_loss(): Strategy(workers > 1) needs losses from "
+                    f"fmaml.supervised_loss (it gives each thread its own copy of the model); "
+                    f"got `{name}` of type {type(fn).__name__}. Use workers=1."
+                )
+            fn = copy.copy(fn)
+            fn.module = copy.deepcopy(module)
+            copies[name] = fn
+        return dataclasses.replace(self, **copies)
+
+    def run(self, chunk: Task) -> tuple[Tensor, list, Tensor | None]:
+        """(this chunk's share of the loss, its gradients for ``inputs``, its summed score)."""
+        if self.checkpoint:
+            return self._run_checkpointed(chunk)
+        with torch.enable_grad() if self.want_grad else torch.no_grad():
+            out = self._over(self._task_loss, chunk)
+        loss, score = (out, None) if self.score_fn is None else out
+        loss = loss.sum() / self.num_tasks
+        grads = self._grad(loss, self.inputs)
+        return loss.detach(), grads, None if score is None else score.sum()
+
+    def _task_loss(self, task: Task):
+        from fmaml.objectives import task_loss
+
+        return task_loss(
+            self.loss_fn,
+            self.params,
+            task,
+            inner_lr=self.inner_lr,
+            num_steps=self.num_steps,
+            adapt_keys=self.adapt_keys,
+            first_order=self.first_order,
+            step_weights=self.step_weights,
+            score_fn=self.score_fn,
+        )
+
+    def _over(self, per_task: Callable, chunk: Task, fast=None, batched: bool = False):
+        """``per_task`` on every task of the chunk; ``fast`` per-task (batched) or shared."""
+        from fmaml.objectives import _over_tasks
+
+        if fast is None:
+            return per_task(chunk) if self.unbatched else _over_tasks(per_task, chunk)
+        if self.unbatched:
+            return per_task(fast, chunk)
+        return torch.func.vmap(per_task, in_dims=(0 if batched else None, 0))(fast, chunk)
+
+    def _grad(self, output, wrt, grad_outputs=None) -> list:
+        if not self.want_grad:
+            return [None] * len(wrt)
+        if isinstance(output, Tensor):
+            output, grad_outputs = [output], None
+        pairs = [
+            (o, g)
+            for o, g in zip(output, grad_outputs or [None] * len(output), strict=True)
+            if o.requires_grad and (grad_outputs is None or g is not None)
+        ]
+        live = [i for i, t in enumerate(wrt) if t.requires_grad]
+        result = [None] * len(wrt)
+        if not pairs or not live:
+            return result
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [wrt[i] for i in live],
+            grad_outputs=None if grad_outputs is None else [g for _, g in pairs],
+            allow_unused=True,
+        )
+        for i, g in zip(live, grads, strict=True):
+            result[i] = g
+        return result
+
+    # --- checkpointed: each inner step recomputed in the backward ---------------------------
+
+    def _frozen(self) -> dict:
+        return {k: v for k, v in self.params.items() if k not in set(self.names)}
+
+    def _step(self, s: int):
+        from fmaml.adapt import _support_loss, at_step
+
+        frozen, rate, first_order = self._frozen(), self.rates[s], self.first_order
+
+        def step(fast: dict, task: Task) -> dict:
+            grads = torch.func.grad(_support_loss)(
+                fast, at_step(self.loss_fn, s), frozen, task.support
+            )
+            if first_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+            return {k: fast[k] - rate[k] * grads[k] for k in fast}
+
+        return step
+
+    def _query(self, s: int, fn: LossFn):
+        from fmaml.adapt import at_step
+
+        frozen = self._frozen()
+
+        def query(fast: dict, task: Task) -> Tensor:
+            return at_step(fn, s, task.support[0])({**frozen, **fast}, task.query)
+
+        return query
+
+    def _weight(self, s: int):
+        """The weight of the query loss after ``s`` inner steps (``None``: not scored)."""
+        if self.weights is None:
+            return 1.0 if s == self.num_steps else None
+        w = self.weights[s - 1]
+        if isinstance(w, numbers.Real) and w == 0:
+            return None
+        return w
+
+    def _run_checkpointed(self, chunk: Task):
+        names, steps = self.names, self.num_steps
+        frozen = self._frozen()
+        index = {id(t): i for i, t in enumerate(self.inputs)}
+        total: list = [None] * len(self.inputs)
+
+        def add(tensors, grads):
+            for t, g in zip(tensors, grads, strict=True):
+                if g is not None and id(t) in index:
+                    i = index[id(t)]
+                    total[i] = g if total[i] is None else total[i] + g
+
+        # Forward: every inner step without a graph; keep each step's adapted parameters.
+        fasts = [{k: self.params[k] for k in names}]
+        with torch.no_grad():
+            for s in range(steps):
+                fasts.append(self._over(self._step(s), chunk, fasts[s], batched=s > 0))
+        # The query losses, each differentiated at once with respect to its step's params.
+        value = None
+        query_grads: dict[int, dict] = {}
+        frozen_live = list(frozen.values())
+        weight_tensor = self.weights if isinstance(self.weights, Tensor) else None
+        for s in range(1, steps + 1):
+            w = self._weight(s)
+            if w is None:
+                continue
+            leaf = {k: v.detach().requires_grad_(self.want_grad) for k, v in fasts[s].items()}
+            with torch.enable_grad() if self.want_grad else torch.no_grad():
+                losses = self._over(self._query(s, self.loss_fn), chunk, leaf, batched=True)
+                share = (losses * w).sum() / self.num_tasks
+            extra = [weight_tensor] if weight_tensor is not None else []
+            wrt = [*leaf.values(), *frozen_live, *extra]
+            grads = self._grad(share, wrt)
+            query_grads[s] = dict(zip(names, grads[: len(names)], strict=True))
+            add(wrt[len(names) :], grads[len(names) :])
+            value = share.detach() if value is None else value + share.detach()
+        score = None
+        if self.score_fn is not None:
+            with torch.no_grad():
+                score = self._over(
+                    self._query(steps, self.score_fn), chunk, fasts[steps], batched=steps > 0
+                ).sum()
+        if not self.want_grad:
+            return value, total, score
+        # Backward: recompute each step with a graph, pull the adjoint back through it.
+        adjoint = query_grads.get(steps, dict.fromkeys(names))
+        for s in reversed(range(steps)):
+            if s == 0:
+                start = {k: self.params[k] for k in names}
+            else:
+                start = {k: v.detach().requires_grad_() for k, v in fasts[s].items()}
+            with torch.enable_grad():
+                after = self._over(self._step(s), chunk, start, batched=s > 0)
+            rate_tensors = _tensors_in(self.rates[s])
+            wrt = [*start.values(), *frozen_live, *rate_tensors]
+            grads = self._grad([after[k] for k in names], wrt, [adjoint[k] for k in names])
+            if s == 0:
+                add(wrt, grads)
+            else:
+                add(wrt[len(names) :], grads[len(names) :])
+                below = query_grads.get(s, {})
+                adjoint = {
+                    k: _sum_or_none([g, below.get(k)])
+                    for k, g in zip(names, grads[: len(names)], strict=True)
+                }
+        return value, total, score
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+class _Precomputed(torch.autograd.Function):
+    """The loss value, with a backward that hands out gradients computed beforehand."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *inputs):
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (None, None, *(None if g is None else g * grad_output for g in ctx.grads))
+
+
+def _run_chunks(job: _Job, chunks: list, workers: int) -> tuple:
+    """Every chunk's (loss share, gradients, summed score), summed as they come (only one
+    chunk's gradients alive besides the totals). With ``workers`` threads, each runs its own
+    chunks on its own copy of the model (``functional_call`` swaps a module's tensors while
+    it runs, so threads can't share one), with its share of torch's intra-op threads."""
+    workers = min(workers, len(chunks))
+    if workers <= 1:
+        return _accumulate(job.run(c) for c in chunks)
+    copies = [job] + [job.on_own_module() for _ in range(workers - 1)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // workers))
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = list(
+                pool.map(
+                    lambda w: _accumulate(copies[w].run(c) for c in chunks[w::workers]),
+                    range(workers),
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return _accumulate(parts)
+
+
+def _accumulate(results) -> tuple:
+    value, grads, score = None, None, None
+    for v, g, sc in results:
+        value = v if value is None else value + v
+        score = sc if score is None else (score if sc is None else score + sc)
+        grads = (
+            list(g)
+            if grads is None
+            else [_sum_or_none([a, b]) for a, b in zip(grads, g, strict=True)]
+        )
+    return value, grads, score
+
+
+def _slice(tasks: Task, start: int, stop: int, unbatched: bool, channels_last: bool) -> Task:
+    if unbatched:
+
+        def layout(t: Tensor) -> Tensor:
+            if channels_last and t.dim() == 4 and t.is_floating_point():
+                return t.contiguous(memory_format=torch.channels_last)
+            return t
+
+        support, query = tasks
+        return Task(tuple(t[start] for t in support), tuple(layout(t[start]) for t in query))
+    return Task(*(tuple(t[start:stop] for t in pair) for pair in tasks))
+
+
+def _tensors_in(value) -> list[Tensor]:
+    """The distinct tensors in a rate, a rate dict, or a sequence of those."""
+    if isinstance(value, Tensor):
+        found = [value]
+    elif isinstance(value, Mapping):
+        found = [v for v in value.values() if isinstance(v, Tensor)]
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        found = [t for v in value for t in _tensors_in(v)]
+    else:
+        found = []
+    return list({id(t): t for t in found}.values())
+
+
+def _differentiable_inputs(params, inner_lr, step_weights) -> list[Tensor]:
+    """The distinct tensors the meta-loss is differentiated with respect to."""
+    found, seen = [], set()
+    for t in [*params.values(), *_tensors_in(inner_lr), *_tensors_in(step_weights)]:
+        if t.requires_grad and id(t) not in seen:
+            seen.add(id(t))
+            found.append(t)
+    return found
+
+
+def _sum_or_none(values):
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    total = present[0]
+    for v in present[1:]:
+        total = total + v
+    return total
+
+
+def _refuse_transforms() -> None:
+    try:
+        active = torch._C._functorch.get_interpreter_stack()
+    except AttributeError:
+        active = None
+    if active:
+        raise RuntimeError(
+            "meta_loss(): a strategy other than the default computes gradients with "
+            "torch.autograd and can't run inside torch.func transforms (vmap, grad, ...). "
+            "Call meta_loss outside them, or use strategy=None."
+        )

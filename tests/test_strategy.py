@@ -1,0 +1,241 @@
+"""Execution strategies change how meta_loss runs, never what it computes (float64, 1e-9)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fmaml
+from fmaml.algorithms import body_keys, head_keys
+from fmaml.nn.batchnorm import _fused_kernel_is_exact
+from fmaml.strategy import Strategy, auto_strategy
+
+DTYPE = torch.float64
+
+STRATEGIES = {
+    "one-at-a-time": Strategy(chunk_size=1),
+    "chunks-of-2": Strategy(chunk_size=2),
+    "checkpoint": Strategy(checkpoint=True),
+    "one-at-a-time-checkpoint": Strategy(chunk_size=1, checkpoint=True),
+    "chunks-of-2-workers": Strategy(chunk_size=2, workers=2),
+    "one-at-a-time-checkpoint-workers": Strategy(chunk_size=1, checkpoint=True, workers=2),
+    "one-at-a-time-channels-last": Strategy(chunk_size=1, channels_last=True),
+    "vmap-one-thread": Strategy(threads=1),
+}
+
+VARIANTS = {
+    "maml": {},
+    "fomaml": {"first_order": True},
+    "anil": {"adapt_keys": head_keys},
+    "boil": {"adapt_keys": body_keys},
+    "metasgd": {"learned_rates": True},
+    "lslr-3-steps-msl": {"num_steps": 3, "per_step_rates": True, "step_weights": [0.2, 0.3, 0.5]},
+}
+
+
+def image_tasks(num_tasks=3, num_ways=3, size=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(num_tasks, num_ways * 2, 1, size, size, generator=g, dtype=DTYPE)
+    xq = torch.randn(num_tasks, num_ways * 3, 1, size, size, generator=g, dtype=DTYPE)
+    ys = torch.arange(num_ways).repeat(2).expand(num_tasks, -1)
+    yq = torch.arange(num_ways).repeat(3).expand(num_tasks, -1)
+    return fmaml.Task(support=(xs, ys), query=(xq, yq))
+
+
+def build(variant_name="maml", model_name="conv4"):
+    torch.manual_seed(0)
+    if model_name == "conv4":
+        model = fmaml.nn.conv4(3, hidden=4, image_size=12).to(DTYPE)
+        tasks, criterion = image_tasks(), F.cross_entropy
+    else:
+        model = fmaml.nn.mlp(hidden=(8, 8)).to(DTYPE)
+        g = torch.Generator().manual_seed(0)
+        tasks = fmaml.tasks.SinusoidTasks(num_shots=5).sample(3, g, dtype=DTYPE)
+        criterion = F.mse_loss
+    params = fmaml.params_of(model)
+    variant = dict(VARIANTS[variant_name])
+    kwargs = {"inner_lr": 0.1, "num_steps": 1}
+    if variant.pop("learned_rates", False):
+        g = torch.Generator().manual_seed(3)
+        kwargs["inner_lr"] = {
+            k: (0.05 + 0.1 * torch.rand(v.shape, generator=g, dtype=DTYPE)).requires_grad_()
+            for k, v in params.items()
+        }
+    if variant.pop("per_step_rates", False):
+        kwargs["inner_lr"] = fmaml.init_rates(
+            params, 0.1, per_element=False, num_steps=variant["num_steps"]
+        )
+    kwargs.update(variant)
+    return fmaml.supervised_loss(model, criterion), params, tasks, kwargs
+
+
+def leaves_of(params, kwargs):
+    rates = kwargs["inner_lr"]
+    rates = rates if isinstance(rates, list) else [rates]
+    extra = [v for r in rates if isinstance(r, dict) for v in r.values()]
+    return list(params.values()) + extra
+
+
+def assert_same_meta_gradient(loss_fn, params, tasks, kwargs, strategy):
+    leaves = leaves_of(params, kwargs)
+    reference = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+    expected = torch.autograd.grad(reference, leaves, allow_unused=True)
+    loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
+    got = torch.autograd.grad(loss, leaves, allow_unused=True)
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        a = torch.zeros_like(leaves[i]) if a is None else a
+        b = torch.zeros_like(leaves[i]) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"leaf {i}")
+    assert any(g is not None and g.abs().sum() > 0 for g in got)
+
+
+@pytest.mark.parametrize("variant_name", list(VARIANTS))
+@pytest.mark.parametrize("strategy_name", list(STRATEGIES))
+def test_every_strategy_gives_the_same_meta_gradient_on_conv4(strategy_name, variant_name):
+    loss_fn, params, tasks, kwargs = build(variant_name)
+    assert_same_meta_gradient(loss_fn, params, tasks, kwargs, STRATEGIES[strategy_name])
+
+
+@pytest.mark.parametrize("strategy_name", ["one-at-a-time", "one-at-a-time-checkpoint"])
+@pytest.mark.parametrize("variant_name", ["maml", "metasgd", "lslr-3-steps-msl"])
+def test_strategies_on_the_sinusoid_mlp(strategy_name, variant_name):
+    loss_fn, params, tasks, kwargs = build(variant_name, model_name="mlp")
+    assert_same_meta_gradient(loss_fn, params, tasks, kwargs, STRATEGIES[strategy_name])
+
+
+@pytest.mark.parametrize("strategy", [Strategy(chunk_size=1), Strategy(checkpoint=True)])
+def test_strategies_with_per_step_batchnorm_and_support_statistics(strategy):
+    loss_fn, params, tasks, kwargs = build("maml")
+    kwargs["num_steps"] = 2
+    stepwise, stacked = fmaml.per_step(loss_fn, params, loss_fn.batchnorm_keys(), num_steps=2)
+    stepwise = stepwise.with_support_statistics()
+    assert_same_meta_gradient(stepwise, stacked, tasks, kwargs, strategy)
+
+
+def test_one_task_at_a_time_matches_an_autograd_oracle_with_torch_batchnorm():
+    """Without vmap, BatchNorm runs torch's fused kernel: its second order is exact there."""
+    loss_fn, params, tasks, kwargs = build("maml")
+    kwargs["num_steps"] = 2
+    oracle_model = fmaml.nn.conv4(3, hidden=4, image_size=12).to(DTYPE)
+    for module in oracle_model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, fmaml.nn.BatchNorm):
+                setattr(module, name, torch.nn.BatchNorm2d(4, track_running_stats=False))
+    total = 0.0
+    for t in range(3):
+        fast = dict(params)
+        for _ in range(2):
+            x, y = tasks.support[0][t], tasks.support[1][t]
+            out = torch.func.functional_call(oracle_model, fast, (x,))
+            grads = torch.autograd.grad(
+                F.cross_entropy(out, y), list(fast.values()), create_graph=True
+            )
+            fast = {k: v - 0.1 * g for (k, v), g in zip(fast.items(), grads)}
+        out = torch.func.functional_call(oracle_model, fast, (tasks.query[0][t],))
+        total = total + F.cross_entropy(out, tasks.query[1][t]) / 3
+    expected = torch.autograd.grad(total, list(params.values()))
+    loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=Strategy(chunk_size=1), **kwargs)
+    got = torch.autograd.grad(loss, list(params.values()))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_fused_batchnorm_kernel_only_outside_vmap():
+    x = torch.randn(4, 3, 2, 2)
+    seen = []
+
+    def probe(v):
+        seen.append(_fused_kernel_is_exact(v))
+        return v.sum()
+
+    probe(x)
+    torch.func.grad(probe)(x)
+    torch.func.vmap(probe)(x[None])
+    assert seen == [True, True, False]
+    assert not _fused_kernel_is_exact(torch.randn(1, 3))  # one value per channel
+
+
+def test_scores_and_no_grad_evaluation_match():
+    loss_fn, params, tasks, kwargs = build("maml")
+    score_fn = loss_fn.with_criterion(fmaml.accuracy)
+    expected = fmaml.meta_loss(loss_fn, params, tasks, score_fn=score_fn, **kwargs)
+    for strategy in STRATEGIES.values():
+        got = fmaml.meta_loss(
+            loss_fn, params, tasks, score_fn=score_fn, strategy=strategy, **kwargs
+        )
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            value = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
+        assert not value.requires_grad
+        torch.testing.assert_close(value, expected[0], rtol=1e-12, atol=1e-12)
+
+
+def test_the_default_strategy_is_the_plain_vmap():
+    loss_fn, params, tasks, kwargs = build("maml")
+    loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=Strategy(), **kwargs)
+    assert loss.grad_fn is not None and "Precomputed" not in type(loss.grad_fn).__name__
+    assert Strategy().is_plain and not Strategy(chunk_size=4).is_plain
+
+
+def test_auto_strategy_is_visible_and_per_device_and_model():
+    conv_loss, *_ = build("maml")
+    mlp_loss, *_ = build("maml", model_name="mlp")
+    assert auto_strategy("cuda", conv_loss) == Strategy()
+    cpu = auto_strategy("cpu", conv_loss)
+    assert cpu.chunk_size == 1 and 1 <= cpu.workers <= 2
+    assert auto_strategy("cpu", mlp_loss) == Strategy(threads=1) == auto_strategy("cpu")
+    assert str(Strategy(chunk_size=8, checkpoint=True)) == (
+        "vmap over chunks of 8 tasks, inner steps recomputed"
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"chunk_size": 0}, "`chunk_size` must be an integer of at least 1 or None"),
+        ({"threads": 0}, "`threads` must be an integer of at least 1 or None"),
+        ({"workers": 0}, "`workers` must be an integer of at least 1"),
+        ({"chunk_size": 2.5}, "`chunk_size`"),
+        ({"channels_last": True}, "`channels_last` applies to one task at a time"),
+    ],
+)
+def test_strategy_arguments_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Strategy(**kwargs)
+
+
+def test_strategies_refuse_torch_func_transforms_and_differentiable_tasks():
+    loss_fn, params, tasks, kwargs = build("maml")
+    names = list(params)
+
+    def f(*leaves):
+        return fmaml.meta_loss(
+            loss_fn, dict(zip(names, leaves)), tasks, strategy=Strategy(chunk_size=1), **kwargs
+        )
+
+    with pytest.raises(RuntimeError, match="can't run inside torch.func transforms"):
+        torch.func.grad(f)(*params.values())
+    x = tasks.support[0].clone().requires_grad_()
+    bad = fmaml.Task((x, tasks.support[1]), tasks.query)
+    with pytest.raises(ValueError, match="a tensor of `tasks` requires grad"):
+        fmaml.meta_loss(loss_fn, params, bad, strategy=Strategy(chunk_size=1), **kwargs)
+
+
+def test_threads_are_set_while_the_meta_batch_runs_and_restored():
+    loss_fn, params, tasks, kwargs = build("maml")
+    seen = []
+
+    def counting(p, batch, **kw):
+        seen.append(torch.get_num_threads())
+        return loss_fn(p, batch, **kw)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        strategy = Strategy(chunk_size=1, threads=1)
+        fmaml.meta_loss(counting, params, tasks, strategy=strategy, **kwargs)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
