@@ -39,6 +39,7 @@ from fmaml.module import params_of, per_step
 from fmaml.objectives import meta_loss
 from fmaml.problems import EmptySplit, Problem, build_problem
 from fmaml.schedules import cosine_lr, first_order_at, msl_weights
+from fmaml.tree import tree_clone
 from fmaml.types import Params
 
 VAL_SEED = 20170309
@@ -75,7 +76,7 @@ class TrainState:
 
     def leaves(self) -> list[torch.Tensor]:
         """Every meta-learned tensor, in a fixed order (the optimizer's)."""
-        rates = self.rates if isinstance(self.rates, list) else [self.rates or {}]
+        rates = _rate_dicts(self.rates)
         return list(self.params.values()) + [v for r in rates for v in r.values()]
 
 
@@ -181,7 +182,7 @@ def state_dict(state: TrainState) -> dict[str, Any]:
     return {
         "config": state.config.to_dict(),
         "iteration": state.iteration,
-        "params": {k: v.detach().clone() for k, v in state.params.items()},
+        "params": tree_clone(state.params),
         "rates": _detach_rates(state.rates),
         "optimizer": state.optimizer.state_dict(),
         "generator": state.generator.get_state(),
@@ -564,11 +565,12 @@ def _rate_dicts(rates) -> list[dict]:
 
 
 def _detach_rates(rates):
+    """Detached copies of the learned rates, keeping their shape (None, a dict or a list)."""
     if rates is None:
         return None
     if isinstance(rates, list):
-        return [{k: v.detach().clone() for k, v in r.items()} for r in rates]
-    return {k: v.detach().clone() for k, v in rates.items()}
+        return [tree_clone(r) for r in rates]
+    return tree_clone(rates)
 
 
 TEST_SEED = 20171124
