@@ -3,6 +3,8 @@
 # run `cli.py bench --compare` on CUDA, one setting at a time, writing JSON lines and logs
 # into $OUT (bench.jsonl, bench.log, env.txt). Used with the project's device tool:
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=...)
+# `bash benchmarks/gpu_run.sh compile` measures the compiled sinusoid meta-step instead, and
+# runs benchmarks/compile_check.py on CUDA (compile_check.txt).
 set -u
 OUT=${OUT:-/tmp/fmaml-gpu-bench}
 DEVICE=${DEVICE:-cuda}
@@ -34,6 +36,14 @@ for line in open(sys.argv[1]):
 PY
   rm -f "$OUT/$name.part"
 }
+if [ "${1:-}" = compile ]; then
+  bench sinusoid-compile 300 --settings sinusoid --compare --impls fmaml --impls fmaml-compile \
+    --repeats 10 --min-seconds 0.5
+  timeout 200 python3 benchmarks/compile_check.py --device cuda > "$OUT/compile_check.txt" 2>&1
+  echo "compile_check rc=$?"; cat "$OUT/compile_check.txt" | grep -v Warning | tail -8
+  date -u >> "$OUT/env.txt"
+  exit 0
+fi
 bench omniglot 90 --settings omniglot --compare --impls fmaml --impls loop \
   --impls fmaml-checkpoint --repeats 5 --min-seconds 0.5
 bench sinusoid 40 --settings sinusoid --compare --impls fmaml --impls loop --repeats 10 \

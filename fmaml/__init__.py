@@ -6,6 +6,7 @@ from fmaml.config import TrainConfig
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.module import SupervisedLoss, accuracy, params_of, per_step, supervised_loss
 from fmaml.objectives import meta_loss, meta_scores, task_loss, task_scores
+from fmaml.strategy import Strategy, auto_strategy
 from fmaml.train import TrainState, evaluate_state, restore_state
 from fmaml.train import train as fit
 from fmaml.tree import combine, partition, tree_map
@@ -17,12 +18,14 @@ __all__ = [
     "Batch",
     "LossFn",
     "Params",
+    "Strategy",
     "SupervisedLoss",
     "Task",
     "TrainConfig",
     "TrainState",
     "accuracy",
     "adapt",
+    "auto_strategy",
     "combine",
     "evaluate",
     "evaluate_state",

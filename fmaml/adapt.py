@@ -6,6 +6,7 @@ one task (no task axis); :func:`fmaml.meta_loss` vmaps them over a meta-batch.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import numbers
 from collections.abc import Mapping, Sequence
@@ -81,9 +82,7 @@ def unroll(
     fast = {k: params[k] for k in names}
     trajectory = [dict(params)]
     for step, rate in enumerate(rates):
-        grads = torch.func.grad(_support_loss)(fast, at_step(loss_fn, step), frozen, support)
-        if first_order:
-            grads = {k: g.detach() for k, g in grads.items()}
+        grads = _inner_grads(fast, at_step(loss_fn, step), frozen, support, first_order)
         fast = {k: fast[k] - rate[k] * grads[k] for k in names}
         trajectory.append({k: fast.get(k, v) for k, v in params.items()})
     return trajectory
@@ -92,6 +91,38 @@ def unroll(
 def _support_loss(fast: Params, loss_fn: LossFn, frozen: Params, support: Batch) -> Tensor:
     """The support loss as a function of the adapted parameters alone (argument 0)."""
     return loss_fn({**frozen, **fast}, support)
+
+
+PLAIN_AUTOGRAD = contextvars.ContextVar("fmaml_plain_autograd", default=False)
+"""Set by the strategies that run one task at a time outside any ``torch.func`` transform
+(:mod:`fmaml.strategy`): the inner gradients then come from ``torch.autograd.grad``, the same
+values and graph with less overhead per op than ``torch.func.grad``'s wrappers, and no graph
+at all for first-order steps. Differentiable with respect to ``params``, the support data
+and rates, not to tensors a ``loss_fn`` captures (as the strategies document)."""
+
+
+def _inner_grads(
+    fast: Params, loss_fn: LossFn, frozen: Params, support: Batch, first_order: bool
+) -> Params:
+    """The support loss's gradient with respect to ``fast``; constants if ``first_order``."""
+    if not PLAIN_AUTOGRAD.get():
+        grads = torch.func.grad(_support_loss)(fast, loss_fn, frozen, support)
+        return {k: g.detach() for k, g in grads.items()} if first_order else grads
+    tensors = [*fast.values(), *frozen.values(), *(t for t in support if isinstance(t, Tensor))]
+    keep = torch.is_grad_enabled() and not first_order and any(t.requires_grad for t in tensors)
+    with torch.enable_grad():
+        inputs = {
+            k: v if keep and v.requires_grad else v.detach().requires_grad_()
+            for k, v in fast.items()
+        }
+        loss = _support_loss(inputs, loss_fn, frozen, support)
+        grads = torch.autograd.grad(
+            loss, list(inputs.values()), create_graph=keep, allow_unused=True
+        )
+    return {
+        k: torch.zeros_like(v) if g is None else g
+        for (k, v), g in zip(inputs.items(), grads, strict=True)
+    }
 
 
 def adapt(

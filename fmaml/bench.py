@@ -24,6 +24,9 @@ Implementations (``--impls``):
                           strategy given with ``--chunk-size``/``--workers``/``--checkpoint``)
 ``fmaml-vmap``            one vmap over all tasks (``strategy=None``)
 ``fmaml-checkpoint``      the ``fmaml`` strategy with every inner step recomputed
+``fmaml-compile``         the meta-step compiled (``Strategy(compile=True)``; the MLP only:
+                          the strategy refuses BatchNorm); compilation is the warm-up step,
+                          reported as ``first_step_s``, not in the rates
 ``loop``                  :func:`fmaml.task_loss` task by task, one backward at the end
 ``learn2learn``           ``l2l.algorithms.MAML``: clone, adapt, backward per task
 ``higher``                ``higher.innerloop_ctx`` with SGD, backward per task
@@ -84,7 +87,15 @@ SETTINGS = {
 }
 
 ORDERS = ("second", "first")
-IMPLS = ("fmaml", "fmaml-vmap", "fmaml-checkpoint", "loop", "learn2learn", "higher")
+IMPLS = (
+    "fmaml",
+    "fmaml-vmap",
+    "fmaml-checkpoint",
+    "fmaml-compile",
+    "loop",
+    "learn2learn",
+    "higher",
+)
 PEERS = {"learn2learn": "learn2learn", "higher": "higher"}
 DEFAULT_IMPLS = ("fmaml", "fmaml-vmap", "loop")
 
@@ -273,8 +284,14 @@ def chosen_strategy(problem: Problem, strategy: Strategy | Mapping | None) -> St
     ``strategy`` replaced."""
     if isinstance(strategy, Strategy):
         return strategy
-    device = problem.tasks.support[0].device
-    return dataclasses.replace(auto_strategy(device, problem.loss_fn), **(strategy or {}))
+    (support_x, _), (query_x, _) = problem.tasks
+    chosen = auto_strategy(
+        support_x.device,
+        problem.loss_fn,
+        num_tasks=problem.setting.meta_batch,
+        examples_per_task=support_x.shape[1] + query_x.shape[1],
+    )
+    return dataclasses.replace(chosen, **(strategy or {}))
 
 
 def make_step(
@@ -288,6 +305,8 @@ def make_step(
         return _fmaml_step(problem, first_order, None)
     if impl == "fmaml-checkpoint":
         return _fmaml_step(problem, first_order, dataclasses.replace(chosen, checkpoint=True))
+    if impl == "fmaml-compile":
+        return _fmaml_step(problem, first_order, _compiled(chosen))
     if impl == "loop":
         return _loop_step(problem, first_order)
     if impl == "learn2learn":
@@ -297,6 +316,21 @@ def make_step(
     raise ValueError(f"bench: unknown implementation {impl!r}; expected one of {list(IMPLS)}.")
 
 
+def _compiled(chosen: Strategy) -> Strategy:
+    """The compiled strategy: one vmap over all tasks, on ``chosen``'s threads."""
+    return Strategy(compile=True, threads=chosen.threads)
+
+
+def not_applicable(impl: str, setting: Setting) -> str | None:
+    """Why ``impl`` does not run ``setting`` (``None``: it does)."""
+    if impl == "fmaml-compile" and setting.name != "sinusoid":
+        return (
+            f"fmaml-compile on {setting.name}: Strategy(compile=True) refuses models with "
+            "BatchNorm (see benchmarks/README.md)"
+        )
+    return None
+
+
 def strategy_of(impl: str, problem: Problem, strategy: Strategy | Mapping | None) -> str:
     """How ``impl`` runs a meta-batch, in words."""
     chosen = chosen_strategy(problem, strategy)
@@ -304,6 +338,7 @@ def strategy_of(impl: str, problem: Problem, strategy: Strategy | Mapping | None
         "fmaml": str(chosen),
         "fmaml-vmap": str(Strategy()),
         "fmaml-checkpoint": str(dataclasses.replace(chosen, checkpoint=True)),
+        "fmaml-compile": str(_compiled(chosen)),
         "loop": "python loop over tasks, one backward",
         "learn2learn": "python loop over tasks, backward per task",
         "higher": "python loop over tasks, backward per task",
@@ -415,11 +450,17 @@ def measure(
         before = torch.cuda.memory_allocated() / 2**20
     else:
         before = _rss_peak_mb()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    start = time.perf_counter()
+    step()  # the first step: compilation, lazy initialisation
+    sync()
+    first = time.perf_counter() - start
     times = time_steps(step, repeats, device, min_seconds)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_peak_mb()
     return {
         "seconds_per_step": sum(times) / len(times),
         "fastest_step_s": min(times),
+        "first_step_s": first,
         "timed_steps": len(times),
         "peak_memory_mb": peak,
         "memory_before_mb": before,
@@ -550,16 +591,21 @@ def run_bench(
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     for name in names:
         setting = SETTINGS[name]
+        for impl in runnable:
+            why = not_applicable(impl, setting)
+            if why:
+                say(f"skipped: {why}")
+        here = [impl for impl in runnable if not not_applicable(impl, setting)]
         for order in orders:
             first_order = order == "first"
             if check:
                 deviations = gradient_check(
-                    setting, runnable, first_order, device=device, strategy=strategy
+                    setting, here, first_order, device=device, strategy=strategy
                 )
                 worst = max(deviations.values(), default=0.0)
                 say(
                     f"{name} {order}-order: meta-gradients agree across "
-                    f"{', '.join(runnable)} (float64, largest relative deviation {worst:.1e})"
+                    f"{', '.join(here)} (float64, largest relative deviation {worst:.1e})"
                 )
                 wrong = {k: v for k, v in deviations.items() if not v < 1e-8}
                 if wrong:
@@ -570,9 +616,9 @@ def run_bench(
             flops = count_flops(setting, first_order, device)
             problem = build(setting, device, num_tasks=1)
             key = "fastest_step_s" if fastest else "seconds_per_step"
-            seen: dict[str, list[dict]] = {impl: [] for impl in runnable}
+            seen: dict[str, list[dict]] = {impl: [] for impl in here}
             for _ in range(rounds):  # interleaved, so that a busy spell hits every impl
-                for impl in runnable:
+                for impl in here:
                     job = {
                         "setting": name,
                         "order": order,
@@ -596,7 +642,7 @@ def run_bench(
                 for impl, results in seen.items()
             }
             rows = []
-            for impl in runnable:
+            for impl in here:
                 result = best[impl]
                 seconds = result[key]
                 row = {

@@ -50,6 +50,9 @@ class TrainConfig:
     min_outer_lr: float = 1e-5
     iterations_per_epoch: int = 500
     loss_reduction: str | None = None
+    # How meta-batches run (never what they compute): fields of fmaml.Strategy that replace
+    # fmaml.auto_strategy's choice for the device and model, e.g. {"chunk_size": 8}.
+    strategy: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,5 +264,15 @@ def check(config: TrainConfig) -> None:
             "--lslr (per-step, per-tensor rates) and --algorithm metasgd (per-element rates) "
             "both learn the inner rate; choose one."
         )
+    from fmaml.strategy import Strategy
+
+    strategy_fields = {f.name for f in dataclasses.fields(Strategy)}
+    unknown = sorted(set(config.strategy) - strategy_fields)
+    if unknown:
+        raise ValueError(
+            f"strategy: unknown fields {unknown}; the fields of fmaml.Strategy are "
+            f"{sorted(strategy_fields)}."
+        )
+    Strategy(**config.strategy)  # raises ValueError naming the field
     if config.dataset != "sinusoid" and config.ways < 2:
         raise ValueError(f"--ways must be at least 2 for classification, got {config.ways}.")

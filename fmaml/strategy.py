@@ -20,6 +20,13 @@ computed: every strategy gives the same loss and the same meta-gradient (tested 
   the channels-last memory format (CPU convolution, BatchNorm and max-pool kernels are
   faster on it; the values are the same). Off by default: on the benchmark settings it
   speeds up the query pass but not the meta-step (see ``benchmarks/README.md``).
+- ``compile``: compile the whole meta-step (the vmapped inner loop, the query losses and the
+  meta-gradient) with ``torch.compile`` (one vmap over all tasks). The first meta-batch pays
+  the compilation (20-90 s on a CPU), later ones run about 2x faster on an MLP; a new
+  shape or setting compiles again. Refused for models with BatchNorm: an earlier form of
+  fmaml's BatchNorm compiled to wrong second-order gradients, and the current one breaks the
+  compiled graph (its vmap check is a call dynamo cannot trace), so nothing is gained
+  (``benchmarks/README.md``).
 - ``threads``: torch's intra-op threads while the meta-batch runs. The ops of a small
   network are too small to split; under vmap some are just large enough to enter OpenMP
   regions, and if another process holds a core, their spinning barriers make a meta-step up
@@ -34,6 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import numbers
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,6 +67,8 @@ class Strategy:
             layout (needs ``chunk_size=1``).
         threads: torch's intra-op threads while the meta-batch runs (shared by the
             ``workers``); ``None``: as set (``torch.get_num_threads()``).
+        compile: compile the meta-step with ``torch.compile`` (needs ``chunk_size=None``,
+            one worker, no ``checkpoint``; not for models with BatchNorm).
 
     Any setting other than the default ``Strategy()`` computes the meta-gradient while
     :func:`fmaml.meta_loss` runs, chunk by chunk, and returns a loss whose backward hands it
@@ -76,6 +86,7 @@ class Strategy:
     workers: int = 1
     channels_last: bool = False
     threads: int | None = None
+    compile: bool = False
 
     def __post_init__(self):
         for name in ("chunk_size", "workers", "threads"):
@@ -91,6 +102,12 @@ class Strategy:
             raise ValueError(
                 "Strategy(): `channels_last` applies to one task at a time; set chunk_size=1 "
                 f"(got chunk_size={self.chunk_size!r})."
+            )
+        if self.compile and (self.chunk_size is not None or self.workers > 1 or self.checkpoint):
+            raise ValueError(
+                "Strategy(): `compile` compiles one vmap over all tasks; set chunk_size=None, "
+                f"workers=1 and checkpoint=False (got chunk_size={self.chunk_size!r}, "
+                f"workers={self.workers}, checkpoint={self.checkpoint})."
             )
 
     @property
@@ -111,32 +128,57 @@ class Strategy:
             text += f", {self.workers} workers"
         if self.channels_last:
             text += ", channels-last"
+        if self.compile:
+            text += ", compiled"
         if self.threads is not None:
             text += f", {self.threads} intra-op thread{'s' if self.threads > 1 else ''}"
         return text
 
 
-def auto_strategy(device: torch.device | str = "cpu", loss_fn: LossFn | None = None) -> Strategy:
+SMALL_TASK = 20
+"""Examples per task (support + query) up to which :func:`auto_strategy` vmaps chunks of
+tasks on a CPU instead of running them one at a time."""
+
+
+def auto_strategy(
+    device: torch.device | str = "cpu",
+    loss_fn: LossFn | None = None,
+    *,
+    num_tasks: int | None = None,
+    examples_per_task: int | None = None,
+) -> Strategy:
     """The fastest strategy fmaml knows for ``device`` and the model behind ``loss_fn``.
 
     On CUDA: one vmap over all tasks (large batched kernels, few launches). On a CPU, for a
-    model with convolutions: one task at a time without ``vmap`` (plain convolution and
-    BatchNorm kernels instead of grouped convolutions), split over ``min(2, threads)``
-    workers. On a CPU for any other model (an MLP): one vmap over all tasks on one intra-op
-    thread. The figures behind these choices are in ``benchmarks/README.md``.
+    model with convolutions, ``min(2, threads)`` workers, each with its share of the tasks:
+
+    - tasks of up to :data:`SMALL_TASK` examples (support + query; Omniglot 5-way 1-shot
+      with 1 query per class has 10): each worker vmaps its share at once (chunks of
+      ``ceil(num_tasks / workers)``): ops on one task's few images are too small to run
+      well, batched they are not;
+    - larger tasks, or sizes not given: one task at a time without ``vmap`` (plain
+      convolution and BatchNorm kernels instead of grouped convolutions, which are slow on a
+      CPU).
+
+    On a CPU for any other model (an MLP): one vmap over all tasks on one intra-op thread.
+    The figures behind these choices are in ``benchmarks/README.md``.
 
     Args:
         device: where the meta-batch runs.
         loss_fn: the loss whose ``module`` (as :func:`fmaml.supervised_loss` has) is
             inspected for convolutions; other losses count as convolution-free.
+        num_tasks: tasks per meta-batch (for the chunk size of small tasks).
+        examples_per_task: support plus query examples of one task.
 
     Example:
         >>> import torch.nn.functional as F, fmaml
         >>> loss_fn = fmaml.supervised_loss(fmaml.nn.conv4(5), F.cross_entropy)
-        >>> auto_strategy("cuda", loss_fn)
-        Strategy(chunk_size=None, checkpoint=False, workers=1, channels_last=False, threads=None)
+        >>> auto_strategy("cuda", loss_fn) == Strategy()
+        True
         >>> auto_strategy("cpu", loss_fn).chunk_size
         1
+        >>> auto_strategy("cpu", loss_fn, num_tasks=32, examples_per_task=10).chunk_size > 1
+        True
     """
     if torch.device(device).type == "cuda":
         return Strategy()
@@ -146,7 +188,11 @@ def auto_strategy(device: torch.device | str = "cpu", loss_fn: LossFn | None = N
     )
     if not convolutional:
         return Strategy(threads=1)
-    return Strategy(chunk_size=1, workers=max(1, min(2, torch.get_num_threads())))
+    workers = max(1, min(2, torch.get_num_threads()))
+    if num_tasks is not None and examples_per_task is not None and examples_per_task <= SMALL_TASK:
+        chunk = -(-num_tasks // workers)
+        return Strategy(chunk_size=chunk, workers=workers)
+    return Strategy(chunk_size=1, workers=workers)
 
 
 def run_strategy(
@@ -179,6 +225,22 @@ def run_strategy(
         )
     inputs = _differentiable_inputs(params, inner_lr, step_weights)
     want_grad = torch.is_grad_enabled() and bool(inputs)
+    if strategy.compile and want_grad:
+        refuse_batchnorm(loss_fn, score_fn)
+        step = _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys)
+        threads = torch.get_num_threads()
+        if strategy.threads is not None:
+            torch.set_num_threads(strategy.threads)
+        try:
+            with warnings.catch_warnings():
+                # dynamo reads `.grad` of every tensor it wraps, non-leaves too, and torch
+                # warns about that; it is dynamo's own access, not the user's
+                warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor")
+                value, grads, score = step(dict(params), inner_lr, step_weights, tasks, inputs)
+        finally:
+            torch.set_num_threads(threads)
+        value = _Precomputed.apply(value, tuple(grads), *inputs)
+        return value if score_fn is None else (value, score)
     size = num_tasks if strategy.chunk_size is None else min(strategy.chunk_size, num_tasks)
     job = _Job(
         loss_fn=loss_fn,
@@ -212,6 +274,58 @@ def run_strategy(
     if want_grad:
         value = _Precomputed.apply(value, tuple(grads), *inputs)
     return value if score_fn is None else (value, scores / num_tasks)
+
+
+# --- compiled ---------------------------------------------------------------------------------
+
+_COMPILED: dict[tuple, tuple] = {}
+
+
+def _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys) -> Callable:
+    """``(params, inner_lr, step_weights, tasks, inputs) -> (loss, grads, score)`` compiled,
+    made once per loss and setting, so that later calls hit torch.compile's cache. Kept for
+    the life of the process (as torch.compile keeps its compiled code)."""
+    from fmaml.objectives import meta_loss
+
+    key = (id(loss_fn), id(score_fn), num_steps, first_order, id(adapt_keys))
+    if key not in _COMPILED:
+
+        def step(params, inner_lr, step_weights, tasks, inputs):
+            out = meta_loss(
+                loss_fn,
+                params,
+                tasks,
+                inner_lr=inner_lr,
+                num_steps=num_steps,
+                adapt_keys=adapt_keys,
+                first_order=first_order,
+                step_weights=step_weights,
+                score_fn=score_fn,
+            )
+            loss, score = (out, None) if score_fn is None else out
+            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            return loss.detach(), grads, None if score is None else score.detach()
+
+        _COMPILED[key] = (torch.compile(step), loss_fn, score_fn, adapt_keys)  # ids stay valid
+    return _COMPILED[key][0]
+
+
+def refuse_batchnorm(*losses) -> None:
+    """Raise ``ValueError`` if a loss's ``module`` has BatchNorm (for ``compile=True``)."""
+    from fmaml.nn.batchnorm import BatchNorm
+
+    for fn in losses:
+        module = getattr(fn, "module", None)
+        if isinstance(module, torch.nn.Module) and any(
+            isinstance(m, (BatchNorm, torch.nn.modules.batchnorm._BatchNorm))
+            for m in module.modules()
+        ):
+            raise ValueError(
+                "Strategy(compile=True) refuses models with BatchNorm: an earlier form of "
+                "fmaml's BatchNorm compiled to wrong second-order gradients, and the current "
+                "one breaks the compiled graph, so nothing would be gained "
+                "(benchmarks/README.md). Use compile=False for this model."
+            )
 
 
 # --- one chunk ----------------------------------------------------------------------------------
@@ -259,8 +373,14 @@ class _Job:
         """(this chunk's share of the loss, its gradients for ``inputs``, its summed score)."""
         if self.checkpoint:
             return self._run_checkpointed(chunk)
-        with torch.enable_grad() if self.want_grad else torch.no_grad():
-            out = self._over(self._task_loss, chunk)
+        from fmaml.adapt import PLAIN_AUTOGRAD
+
+        token = PLAIN_AUTOGRAD.set(self.unbatched)  # no transform is active: plain autograd
+        try:
+            with torch.enable_grad() if self.want_grad else torch.no_grad():
+                out = self._over(self._task_loss, chunk)
+        finally:
+            PLAIN_AUTOGRAD.reset(token)
         loss, score = (out, None) if self.score_fn is None else out
         loss = loss.sum() / self.num_tasks
         grads = self._grad(loss, self.inputs)

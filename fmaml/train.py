@@ -39,6 +39,7 @@ from fmaml.module import params_of, per_step
 from fmaml.objectives import meta_loss
 from fmaml.problems import EmptySplit, Problem, build_problem
 from fmaml.schedules import cosine_lr, first_order_at, msl_weights
+from fmaml.strategy import Strategy, auto_strategy, refuse_batchnorm
 from fmaml.tree import tree_clone
 from fmaml.types import Params
 
@@ -61,6 +62,7 @@ class TrainState:
     iteration: int = 0
     best: dict[str, Any] = field(default_factory=dict)
     adapt_keys: Any = None
+    strategy: Strategy = field(default_factory=Strategy)
 
     @property
     def inner_lr(self) -> InnerLR:
@@ -87,6 +89,10 @@ def init_state(config: TrainConfig) -> TrainState:
     step; ``per_step_bn`` gives the BatchNorm weights and biases one copy per step (BNWB) and
     keeps them out of the inner loop, as MAML++ does; ``bn_statistics="support"`` normalises
     each query with the statistics of its own support set at the same step (BNRS, leak-free).
+
+    The meta-batch runs with :func:`fmaml.auto_strategy`'s choice for the device and model,
+    with ``config.strategy``'s fields replacing its own (``state.strategy``); strategies
+    change the speed and memory, not the result (beyond float rounding).
     """
     config = resolve(config)
     algorithm = get_algorithm(config.algorithm)
@@ -123,7 +129,23 @@ def init_state(config: TrainConfig) -> TrainState:
             per_element=algorithm.learned_rates == "element",
         )
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
-    state = TrainState(config, problem, params, rates, None, generator, adapt_keys=adapt_keys)  # type: ignore[arg-type]
+    examples = None if config.dataset == "sinusoid" else config.ways * (config.shots + config.query)
+    chosen = auto_strategy(
+        config.device, problem.loss_fn, num_tasks=config.meta_batch, examples_per_task=examples
+    )
+    strategy = dataclasses.replace(chosen, **config.strategy)
+    if strategy.compile:
+        refuse_batchnorm(problem.loss_fn)
+    state = TrainState(
+        config,
+        problem,
+        params,
+        rates,
+        None,  # type: ignore[arg-type]
+        generator,
+        adapt_keys=adapt_keys,
+        strategy=strategy,
+    )
     state.optimizer = torch.optim.Adam(state.leaves(), lr=config.outer_lr)
     return state
 
@@ -257,6 +279,7 @@ def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, fl
         first_order=algorithm.first_order or first_order_at(epoch, config.da_epochs),
         step_weights=msl_weights(config.inner_steps, epoch, config.msl_epochs),
         score_fn=state.problem.score_fn,
+        strategy=state.strategy,
     )
     if ranks is None:
         if not torch.isfinite(loss):

@@ -68,13 +68,20 @@ def test_resume_continues_to_a_new_total(tmp_path):
             "8",
             "--out",
             run,
+            "--chunk-size",
+            "2",
+            "--workers",
+            "2",
             *FAST,
         ).exit_code
         == 0
     )
+    refused = invoke("train", "--resume", run, "--iterations", "15", "--workers", "1")
+    assert refused.exit_code == 2 and "can't change on --resume" in refused.output
     result = invoke("train", "--resume", run, "--iterations", "15")
     assert result.exit_code == 0, result.output
     assert "done: 15 iterations" in result.output
+    assert "strategy: vmap over chunks of 2 tasks, 2 workers" in result.output
 
 
 def test_folder_dataset_train_and_test(tmp_path, isolated_cache):
@@ -167,6 +174,14 @@ def test_omniglot_layout_with_validation_split(tmp_path, isolated_cache):
             "--meta-batch must be a positive",
         ),
         (["train", "--data-root", "no/such/folder", "--no-download"], "no/such/folder"),
+        (
+            ["train", "--dataset", "sinusoid", "--chunk-size", "some"],
+            "--chunk-size must be 'all' or a positive number of tasks, got 'some'",
+        ),
+        (
+            ["train", "--dataset", "sinusoid", "--workers", "0"],
+            "`workers` must be an integer of at least 1",
+        ),
     ],
 )
 def test_errors_are_one_clear_line(tmp_path, args, message):

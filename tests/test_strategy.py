@@ -191,9 +191,37 @@ def test_auto_strategy_is_visible_and_per_device_and_model():
     )
 
 
+def test_auto_strategy_vmaps_small_tasks_in_one_chunk_per_worker():
+    conv_loss, *_ = build("maml")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small = auto_strategy("cpu", conv_loss, num_tasks=32, examples_per_task=10)
+        large = auto_strategy("cpu", conv_loss, num_tasks=32, examples_per_task=80)
+        odd = auto_strategy("cpu", conv_loss, num_tasks=5, examples_per_task=10)
+    finally:
+        torch.set_num_threads(before)
+    assert small == Strategy(chunk_size=16, workers=2)
+    assert large == Strategy(chunk_size=1, workers=2)
+    assert odd.chunk_size == 3  # chunks of 3 and 2 tasks, one per worker
+    assert auto_strategy("cuda", conv_loss, num_tasks=32, examples_per_task=10) == Strategy()
+
+
+def test_compile_refuses_batchnorm_before_compiling():
+    loss_fn, params, tasks, kwargs = build("maml")  # conv4 has BatchNorm
+    with pytest.raises(ValueError, match="refuses models with BatchNorm"):
+        fmaml.meta_loss(loss_fn, params, tasks, strategy=Strategy(compile=True), **kwargs)
+    assert str(Strategy(compile=True, threads=1)) == (
+        "vmap over all tasks, compiled, 1 intra-op thread"
+    )
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
+        ({"compile": True, "chunk_size": 1}, "`compile` compiles one vmap over all tasks"),
+        ({"compile": True, "workers": 2}, "`compile` compiles one vmap over all tasks"),
+        ({"compile": True, "checkpoint": True}, "`compile` compiles one vmap over all tasks"),
         ({"chunk_size": 0}, "`chunk_size` must be an integer of at least 1 or None"),
         ({"threads": 0}, "`threads` must be an integer of at least 1 or None"),
         ({"workers": 0}, "`workers` must be an integer of at least 1"),
@@ -239,3 +267,41 @@ def test_threads_are_set_while_the_meta_batch_runs_and_restored():
         assert set(seen) == {1} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("variant_name", ["maml", "fomaml", "anil", "metasgd"])
+def test_plain_autograd_inner_steps_equal_torch_func_grad(variant_name):
+    """One task at a time, the inner gradients come from torch.autograd.grad: the same
+    adapted parameters and the same second derivatives as torch.func.grad's."""
+    from fmaml.adapt import PLAIN_AUTOGRAD
+
+    loss_fn, params, tasks, kwargs = build(variant_name)
+    kwargs = {**kwargs, "num_steps": 2}
+    support = tuple(t[0] for t in tasks.support)
+    leaves = leaves_of(params, kwargs)
+
+    def adapted_and_second_derivative():
+        adapted = fmaml.adapt(loss_fn, params, support, **kwargs)
+        total = sum((v**2).sum() for v in adapted.values())
+        return adapted, torch.autograd.grad(total, leaves, allow_unused=True)
+
+    expected, expected_grads = adapted_and_second_derivative()
+    token = PLAIN_AUTOGRAD.set(True)
+    try:
+        got, got_grads = adapted_and_second_derivative()
+        detached = {k: v.detach() for k, v in params.items()}
+        constant = fmaml.adapt(loss_fn, detached, support, inner_lr=0.1)
+        with torch.no_grad():
+            evaluated = fmaml.adapt(loss_fn, params, support, **kwargs)
+    finally:
+        PLAIN_AUTOGRAD.reset(token)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(evaluated[k], expected[k], rtol=1e-12, atol=1e-14)
+    for a, b in zip(got_grads, expected_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert not any(v.requires_grad for v in constant.values())
+    # under no_grad the adapted tensors carry no graph (ANIL's frozen body comes back as is)
+    assert not any(v.requires_grad for k, v in evaluated.items() if v is not params[k])
