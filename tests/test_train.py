@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,6 +233,9 @@ def test_the_strategy_is_chosen_saved_and_kept_on_resume(tmp_path):
         resolve(tiny(strategy={"workers": 0}))
 
 
+@pytest.mark.skipif(
+    shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler (c++)"
+)
 def test_compiled_training_matches_eager_training(tmp_path):
     """Strategy(compile=True) on the sinusoid MLP, Meta-SGD (learned rates) in float64: the
     same parameters and rates as the uncompiled run after a few steps. Compiles once (~1 min)."""
