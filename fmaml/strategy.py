@@ -226,7 +226,6 @@ def run_strategy(
     inputs = _differentiable_inputs(params, inner_lr, step_weights)
     want_grad = torch.is_grad_enabled() and bool(inputs)
     if strategy.compile and want_grad:
-        refuse_batchnorm(loss_fn, score_fn)
         step = _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys)
         threads = torch.get_num_threads()
         if strategy.threads is not None:
@@ -289,6 +288,7 @@ def _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys) -> Cal
 
     key = (id(loss_fn), id(score_fn), num_steps, first_order, id(adapt_keys))
     if key not in _COMPILED:
+        refuse_batchnorm(loss_fn, score_fn)  # once per loss and setting, not every step
 
         def step(params, inner_lr, step_weights, tasks, inputs):
             out = meta_loss(
