@@ -107,7 +107,16 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
     default=None,
     help="Outer steps in total [paper]; with --resume, the new total.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Initial weights and training tasks."
+)
+@click.option(
+    "--split-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Shuffles proportional splits; keep it fixed to compare seeds on the same test classes.",
+)
 @click.option("--hidden", type=int, default=None, help="Filters / hidden units [paper].")
 @click.option(
     "--image-size",
@@ -332,6 +341,8 @@ class _Progress:
 
     def update(self, state, metrics) -> None:
         if self.bar is None:
+            if state.problem.data:
+                click.echo(state.problem.data, err=True)
             click.echo(f"strategy: {state.strategy}", err=True)
             total = state.config.iterations
             self.first = state.iteration - 1
@@ -454,7 +465,8 @@ def test(checkpoint, split, episodes, inner_steps, shots, query, seed, device, a
             else "custom"
         )
         echo(
-            f"{config.dataset} {config.ways}-way {result['shots']}-shot, {split} split: "
+            f"{config.dataset} {config.ways}-way {result['shots']}-shot, {split} split "
+            f"({config.split}, split seed {config.split_seed}): "
             f"accuracy {100 * last['mean']:.2f} ± {100 * last['ci95']:.2f} % "
             f"(95% CI = 1.96·std/√n over {result['episodes']} episodes; "
             f"{result['inner_steps']} inner steps; {result['query_per_class']} query per class, "
@@ -464,6 +476,8 @@ def test(checkpoint, split, episodes, inner_steps, shots, query, seed, device, a
             "dataset": config.dataset,
             "checkpoint": str(path),
             "split": split,
+            "classes_split_by": config.split,
+            "split_seed": config.split_seed,
             "ways": config.ways,
             "shots": result["shots"],
             "accuracy": 100 * last["mean"],

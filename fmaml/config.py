@@ -32,6 +32,9 @@ class TrainConfig:
     grad_clip: float | None = None
     iterations: int | None = None
     seed: int = 0
+    # Seeds the shuffle of proportional (and MAML's) splits. Apart from ``seed`` so that runs
+    # with different seeds train and test on the same classes.
+    split_seed: int = 0
     hidden: int | None = None
     image_size: int | None = None
     val_every: int = 500
@@ -67,6 +70,8 @@ class TrainConfig:
                 f"TrainConfig.from_dict(): unknown fields {unknown}; known: {sorted(known)}. "
                 "The checkpoint may come from a newer fmaml."
             )
+        if "split_seed" not in values:  # saved before split_seed: the run's seed split the data
+            values = {**values, "split_seed": values.get("seed", 0)}
         return cls(**values)
 
 

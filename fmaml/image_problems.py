@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def image_problem(config: TrainConfig) -> Problem:
         image_size=config.image_size,
         channels=channels if config.dataset == "folder" else None,
         download=config.dataset == "omniglot" and bool(config.extra.get("download", False)),
-        seed=config.seed,
+        seed=config.split_seed,
     )
     device, dtype = torch.device(config.device), dtype_of(config)
     rotate = config.dataset == "omniglot"
@@ -83,4 +84,21 @@ def image_problem(config: TrainConfig) -> Problem:
             yield source.gather(spec.slice(start, min(start + chunk, stop)))
 
     model = image_model(config, in_channels=channels)
-    return classification_problem(model, config.shots, sample, episodes, config.loss_reduction)
+    problem = classification_problem(model, config.shots, sample, episodes, config.loss_reduction)
+    return dataclasses.replace(problem, data=describe_splits(splits, config))
+
+
+def describe_splits(splits: dict, config: TrainConfig) -> str:
+    """``"classes: train 178 (6 alphabets), test 64 (Early_Aramaic, Sanskrit); ..."``."""
+    parts = []
+    for name, part in splits.items():
+        groups = sorted({str(g) for g in part.groups or () if g is not None})
+        if not groups:
+            parts.append(f"{name} {part.num_classes}")
+        elif len(groups) <= 3:
+            parts.append(f"{name} {part.num_classes} ({', '.join(groups)})")
+        else:
+            word = "alphabets" if config.dataset == "omniglot" else "groups"
+            parts.append(f"{name} {part.num_classes} ({len(groups)} {word})")
+    rule = config.split or "default"
+    return f"classes: {', '.join(parts)}; split {rule}, split seed {config.split_seed}"

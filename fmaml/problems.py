@@ -45,6 +45,7 @@ class Problem:
         episodes: ``episodes(split, num_episodes, seed, chunk, shard=None) -> iterator of
             Task``: fixed evaluation episodes, the same for the same seed, in chunks of at most
             ``chunk`` tasks; with ``shard=(start, stop)`` only episodes ``start:stop``.
+        data: one line saying which classes each split holds ("" where there are none).
     """
 
     model: nn.Module
@@ -54,6 +55,7 @@ class Problem:
     higher_is_better: bool
     sample: Callable[..., Task]
     episodes: Callable[..., Iterator[Task]]
+    data: str = ""
 
 
 def dtype_of(config: TrainConfig) -> torch.dtype:

@@ -114,10 +114,12 @@ def test_folder_dataset_train_and_test(tmp_path, isolated_cache):
         *FAST,
     )
     assert result.exit_code == 0, result.output
+    assert "classes: train 6, val 2, test 2; split 0.6,0.2,0.2, split seed 0" in result.output
     result = invoke("test", "--checkpoint", run, "--episodes", "10", "--json")
     assert result.exit_code == 0, result.output
     report = last_json(result.output)
     assert report["episodes"] == 10 and report["query_per_class"] == 2
+    assert report["classes_split_by"] == "0.6,0.2,0.2" and report["split_seed"] == 0
     assert 0 <= report["accuracy"] <= 100 and report["ci95"] >= 0
     assert report["inner_steps"] == 10, "the paper's test-time steps for 84x84 data"
     assert "accuracy" in result.output and "95% CI" in result.output

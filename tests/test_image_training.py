@@ -59,3 +59,28 @@ def test_non_positive_ways_is_refused(ways):
 def test_one_way_classification_is_refused():
     with pytest.raises(ValueError, match="--ways must be at least 2 for classification, got 1"):
         resolve(TrainConfig(dataset="omniglot", ways=1))
+
+
+def _test_images(root, **changes) -> torch.Tensor:
+    from fmaml.problems import build_problem
+
+    problem = build_problem(resolve(omniglot_config(root, **changes)))
+    (task,) = problem.episodes("test", 4, 7, 4)
+    return task.query[0]
+
+
+def test_the_split_depends_on_split_seed_not_on_the_training_seed(tmp_path, isolated_cache):
+    make_omniglot(tmp_path / "omni", {f"A{i}": 2 for i in range(8)}, images_per_character=2)
+    root = tmp_path / "omni"
+    reference = _test_images(root, seed=0)
+    assert torch.equal(_test_images(root, seed=1), reference)  # same test alphabets
+    assert not all(  # the split seed does choose them
+        torch.equal(_test_images(root, split_seed=s), reference) for s in (1, 2, 3)
+    )
+
+
+def test_checkpoints_saved_before_split_seed_keep_their_split():
+    saved = resolve(TrainConfig(dataset="omniglot", seed=3)).to_dict()
+    del saved["split_seed"]  # as written by fmaml before split_seed existed
+    assert TrainConfig.from_dict(saved).split_seed == 3
+    assert TrainConfig.from_dict({**saved, "split_seed": 0}).split_seed == 0
