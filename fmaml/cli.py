@@ -282,6 +282,7 @@ def _train(out, resume, iterations, download, lead: bool, options: dict) -> None
                 err=True,
             )
     bar = _Progress()
+    interrupt = _Interrupt() if ranks is None else None
     try:
         state = run_training(
             config,
@@ -289,18 +290,48 @@ def _train(out, resume, iterations, download, lead: bool, options: dict) -> None
             resume=True if resume else "auto" if restarted else False,
             iterations=iterations,
             on_step=bar.update if lead else None,
+            should_stop=interrupt,
         )
     finally:
         bar.close()
+        if interrupt is not None:
+            interrupt.restore()
     distributed.shutdown()
     if not lead:
         return
+    if interrupt is not None and interrupt.requested:
+        click.echo(
+            f"interrupted: stopped after iteration {state.iteration} and saved it in "
+            f"{out / 'latest.pt'}; continue with `python cli.py train --resume {out}`.",
+            err=True,
+        )
+        raise SystemExit(130)
     best = state.best
     click.echo(
         f"done: {state.iteration} iterations; best validation {state.problem.score_name} "
         f"{best.get('score', float('nan')):.4f} at iteration {best.get('iteration', '-')}; "
         f"checkpoints in {out}"
     )
+
+
+class _Interrupt:
+    """Ctrl-C (SIGINT) while training: finish the current step, save it, stop. A second
+    Ctrl-C stops at once (the last checkpoint written stays valid)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        click.echo("\nstopping after this step (Ctrl-C again to stop now)", err=True)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self.previous)
 
 
 def _stop_rank(signum, frame) -> None:

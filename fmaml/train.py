@@ -387,6 +387,7 @@ def train(
     resume: bool | Literal["auto"] = False,
     iterations: int | None = None,
     on_step: Callable[[TrainState, dict[str, float]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainState:
     """Meta-train to ``iterations`` in total, writing metrics and checkpoints in ``out_dir``.
 
@@ -405,6 +406,9 @@ def train(
         iterations: total iterations to reach; default ``config.iterations``.
         on_step: called after every step, on every rank, with the state and the step's
             metrics (over the whole meta-batch).
+        should_stop: asked after every completed step (single process only); when it says
+            ``True``, the run writes ``latest.pt`` at that iteration and returns early, so
+            ``resume=True`` continues exactly there (the CLI asks it on Ctrl-C).
 
     Returns:
         The final :class:`TrainState` (on every rank).
@@ -455,6 +459,11 @@ def train(
                     saved_at = it
                 if on_step is not None:
                     on_step(state, metrics)
+                if ranks is None and should_stop is not None and should_stop():
+                    if saved_at != it:
+                        save_checkpoint(out / LATEST, state_dict(state))
+                        saved_at = it
+                    break
             except FloatingPointError as error:
                 raise FloatingPointError(f"{error} ({_last_good(out, saved_at)})") from None
             except RankFailure as error:

@@ -255,3 +255,51 @@ def test_compiled_training_matches_eager_training(tmp_path):
     for a, b in zip(logged("compiled"), logged("eager"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-9)
         assert a["mse"] == pytest.approx(b["mse"], rel=1e-9)
+
+
+def test_ctrl_c_saves_the_step_it_stopped_at_and_resumes_exactly(tmp_path):
+    """SIGINT: the run finishes its step, saves it (not only the last periodic checkpoint) and
+    exits 130; resumed, it ends where an uninterrupted run ends."""
+    args = ["--dataset", "sinusoid", "--meta-batch", "5", "--hidden", "16", "--val-every"]
+    args += ["100000", "--val-episodes", "10", "--checkpoint-every", "100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", "train", *args, "--iterations", "100000", "--out", str(run)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics, deadline = run / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 200):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "interrupted: stopped after iteration" in output and "Traceback" not in output
+    stopped_at = load_checkpoint(run / "latest.pt")["iteration"]
+    logged = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
+    assert 0 < max(logged) <= stopped_at < 100000  # no periodic checkpoint was due
+    total = str(stopped_at + 7)
+    resumed = subprocess.run(
+        [sys.executable, "cli.py", "train", "--resume", str(run), "--iterations", total],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    straight = tmp_path / "straight"
+    subprocess.run(
+        [sys.executable, "cli.py", "train", *args, "--iterations", total, "--out", str(straight)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    a, b = load_checkpoint(run / "latest.pt"), load_checkpoint(straight / "latest.pt")
+    assert a["iteration"] == b["iteration"] == stopped_at + 7
+    assert params_equal(a["params"], b["params"])
+    assert torch.equal(a["generator"], b["generator"])
