@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +36,14 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fmaml.bench import SETTINGS, build, describe_device, make_step, torch_batchnorm_twin  # noqa: E402
+from fmaml.bench import (  # noqa: E402
+    SETTINGS,
+    build,
+    describe_device,
+    interleaved_rates,
+    make_step,
+    torch_batchnorm_twin,
+)
 
 
 def _pass(model, leaves, x, y) -> list:
@@ -98,15 +104,7 @@ def passes(problem, first_order: bool) -> dict:
 
 def rate(step, min_seconds: float, rounds: int) -> float:
     """Steps per second: the best of ``rounds`` means over at least ``min_seconds`` each."""
-    step()  # warm-up
-    best = 0.0
-    for _ in range(rounds):
-        count, begin = 0, time.perf_counter()
-        while count < 2 or time.perf_counter() - begin < min_seconds:
-            step()
-            count += 1
-        best = max(best, count / (time.perf_counter() - begin))
-    return best
+    return max(interleaved_rates({"step": step}, rounds, min_seconds)["step"])
 
 
 def main() -> None:

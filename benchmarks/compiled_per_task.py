@@ -30,7 +30,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.func import functional_call, grad  # noqa: E402
 
-from fmaml.bench import SETTINGS, build, describe_device, make_step, torch_batchnorm_twin  # noqa: E402
+from fmaml.bench import (  # noqa: E402
+    SETTINGS,
+    build,
+    describe_device,
+    interleaved_rates,
+    make_step,
+    torch_batchnorm_twin,
+)
 
 
 def task_meta_gradient(model, setting):
@@ -124,16 +131,7 @@ def main() -> None:
         steps["learn2learn"] = make_step("learn2learn", problem, False)
     except ImportError:
         print("learn2learn: not installed, skipped")
-    for step in steps.values():
-        step()
-    rates: dict[str, list[float]] = {label: [] for label in steps}
-    for _ in range(args.rounds):
-        for label, step in steps.items():
-            count, begin = 0, time.perf_counter()
-            while count < 2 or time.perf_counter() - begin < args.seconds:
-                step()
-                count += 1
-            rates[label].append(count / (time.perf_counter() - begin))
+    rates = interleaved_rates(steps, args.rounds, args.seconds)
     peer = max(rates["learn2learn"]) if "learn2learn" in rates else None
     for label, values in rates.items():
         versus = f"  {max(values) / peer:.2f}x learn2learn" if peer else ""

@@ -23,7 +23,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +32,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
-from fmaml.bench import SETTINGS, build, describe_device, make_step  # noqa: E402
+from fmaml.bench import (  # noqa: E402
+    SETTINGS,
+    build,
+    describe_device,
+    interleaved_rates,
+    make_step,
+)
 
 
 def two_phase_step(problem, workers: int):
@@ -118,16 +123,7 @@ def main() -> None:
                 steps[peer] = make_step(peer, problem, False)
             except ImportError:
                 print(f"  {peer}: not installed, skipped")
-        for step in steps.values():
-            step()  # warm-up
-        rates: dict[str, list[float]] = {label: [] for label in steps}
-        for _ in range(args.rounds):  # interleaved, so that a busy spell hits every one alike
-            for label, step in steps.items():
-                count, begin = 0, time.perf_counter()
-                while count < 2 or time.perf_counter() - begin < args.seconds:
-                    step()
-                    count += 1
-                rates[label].append(count / (time.perf_counter() - begin))
+        rates = interleaved_rates(steps, args.rounds, args.seconds)
         peers = [max(rates[p]) for p in ("learn2learn", "higher") if p in rates]
         for label, values in rates.items():
             versus = f"  {max(values) / max(peers):.2f}x the fastest peer" if peers else ""

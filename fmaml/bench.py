@@ -415,6 +415,27 @@ def time_steps(step: Callable, repeats: int, device: str, min_seconds: float = 1
     return times
 
 
+def interleaved_rates(
+    steps: Mapping[str, Callable[[], object]], rounds: int, seconds: float
+) -> dict[str, list[float]]:
+    """Steps per second of each ``steps[label]()`` in each of ``rounds`` rounds.
+
+    Every step is called once to warm up; then each round runs every step in turn (so that a
+    busy spell of the machine hits them alike) for at least ``seconds`` and 2 calls.
+    """
+    for step in steps.values():
+        step()
+    rates: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(rounds):
+        for label, step in steps.items():
+            count, begin = 0, time.perf_counter()
+            while count < 2 or time.perf_counter() - begin < seconds:
+                step()
+                count += 1
+            rates[label].append(count / (time.perf_counter() - begin))
+    return rates
+
+
 def _rss_peak_mb() -> float:
     """This process's peak resident memory (VmHWM: unlike ``ru_maxrss`` it is not inherited
     from the parent across ``fork``/``exec``)."""

@@ -119,3 +119,13 @@ def test_cli_bench_json_and_bad_options():
     )
     result = runner.invoke(main, ["bench", "--settings", "imagenet"])
     assert result.exit_code == 1 and "unknown settings ['imagenet']" in result.output
+
+
+def test_interleaved_rates_warm_up_once_then_time_every_step_each_round():
+    order = []
+    steps = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+    rates = bench.interleaved_rates(steps, rounds=3, seconds=0.0)
+    assert order[:2] == ["a", "b"]  # one warm-up call each
+    assert order[2:] == ["a", "a", "b", "b"] * 3  # rounds interleaved, at least 2 calls
+    assert {k: len(v) for k, v in rates.items()} == {"a": 3, "b": 3}
+    assert all(r > 0 for v in rates.values() for r in v)
