@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmaml.errors import ConfigError
 from fmaml.module import params_of, supervised_loss
 from fmaml.nn import BatchNorm, conv4, mlp
 from fmaml.objectives import meta_loss, task_loss
@@ -313,7 +314,7 @@ def make_step(
         return _learn2learn_step(problem, first_order)
     if impl == "higher":
         return _higher_step(problem, first_order)
-    raise ValueError(f"bench: unknown implementation {impl!r}; expected one of {list(IMPLS)}.")
+    raise ConfigError(f"bench: unknown implementation {impl!r}; expected one of {list(IMPLS)}.")
 
 
 def _compiled(chosen: Strategy) -> Strategy:
@@ -586,19 +587,19 @@ def run_bench(
     """
     unknown = sorted(set(names) - set(SETTINGS))
     if unknown:
-        raise ValueError(f"bench: unknown settings {unknown}; expected some of {list(SETTINGS)}.")
+        raise ConfigError(f"bench: unknown settings {unknown}; expected some of {list(SETTINGS)}.")
     if repeats < 1:
-        raise ValueError(f"bench: --repeats must be at least 1, got {repeats}.")
+        raise ConfigError(f"bench: --repeats must be at least 1, got {repeats}.")
     if rounds < 1:
-        raise ValueError(f"bench: --rounds must be at least 1, got {rounds}.")
+        raise ConfigError(f"bench: --rounds must be at least 1, got {rounds}.")
     bad_orders = sorted(set(orders) - set(ORDERS))
     if bad_orders:
-        raise ValueError(f"bench: unknown orders {bad_orders}; expected some of {list(ORDERS)}.")
+        raise ConfigError(f"bench: unknown orders {bad_orders}; expected some of {list(ORDERS)}.")
     impls = list(impls or DEFAULT_IMPLS)
     impls += [peer for peer in PEERS if compare and peer not in impls]
     bad_impls = sorted(set(impls) - set(IMPLS))
     if bad_impls:
-        raise ValueError(f"bench: unknown implementations {bad_impls}; expected {list(IMPLS)}.")
+        raise ConfigError(f"bench: unknown implementations {bad_impls}; expected {list(IMPLS)}.")
     runnable = []
     for impl in impls:
         why = peer_missing(impl)

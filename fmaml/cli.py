@@ -17,6 +17,7 @@ from fmaml.algorithms import ALGORITHMS
 from fmaml.checkpoint import CheckpointError, find_checkpoint
 from fmaml.config import DATASETS, PAPER_DEFAULTS, TrainConfig
 from fmaml.distributed import RankFailure
+from fmaml.errors import FmamlError, NonFiniteError
 
 DEFAULTS_HELP = "\n".join(
     f"  {ds:<13} {'' if ways is None else f'{ways}-way':<7} "
@@ -25,27 +26,43 @@ DEFAULTS_HELP = "\n".join(
 )
 
 
+DEBUG_ENV = "FMAML_DEBUG"
+"""Set (to anything but ``""`` or ``0``) to show the traceback of every error, as ``--debug``."""
+
+
 def friendly_errors(command):
-    """Turn the library's input errors into one clear message and exit status 1."""
+    """Print fmaml's errors for the user (:class:`fmaml.errors.FmamlError`: bad settings,
+    files or data, a diverged run, a full disk) as one message with exit status 1.
+
+    Every other exception is a bug in fmaml (or in torch) and keeps its traceback. With
+    ``fmaml --debug`` or ``$FMAML_DEBUG`` the user's errors keep theirs too.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (
-            ValueError,
-            CheckpointError,
-            FloatingPointError,
-            FileNotFoundError,
-            RankFailure,
-        ) as error:
+        except FmamlError as error:
+            if _debugging():
+                raise
             raise click.ClickException(str(error)) from None
 
     return wrapper
 
 
+def _debugging() -> bool:
+    context = click.get_current_context(silent=True)
+    flag = bool(context and context.find_root().params.get("debug"))
+    return flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-def main() -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    help=f"Show the traceback of every error, not only of fmaml's own bugs (also ${DEBUG_ENV}=1).",
+)
+def main(debug: bool) -> None:
     """fmaml: MAML-family meta-learning on torch.func."""
 
 
@@ -243,7 +260,7 @@ def train(
     lead = not distributed.launched_by_torchrun() or os.environ["RANK"] == "0"
     try:
         _train(out, resume, iterations, download, lead, options)
-    except (CheckpointError, FloatingPointError) as error:
+    except (CheckpointError, NonFiniteError) as error:
         # Every rank meets these alike (rank 0 read the folder and sent what it found; the
         # NaN check is on the all-reduced loss): rank 0 says why. Other errors, such as data
         # missing on one machine, are printed by every rank that meets them.

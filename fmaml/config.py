@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from fmaml.errors import ConfigError
+
 DATASETS = ("sinusoid", "omniglot", "miniimagenet", "folder")
 
 
@@ -66,7 +68,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"TrainConfig.from_dict(): unknown fields {unknown}; known: {sorted(known)}. "
                 "The checkpoint may come from a newer fmaml."
             )
@@ -191,7 +193,7 @@ PLAIN_FIXES = dict(
 def paper_defaults(dataset: str, ways: int | None) -> dict[str, Any]:
     """The MAML paper's setting for ``dataset`` with ``ways`` classes (5 if ``None``)."""
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {list(DATASETS)}.")
+        raise ConfigError(f"unknown dataset {dataset!r}; expected one of {list(DATASETS)}.")
     if dataset == "sinusoid":
         return dict(PAPER_DEFAULTS[("sinusoid", None)])
     ways = 5 if ways is None else ways
@@ -206,7 +208,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     none.
 
     Raises:
-        ValueError: for a non-positive size, rate or iteration count, naming the option.
+        ConfigError: (a ``ValueError``) for a non-positive size, rate or iteration count,
+            naming the option.
     """
     defaults = paper_defaults(config.dataset, config.ways)
     if config.algorithm == "mamlpp":
@@ -228,7 +231,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
 
 
 def check(config: TrainConfig) -> None:
-    """Raise ``ValueError`` naming the first option whose value cannot work."""
+    """Raise :class:`~fmaml.errors.ConfigError` naming the first option that cannot work."""
     positive_ints = (
         "ways",
         "shots",
@@ -245,27 +248,35 @@ def check(config: TrainConfig) -> None:
     for name in positive_ints:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be a positive integer, got {value!r}."
+            )
+    for name in ("image_size", "hidden"):
+        value = getattr(config, name)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ConfigError(
                 f"--{name.replace('_', '-')} must be a positive integer, got {value!r}."
             )
     for name in ("inner_lr", "outer_lr"):
         value = getattr(config, name)
         if not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value!r}.")
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value!r}.")
     for name in ("msl_epochs", "da_epochs"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be 0 (off) or more, got {value!r}.")
+            raise ConfigError(f"--{name.replace('_', '-')} must be 0 (off) or more, got {value!r}.")
     if config.loss_reduction not in ("sum_per_shot", "mean"):
-        raise ValueError(
+        raise ConfigError(
             f"loss_reduction must be 'sum_per_shot' or 'mean', got {config.loss_reduction!r}."
         )
     if config.bn_statistics not in ("batch", "support"):
-        raise ValueError(
+        raise ConfigError(
             f"--bn-statistics must be 'batch' or 'support', got {config.bn_statistics!r}."
         )
     if config.lslr and config.algorithm == "metasgd":
-        raise ValueError(
+        raise ConfigError(
             "--lslr (per-step, per-tensor rates) and --algorithm metasgd (per-element rates) "
             "both learn the inner rate; choose one."
         )
@@ -274,10 +285,13 @@ def check(config: TrainConfig) -> None:
     strategy_fields = {f.name for f in dataclasses.fields(Strategy)}
     unknown = sorted(set(config.strategy) - strategy_fields)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"strategy: unknown fields {unknown}; the fields of fmaml.Strategy are "
             f"{sorted(strategy_fields)}."
         )
-    Strategy(**config.strategy)  # raises ValueError naming the field
+    try:
+        Strategy(**config.strategy)
+    except ValueError as error:  # Strategy() names the field and the value it got
+        raise ConfigError(f"strategy: {error}") from None
     if config.dataset != "sinusoid" and config.ways < 2:
-        raise ValueError(f"--ways must be at least 2 for classification, got {config.ways}.")
+        raise ConfigError(f"--ways must be at least 2 for classification, got {config.ways}.")

@@ -38,11 +38,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fmaml.errors import FmamlError
+
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 """The variables ``torchrun`` sets for every worker; all of them mean "launched by torchrun"."""
 
 
-class RankFailure(RuntimeError):
+class RankFailure(FmamlError, RuntimeError):
     """A rank lost contact with the others (one died or was stopped) or was told to stop."""
 
 

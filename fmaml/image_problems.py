@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from fmaml.config import TrainConfig
+from fmaml.errors import ConfigError
 from fmaml.problems import EmptySplit, Problem, classification_problem, dtype_of, image_model
 from fmaml.tasks.images import EpisodeSampler, fixed_episodes, load_splits
 from fmaml.types import Task
@@ -24,7 +25,7 @@ def data_root(config: TrainConfig) -> Path:
     if config.data_root is not None:
         return Path(config.data_root)
     if config.dataset not in DEFAULT_ROOTS:
-        raise ValueError(
+        raise ConfigError(
             f"--data-root is required for --dataset {config.dataset}: pass the folder that "
             "holds one sub-folder of images per class."
         )
@@ -56,7 +57,7 @@ def image_problem(config: TrainConfig) -> Problem:
 
     def sampler(split: str) -> EpisodeSampler:
         if split not in splits:
-            raise EmptySplit(split)
+            raise EmptySplit(split, tuple(splits), config.split)
         if split not in samplers:
             samplers[split] = EpisodeSampler(
                 splits[split].to(device),
@@ -85,7 +86,7 @@ def image_problem(config: TrainConfig) -> Problem:
 
     model = image_model(config, in_channels=channels)
     problem = classification_problem(model, config.shots, sample, episodes, config.loss_reduction)
-    return dataclasses.replace(problem, data=describe_splits(splits, config))
+    return dataclasses.replace(problem, data=describe_splits(splits, config), splits=tuple(splits))
 
 
 def describe_splits(splits: dict, config: TrainConfig) -> str:

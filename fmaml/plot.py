@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fmaml.errors import InputError
+
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The rows of ``run_dir/metrics.jsonl``.
 
     Raises:
-        FileNotFoundError: no metrics file; says what a run folder holds.
+        InputError: no metrics file; says what a run folder holds.
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputError(
             f"plot: no metrics.jsonl in {run_dir}. Pass a run folder written by `fmaml train`."
         )
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -35,7 +37,10 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     train = [r for r in rows if r.get("split") == "train"]
     val = [r for r in rows if r.get("split") == "val"]
     if not train:
-        raise ValueError(f"plot: {run_dir}/metrics.jsonl holds no training rows yet.")
+        raise InputError(
+            f"plot: {run_dir}/metrics.jsonl holds no training rows yet. Plot the run once it "
+            "has logged its first training row."
+        )
     score = "accuracy" if "accuracy" in train[0] else "mse"
     scale = 100.0 if score == "accuracy" else 1.0
     fig, (ax_score, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))

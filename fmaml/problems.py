@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmaml.config import TrainConfig
+from fmaml.errors import ConfigError, InputError
 from fmaml.module import SupervisedLoss, accuracy, supervised_loss
 from fmaml.nn import conv4, mlp
 from fmaml.tasks.sinusoid import SinusoidTasks
@@ -24,8 +25,28 @@ SINUSOID_EVAL_QUERY = 100
 """Query points per sinusoid evaluation task: enough to measure the MSE of the whole curve."""
 
 
-class EmptySplit(LookupError):
-    """Raised by a problem's ``episodes`` for a split that holds no classes."""
+class EmptySplit(InputError, LookupError):
+    """Raised by a problem's ``episodes`` for a split that holds no classes.
+
+    Args:
+        split: the split asked for (``"val"``, say).
+        available: the splits the data does have.
+        rule: how the classes were split (``--split``), for the message.
+    """
+
+    def __init__(self, split: str, available: tuple[str, ...] = (), rule: str | None = None):
+        self.split, self.available, self.rule = split, tuple(available), rule
+        others = [name for name in self.available if name not in ("train", split)]
+        instead = f"Evaluate on --split {others[0]}, or train" if others else "Train"
+        super().__init__(
+            f"the data has no {split!r} split: its classes were split into "
+            f"{', '.join(self.available) or 'nothing'} (--split {rule or 'default'}). "
+            f"{instead} with a --split that gives {split!r} a share, e.g. "
+            "alphabet:0.7,0.1,0.2 (see README, Data)."
+        )
+
+    def __reduce__(self):  # keep the arguments when pickled (e.g. sent between ranks)
+        return (type(self), (self.split, self.available, self.rule))
 
 
 @dataclass
@@ -46,6 +67,7 @@ class Problem:
             Task``: fixed evaluation episodes, the same for the same seed, in chunks of at most
             ``chunk`` tasks; with ``shard=(start, stop)`` only episodes ``start:stop``.
         data: one line saying which classes each split holds ("" where there are none).
+        splits: the splits that hold tasks (``episodes`` raises :class:`EmptySplit` for others).
     """
 
     model: nn.Module
@@ -56,13 +78,14 @@ class Problem:
     sample: Callable[..., Task]
     episodes: Callable[..., Iterator[Task]]
     data: str = ""
+    splits: tuple[str, ...] = ("train", "val", "test")
 
 
 def dtype_of(config: TrainConfig) -> torch.dtype:
     try:
         return {"float32": torch.float32, "float64": torch.float64}[config.dtype]
     except KeyError:
-        raise ValueError(f"--dtype must be float32 or float64, got {config.dtype!r}.") from None
+        raise ConfigError(f"--dtype must be float32 or float64, got {config.dtype!r}.") from None
 
 
 def build_problem(config: TrainConfig) -> Problem:

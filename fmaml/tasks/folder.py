@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fmaml.errors import ConfigError
 from fmaml.tasks.cache import cached_images
 from fmaml.tasks.images import IMAGE_EXTENSIONS, ClassImages, DataError, decode_images
 
@@ -51,9 +52,9 @@ def load_folder(
     """
     where = "load_folder()"
     if channels not in (1, 3):
-        raise ValueError(f"{where}: `channels` must be 1 (grey) or 3 (RGB), got {channels!r}.")
+        raise ConfigError(f"{where}: `channels` must be 1 (grey) or 3 (RGB), got {channels!r}.")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"{where}: `image_size` must be a positive int, got {image_size!r}.")
+        raise ConfigError(f"{where}: `image_size` must be a positive int, got {image_size!r}.")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(

@@ -25,6 +25,7 @@ from urllib.request import url2pathname
 import numpy as np
 import torch
 
+from fmaml.errors import ConfigError
 from fmaml.tasks.cache import cached_images
 from fmaml.tasks.images import (
     IMAGE_EXTENSIONS,
@@ -436,7 +437,7 @@ def split_omniglot(
         except ValueError:
             val_fraction = -1.0
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: 'alphabet:V' takes a validation proportion 0 <= V < 1, got "
                 f"{split!r}. Write e.g. 'alphabet:0.15', or 'alphabet:T,V,E' for proportions "
                 "of all alphabets."
@@ -447,7 +448,7 @@ def split_omniglot(
         if kind == "alphabet":
             return split_groups(data, fractions, generator)
         return split_classes(data, fractions, generator)
-    raise ValueError(
+    raise ConfigError(
         f"{where}: unknown split {split!r}. Use 'maml', 'alphabet', 'alphabet:V', "
         "'alphabet:T,V,E' or 'character:T,V,E' (e.g. 'alphabet:0.75,0,0.25')."
     )

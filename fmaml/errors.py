@@ -1,0 +1,36 @@
+"""The errors fmaml raises for things the user can fix: each message is complete on its own.
+
+Every error here says what was expected, what was found and what to do, so the command line
+prints it as one line (``fmaml --debug ...`` or ``FMAML_DEBUG=1`` adds the traceback). Any
+other exception that reaches the command line is a bug in fmaml and keeps its traceback.
+
+Each class also derives from the built-in error a caller would catch without knowing fmaml
+(:class:`ValueError` for bad input, :class:`OSError` for a failed write,
+:class:`FloatingPointError` for a diverged run), so ``except ValueError`` keeps working.
+
+This module imports nothing: every other module may use it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "FmamlError", "InputError", "NonFiniteError", "WriteError"]
+
+
+class FmamlError(Exception):
+    """Base of the errors whose message tells the user what to do (no traceback needed)."""
+
+
+class InputError(FmamlError, ValueError):
+    """Settings, files or data that fmaml can't use as they are."""
+
+
+class ConfigError(InputError):
+    """A training or evaluation setting that can't work; the message names the option."""
+
+
+class WriteError(FmamlError, OSError):
+    """A file could not be written (a full disk, a read-only folder); nothing older was lost."""
+
+
+class NonFiniteError(FmamlError, FloatingPointError):
+    """Training met a NaN or infinite meta-loss or meta-gradient; the step was not taken."""

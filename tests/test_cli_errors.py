@@ -1,0 +1,129 @@
+"""Which errors the command line prints as one line, and which keep their traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest_images import isolated_cache, make_folder
+
+import fmaml.train as train_module
+from fmaml.checkpoint import CheckpointError
+from fmaml.cli import main
+from fmaml.errors import ConfigError, FmamlError, InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+_ = isolated_cache
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(isolated_cache):
+    return isolated_cache
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+@pytest.fixture
+def run_without_validation(tmp_path):
+    make_folder(tmp_path / "images", {f"c{i}": 3 for i in range(6)})
+    run = tmp_path / "run"
+    result = invoke(
+        "train", "--dataset", "folder", "--data-root", tmp_path / "images",
+        "--split", "0.67,0,0.33", "--ways", "2", "--shots", "1", "--query", "1",
+        "--meta-batch", "2", "--image-size", "8", "--hidden", "4", "--iterations", "2",
+        "--out", run,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_testing_a_split_the_run_does_not_have_says_which_it_has(run_without_validation):
+    result = invoke("test", "--checkpoint", run_without_validation, "--split", "val")
+    assert result.exit_code == 1
+    assert (
+        "the data has no 'val' split: its classes were split into train, test "
+        "(--split 0.67,0,0.33). Evaluate on --split test, or train with a --split that gives "
+        "'val' a share"
+    ) in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--split", "0.5,0.5"], "expected three non-negative proportions 'train,val,test'"),
+        (["--split", "0,0.5,0.5"], "leaves the train split empty. Give train a larger"),
+        (["--image-size", "0"], "--image-size must be a positive integer, got 0"),
+    ],
+)
+def test_bad_settings_are_one_line(tmp_path, args, message):
+    make_folder(tmp_path / "images", {f"c{i}": 3 for i in range(6)})
+    result = invoke(
+        "train", "--dataset", "folder", "--data-root", tmp_path / "images", "--ways", "2",
+        "--shots", "1", "--query", "1", "--out", tmp_path / "run", *args,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_plot_without_metrics_is_one_line(tmp_path):
+    result = invoke("plot", tmp_path)
+    assert result.exit_code == 1
+    assert "no metrics.jsonl in" in result.output and "Traceback" not in result.output
+
+
+def test_a_bug_in_fmaml_keeps_its_traceback(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(train_module, "meta_step", broken)
+    result = invoke("train", "--dataset", "sinusoid", "--hidden", "4", "--out", tmp_path / "r")
+    assert result.exit_code == 1
+    assert isinstance(result.exception, ValueError)  # not turned into a one-line message
+    assert not isinstance(result.exception, FmamlError)
+    assert "an internal inconsistency" in str(result.exception)
+
+
+def test_a_bug_prints_a_traceback_from_a_real_process(tmp_path):
+    """A ValueError that is not fmaml's input error reaches the terminal with its trace."""
+    code = (
+        "import sys, fmaml.train as t\n"
+        "def broken(*a, **k): raise ValueError('an internal inconsistency')\n"
+        "t.meta_step = broken\n"
+        "from fmaml.cli import main\n"
+        "sys.argv = ['fmaml', 'train', '--dataset', 'sinusoid', '--hidden', '4', '--out', "
+        f"{str(tmp_path / 'r')!r}]\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr
+    assert "ValueError: an internal inconsistency" in done.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_debug_shows_the_traceback_of_user_errors_too(tmp_path, how):
+    args = ["test", "--checkpoint", tmp_path / "missing.pt"]
+    plain = invoke(*args)
+    assert plain.exit_code == 1 and "does not exist" in plain.output
+    assert isinstance(plain.exception, SystemExit)
+    if how == "flag":
+        result = invoke("--debug", *args)
+    else:
+        result = invoke(*args, env={"FMAML_DEBUG": "1"})
+    assert result.exit_code == 1
+    assert isinstance(result.exception, CheckpointError)
+    assert invoke(*args, env={"FMAML_DEBUG": "0"}).exception.__class__ is SystemExit
+
+
+def test_the_error_classes_keep_their_builtin_bases():
+    """Code that catches ValueError keeps working: fmaml's input errors are ValueErrors."""
+    assert issubclass(ConfigError, InputError) and issubclass(InputError, ValueError)
+    assert issubclass(CheckpointError, InputError)
