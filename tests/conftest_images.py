@@ -29,6 +29,22 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     return folder
 
 
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every file and folder below ``folder`` (hidden ones too): its kind, mode, size, mtime
+    and content hash, to assert that something left a folder byte-for-byte unchanged."""
+    found = {}
+    for path in sorted(Path(folder).rglob("*")):
+        info = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        found[path.relative_to(folder).as_posix()] = (
+            info.st_mode,
+            info.st_size if path.is_file() else None,
+            info.st_mtime_ns,
+            digest,
+        )
+    return found
+
+
 def glyph(seed: int, size: int = 16) -> np.ndarray:
     """A random black-on-white 1-bit drawing: ``[size, size]`` bool, True = white paper."""
     rng = np.random.default_rng(seed)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import doctest
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest_images import coded_images, isolated_cache, make_folder, rows_of
+from conftest_images import coded_images, isolated_cache, make_folder, rows_of, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -279,18 +282,29 @@ def decoder(monkeypatch):
     return counting
 
 
-def test_second_load_reads_the_cache_next_to_the_data(tmp_path, decoder, isolated_cache):
+def test_second_load_reads_the_user_cache_and_leaves_the_data_alone(
+    tmp_path, decoder, isolated_cache
+):
     make_folder(tmp_path / "data", {"a": 3, "b": 2})
+    before = snapshot(tmp_path / "data")
     first = load_folder(tmp_path / "data", image_size=8)
     assert decoder.calls == 5
     second = load_folder(tmp_path / "data", image_size=8)
     assert decoder.calls == 5  # nothing decoded the second time
     assert torch.equal(first.images, second.images)
     assert torch.equal(first.labels, second.labels)
-    cached = list((tmp_path / "data").glob(".fmaml-cache-folder-8x8-RGB-*.npz"))
-    assert len(cached) == 1
-    assert not list(isolated_cache.iterdir())  # the user cache is not needed
-    assert not list((tmp_path / "data").glob(".fmaml-tmp-*"))  # no temporary file left
+    assert len(list(isolated_cache.glob("folder-8x8-RGB-*.npz"))) == 1
+    assert not list(isolated_cache.glob(".fmaml-tmp-*"))  # no temporary file left
+    assert snapshot(tmp_path / "data") == before  # the writable data folder is untouched
+
+
+def test_the_cache_follows_the_data_folders_path(tmp_path, decoder, isolated_cache):
+    make_folder(tmp_path / "one", {"a": 2, "b": 2})
+    make_folder(tmp_path / "two", {"a": 2, "b": 2})
+    load_folder(tmp_path / "one", image_size=8)
+    load_folder(tmp_path / "two", image_size=8)
+    assert decoder.calls == 8  # same names, sizes and maybe times: still two sources
+    assert len(list(isolated_cache.glob("folder-8x8-RGB-*.npz"))) == 2
 
 
 def test_another_size_is_another_cache(tmp_path, decoder):
@@ -303,7 +317,7 @@ def test_another_size_is_another_cache(tmp_path, decoder):
     assert decoder.calls == 8
 
 
-def test_changed_source_rebuilds_the_cache(tmp_path, decoder):
+def test_changed_source_rebuilds_the_cache(tmp_path, decoder, isolated_cache):
     files = make_folder(tmp_path, {"a": 2, "b": 2})
     before = load_folder(tmp_path, image_size=8)
     Image.new("RGB", (12, 12), (255, 0, 0)).save(files[0])
@@ -314,7 +328,7 @@ def test_changed_source_rebuilds_the_cache(tmp_path, decoder):
     assert not torch.equal(before.images[0], after.images[0])
     assert after.images[0, :, 4, 4].tolist() == [255, 0, 0]
     # the stale cache of the same source and size was replaced, not kept beside the new one
-    assert len(list(tmp_path.glob(".fmaml-cache-folder-8x8-RGB-*.npz"))) == 1
+    assert len(list(isolated_cache.glob("folder-8x8-RGB-*.npz"))) == 1
 
 
 def test_a_same_size_edit_rebuilds_the_cache(tmp_path, decoder):
@@ -341,19 +355,20 @@ def test_read_only_data_is_cached_in_the_user_cache(tmp_path, decoder, isolated_
     make_folder(tmp_path / "data", {"a": 2, "b": 2})
     (tmp_path / "data").chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
     try:
+        before = snapshot(tmp_path / "data")
         load_folder(tmp_path / "data", image_size=8)
         load_folder(tmp_path / "data", image_size=8)
-        assert not list((tmp_path / "data").glob(".fmaml-*"))
+        assert snapshot(tmp_path / "data") == before
     finally:
         (tmp_path / "data").chmod(0o755)
     assert decoder.calls == 4
     assert len(list(isolated_cache.glob("folder-8x8-RGB-*.npz"))) == 1
 
 
-def test_a_corrupt_cache_is_rebuilt(tmp_path, decoder):
+def test_a_corrupt_cache_is_rebuilt(tmp_path, decoder, isolated_cache):
     make_folder(tmp_path, {"a": 2, "b": 2})
     load_folder(tmp_path, image_size=8)
-    (cached,) = tmp_path.glob(".fmaml-cache-*.npz")
+    (cached,) = isolated_cache.glob("folder-*.npz")
     cached.write_bytes(b"not a zip")
     assert load_folder(tmp_path, image_size=8).image_shape == (3, 8, 8)
     assert decoder.calls == 8
@@ -363,34 +378,80 @@ def test_a_corrupt_cache_is_rebuilt(tmp_path, decoder):
 
 def test_cache_false_writes_nothing(tmp_path, decoder, isolated_cache):
     make_folder(tmp_path, {"a": 2, "b": 2})
+    before = snapshot(tmp_path)
     load_folder(tmp_path, image_size=8, cache=False)
     load_folder(tmp_path, image_size=8, cache=False)
     assert decoder.calls == 8
-    assert not list(tmp_path.glob(".fmaml-*")) and not list(isolated_cache.iterdir())
+    assert snapshot(tmp_path) == before and not list(isolated_cache.iterdir())
 
 
-def test_unwritable_cache_everywhere_is_a_clear_error(tmp_path, monkeypatch):
+def test_an_unwritable_cache_folder_is_a_clear_error(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("FMAML_CACHE", str(blocker / "cache"))
-    source = tmp_path / "ro"
+    source = tmp_path / "data"
     source.mkdir()
     (source / "x.bin").write_bytes(b"1")
-    source.chmod(0o555)
-    try:
-        with pytest.raises(DataError, match=r"could not write the image cache.*Set FMAML_CACHE"):
-            cached_images(
-                "demo", source, [source / "x.bin"], "s", lambda: np.zeros((1, 1, 1, 1), np.uint8)
-            )
-    finally:
-        source.chmod(0o755)
+    with pytest.raises(DataError, match=r"could not write the image cache.*Set FMAML_CACHE"):
+        cached_images(
+            "demo", source, [source / "x.bin"], "s", lambda: np.zeros((1, 1, 1, 1), np.uint8)
+        )
+    assert [p.name for p in source.iterdir()] == ["x.bin"]  # nothing fell back into the data
+
+
+_BUILDER = """
+import sys, time
+import numpy as np
+from fmaml.tasks.cache import cached_images
+
+source, barrier = sys.argv[1], sys.argv[2]
+def build():
+    open(f"{barrier}.{sys.argv[3]}", "w").close()
+    deadline = time.time() + 20
+    while len(__import__("glob").glob(f"{barrier}.*")) < 2 and time.time() < deadline:
+        time.sleep(0.01)  # both processes are building now
+    return np.full((1, 1, 64, 64), 7, np.uint8)
+
+images = cached_images("race", source, [f"{source}/x.bin"], "s", build)
+print(int(images.sum()))
+"""
+
+
+def test_two_processes_building_the_same_cache_both_end_with_a_valid_file(tmp_path, isolated_cache):
+    source = tmp_path / "data"
+    source.mkdir()
+    (source / "x.bin").write_bytes(b"1")
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BUILDER, str(source), str(tmp_path / "building"), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == [str(64 * 64 * 7)] * 2
+    (cached,) = isolated_cache.glob("race-*.npz")  # one file, whole, and no temporary left
+    assert not list(isolated_cache.glob(".fmaml-tmp-*"))
+    with np.load(cached, allow_pickle=False) as stored:
+        assert stored["images"].shape == (1, 1, 64, 64)
+    built = []
+    again = cached_images("race", source, [source / "x.bin"], "s", lambda: built.append(1))
+    assert not built and int(again.sum()) == 64 * 64 * 7  # read back, not rebuilt
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FMAML_CACHE", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_module.cache_dir() == tmp_path
     monkeypatch.delenv("FMAML_CACHE")
+    assert cache_module.cache_dir() == tmp_path / "xdg" / "fmaml"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # ignored, as the XDG spec says
     assert cache_module.cache_dir().parts[-2:] == (".cache", "fmaml")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_module.cache_dir() == Path.home() / ".cache" / "fmaml"
 
 
 def test_source_key_names_a_missing_file(tmp_path):

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest_images import isolated_cache
+from conftest_images import isolated_cache, snapshot
 from PIL import Image
 
 import fmaml.tasks.images as images_module
@@ -79,8 +79,9 @@ def test_csv_layout(tmp_path):
     assert small.images.shape == (8, 3, 10, 10)
 
 
-def test_csv_layout_is_decoded_once(tmp_path, monkeypatch):
+def test_csv_layout_is_decoded_once(tmp_path, monkeypatch, isolated_cache):
     write_csv_layout(tmp_path, per_class=2)
+    before = snapshot(tmp_path)
     calls = []
     real = images_module.decode_image
     monkeypatch.setattr(images_module, "decode_image", lambda *a: calls.append(a[0]) or real(*a))
@@ -89,7 +90,8 @@ def test_csv_layout_is_decoded_once(tmp_path, monkeypatch):
     second = load_miniimagenet_splits(tmp_path, image_size=16)
     assert len(calls) == 14
     assert all(torch.equal(first[k].images, second[k].images) for k in first)
-    assert len(list(tmp_path.glob(".fmaml-cache-miniimagenet-*-16x16-RGB-*.npz"))) == 3
+    assert len(list(isolated_cache.glob("miniimagenet-*-16x16-RGB-*.npz"))) == 3
+    assert snapshot(tmp_path) == before  # nothing written next to the data
 
 
 def test_pickle_layout(tmp_path):
@@ -210,7 +212,7 @@ def test_truncated_pickle(tmp_path):
     write_pickle_layout(tmp_path)
     path = tmp_path / "mini-imagenet-cache-val.pkl"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(DataError, match=r"could not unpickle '.*val\.pkl' .*download it again"):
+    with pytest.raises(DataError, match=r"could not read '.*val\.pkl' .*download it again"):
         load_miniimagenet(tmp_path, "val")
 
 

@@ -4,20 +4,19 @@ Decoding and resizing thousands of image files takes seconds to minutes; the res
 single uint8 array. :func:`cached_images` stores it in an ``.npz`` file and loads that file on
 the next run, as long as the source is unchanged.
 
-Where the file goes:
-
-1. next to the data, as a hidden file ``<root>/.fmaml-cache-<name>-<settings>-<key>.npz``,
-   when ``root`` is writable; a folder whose permission bits allow no writing (like the
-   read-only shared data) counts as not writable, even for root;
-2. otherwise in the user cache folder: ``$FMAML_CACHE`` if set, else ``~/.cache/fmaml``, as
-   ``<name>-<settings>-<hash of root's path>-<key>.npz``.
+The user's data folders are read-only to fmaml: nothing is ever written next to the data.
+The file goes to the user cache folder, :func:`cache_dir`: ``$FMAML_CACHE`` if set, else
+``$XDG_CACHE_HOME/fmaml``, else ``~/.cache/fmaml``, as
+``<name>-<settings>-<hash of root's absolute path>-<key>.npz``.
 
 The key is a hash of the relative path, size and modification time of every source file, in
 order, plus ``name`` and ``settings``: change, add, remove or reorder a file and the key
 changes, so a stale cache is never read; it is rebuilt, and the stale file for the same
-source and settings is deleted. Files are written atomically (a temporary file in the same
-folder, then ``os.replace``), so an interrupted run never leaves a half-written cache. A cache
-file that can't be read is rebuilt.
+source and settings is deleted. Files are written atomically (a uniquely named temporary file
+in the same folder, then ``os.replace``), so an interrupted run never leaves a half-written
+cache, and two processes that build the same cache at once (jobs of a cluster sharing a home
+folder) both end with a valid file: whichever replaces last, the file is whole. A cache file
+that can't be read is rebuilt.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import hashlib
 import json
 import os
 import secrets
-import stat
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,16 +36,20 @@ from fmaml.tasks.images import DataError
 __all__ = ["CACHE_ENV", "cache_dir", "cached_images", "source_key"]
 
 CACHE_ENV = "FMAML_CACHE"
-"""Environment variable naming the user cache folder (default ``~/.cache/fmaml``)."""
+"""Environment variable naming the user cache folder (see :func:`cache_dir`)."""
 
 _FORMAT = 1  # bump when the layout of cached arrays changes
 
 
 def cache_dir() -> Path:
-    """The user cache folder: ``$FMAML_CACHE`` if set and not empty, else ``~/.cache/fmaml``."""
+    """The user cache folder: ``$FMAML_CACHE``, else ``$XDG_CACHE_HOME/fmaml``, else
+    ``~/.cache/fmaml`` (empty variables count as unset)."""
     configured = os.environ.get(CACHE_ENV)
     if configured:
         return Path(configured).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():  # the XDG spec ignores relative paths
+        return Path(xdg) / "fmaml"
     return Path.home() / ".cache" / "fmaml"
 
 
@@ -77,23 +79,6 @@ def source_key(
             name = path.as_posix()
         digest.update(json.dumps([name, info.st_size, info.st_mtime_ns]).encode())
     return digest.hexdigest()
-
-
-def _writable(folder: Path) -> bool:
-    """Whether to write into ``folder``: allowed by access rights *and* by its permission bits.
-
-    Root may write anywhere, but a folder marked read-only (no ``w`` bit at all) is meant to
-    stay untouched, so it is treated as read-only.
-    """
-    try:
-        mode = folder.stat().st_mode
-    except OSError:
-        return False
-    return (
-        stat.S_ISDIR(mode)
-        and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-        and os.access(folder, os.W_OK)
-    )
 
 
 def _read(path: Path, key: str, num_images: int) -> np.ndarray | None:
@@ -146,8 +131,8 @@ def cached_images(
 ) -> np.ndarray:
     """The images ``build()`` returns for ``files``, from the cache when it is up to date.
 
-    On a hit nothing is decoded. On a miss ``build()`` runs and its result is written (see the
-    module docstring for where).
+    On a hit nothing is decoded. On a miss ``build()`` runs and its result is written to the
+    user cache folder (:func:`cache_dir`); nothing is written into ``root``.
 
     Args:
         name: the dataset, e.g. ``"omniglot"``; letters, digits, ``-`` and ``_`` only.
@@ -161,35 +146,26 @@ def cached_images(
         ``[len(files), C, H, W]`` uint8 array.
 
     Raises:
-        DataError: a source file is missing; or the cache can be written neither next to the
-            data nor in the user cache folder.
+        DataError: a source file is missing, or the cache folder can't be written.
     """
     if not enabled:
         return build()
     root = Path(root)
     key = source_key(root, files, settings)
-    local_prefix = f".fmaml-cache-{name}-{settings}-"
-    local = root / f"{local_prefix}{key[:16]}.npz"
     place = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:12]
-    user_prefix = f"{name}-{settings}-{place}-"
-    user = cache_dir() / f"{user_prefix}{key[:16]}.npz"
-    for candidate in (local, user):
-        images = _read(candidate, key, len(files))
-        if images is not None:
-            return images
-    images = build()
-    targets = [(local, local_prefix)] if _writable(root) else []
-    targets.append((user, user_prefix))
-    errors = []
-    for path, prefix in targets:
-        try:
-            _write(path, key, images)
-        except OSError as error:
-            errors.append(f"{path.parent}: {error}")
-            continue
-        _remove_stale(path.parent, prefix, keep=path)
+    prefix = f"{name}-{settings}-{place}-"
+    path = cache_dir() / f"{prefix}{key[:16]}.npz"
+    images = _read(path, key, len(files))
+    if images is not None:
         return images
-    raise DataError(
-        f"cached_images(): could not write the image cache for {name!r} ({'; '.join(errors)}). "
-        f"Set {CACHE_ENV} to a writable folder, or pass cache=False."
-    )
+    images = build()
+    try:
+        _write(path, key, images)
+    except OSError as error:
+        raise DataError(
+            f"cached_images(): could not write the image cache for {name!r} in "
+            f"{os.fspath(path.parent)!r} ({error.strerror or error}). Set {CACHE_ENV} to a "
+            "writable folder, or pass cache=False."
+        ) from error
+    _remove_stale(path.parent, prefix, keep=path)
+    return images

@@ -25,10 +25,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fmaml.errors import ConfigError, InputError
 from fmaml.types import Task
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "SPLIT_NAMES",
     "ClassImages",
     "DataError",
@@ -38,6 +40,7 @@ __all__ = [
     "decode_images",
     "fixed_episodes",
     "load_splits",
+    "max_image_pixels",
     "parse_fractions",
     "split_classes",
     "split_groups",
@@ -61,8 +64,38 @@ IMAGE_EXTENSIONS = (
 """File endings (compared case-insensitively) that the loaders read as images."""
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Data on disk (or in memory) that can't be used as it is: the message says what to do."""
+
+
+MAX_IMAGE_PIXELS_ENV = "FMAML_MAX_IMAGE_PIXELS"
+"""Environment variable that overrides :data:`MAX_IMAGE_PIXELS`."""
+
+MAX_IMAGE_PIXELS = 64_000_000
+"""The largest image (width x height) the loaders decode: 8,000 x 8,000 pixels.
+
+A small compressed file can claim a huge image (a decompression bomb: a 100 kB PNG may
+decode to gigabytes). The loaders read each image's size from its header first and refuse
+larger ones; ``$FMAML_MAX_IMAGE_PIXELS`` sets another limit. Few-shot datasets are far below
+it (Omniglot 105 x 105, ImageNet photos a few megapixels).
+"""
+
+
+def max_image_pixels() -> int:
+    """The pixel limit in force: ``$FMAML_MAX_IMAGE_PIXELS`` if set, else the default.
+
+    Raises:
+        DataError: the variable is set to something other than a positive integer.
+    """
+    configured = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not configured:
+        return MAX_IMAGE_PIXELS
+    if not configured.isdigit() or int(configured) < 1:
+        raise DataError(
+            f"${MAX_IMAGE_PIXELS_ENV} must be a positive number of pixels, got "
+            f"{configured!r}. Unset it for the default ({MAX_IMAGE_PIXELS:,})."
+        )
+    return int(configured)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,11 +273,20 @@ def decode_image(path: str | os.PathLike[str], size: int, mode: str) -> np.ndarr
         ``[size, size]`` (mode ``"L"``) or ``[size, size, 3]`` (mode ``"RGB"``) uint8 array.
 
     Raises:
-        DataError: the file is missing, unreadable, truncated or not an image; the message
-            names the file.
+        DataError: the file is missing, unreadable, truncated or not an image, or larger than
+            :func:`max_image_pixels` (a decompression bomb); the message names the file.
     """
+    limit = max_image_pixels()
     try:
         with Image.open(path) as opened:
+            width, height = opened.size  # from the header: nothing is decoded yet
+            if width * height > limit:
+                raise DataError(
+                    f"decode_image(): refused the image {os.fspath(path)!r}: it is {width} x "
+                    f"{height} = {width * height:,} pixels, more than the limit of {limit:,} "
+                    "(a file this large may be a decompression bomb). Shrink the image, or "
+                    f"raise the limit with ${MAX_IMAGE_PIXELS_ENV}."
+                )
             opened.load()
             image = opened
             if image.mode in ("P", "PA"):
@@ -254,7 +296,23 @@ def decode_image(path: str | os.PathLike[str], size: int, mode: str) -> np.ndarr
                 image = image.convert(mode)
             image = image.resize((size, size), Image.Resampling.LANCZOS)
             return np.asarray(image, dtype=np.uint8).copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # PIL's own, larger limit, met while reading the header (a warning where warnings
+        # are errors): refused alike
+        raise DataError(
+            f"decode_image(): refused the image {os.fspath(path)!r}: {error} (fmaml's limit "
+            f"is {limit:,} pixels). Shrink the image, or raise the limit with "
+            f"${MAX_IMAGE_PIXELS_ENV}."
+        ) from None
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        UserWarning,  # PIL warns of damaged metadata; raised only where warnings are errors
+    ) as error:
         raise DataError(
             f"decode_image(): could not read the image {os.fspath(path)!r} ({error}). "
             "The file is unreadable, truncated or not an image: replace it or delete it."
@@ -315,7 +373,8 @@ def parse_fractions(text: str, *, where: str = "parse_fractions()") -> tuple[flo
         ``(train, val, test)`` as floats.
 
     Raises:
-        ValueError: not three numbers, a negative one, or a sum other than 1.
+        ConfigError: (a ``ValueError``) not three numbers, a negative one, or a sum other
+            than 1.
 
     Example:
         >>> parse_fractions("0.75,0,0.25")
@@ -327,12 +386,12 @@ def parse_fractions(text: str, *, where: str = "parse_fractions()") -> tuple[flo
     except ValueError:
         values = ()
     if len(values) != 3 or any(not math.isfinite(v) or v < 0 for v in values):
-        raise ValueError(
+        raise ConfigError(
             f"{where}: expected three non-negative proportions 'train,val,test' such as "
             f"'0.7,0.1,0.2', got {text!r}."
         )
     if abs(sum(values) - 1.0) > 1e-6:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: the proportions {text!r} sum to {sum(values):g}, not 1. "
             "Rescale them, e.g. '0.7,0.1,0.2'."
         )
@@ -352,7 +411,7 @@ def _split_counts(num_items: int, fractions: Sequence[float]) -> list[int]:
 
 def _check_fractions(fractions: Sequence[float], where: str) -> tuple[float, float, float]:
     if len(fractions) != 3:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: expected three proportions (train, val, test), got {tuple(fractions)}."
         )
     return parse_fractions(",".join(repr(float(f)) for f in fractions), where=where)
@@ -529,7 +588,7 @@ class EpisodeSpec(NamedTuple):
 
 def _positive_int(value: object, name: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: `{name}` must be a positive int, got {value!r}.")
+        raise ConfigError(f"{where}: `{name}` must be a positive int, got {value!r}.")
     return value
 
 
@@ -849,16 +908,16 @@ def load_splits(
     """
     where = "load_splits()"
     if dataset not in DATASETS:
-        raise ValueError(f"{where}: unknown dataset {dataset!r}; choose one of {DATASETS}.")
+        raise ConfigError(f"{where}: unknown dataset {dataset!r}; choose one of {DATASETS}.")
     if image_size is not None:
         _positive_int(image_size, "image_size", where)
     if channels is not None and dataset != "folder":
-        raise ValueError(
+        raise ConfigError(
             f"{where}: `channels` applies to dataset='folder' only ({dataset} has fixed "
             "channels). Leave it unset."
         )
     if download and dataset != "omniglot":
-        raise ValueError(
+        raise ConfigError(
             f"{where}: download=True is only possible for omniglot; {dataset} must be put in "
             f"{os.fspath(data_root)!r} by hand (see the README)."
         )
@@ -871,7 +930,7 @@ def load_splits(
         from fmaml.tasks.miniimagenet import load_miniimagenet_splits
 
         if split not in (None, "ravi"):
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: miniimagenet has one split, 'ravi' (its train/val/test files), got "
                 f"{split!r}. Leave --split unset."
             )

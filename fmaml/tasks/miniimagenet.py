@@ -8,7 +8,10 @@ Two layouts are read, detected per split:
   (:mod:`fmaml.tasks.cache`).
 * pickle: ``<root>/mini-imagenet-cache-{train,val,test}.pkl``, each a dict with
   ``"image_data"``: uint8 ``[N, 84, 84, 3]`` and ``"class_dict"``: ``{label: [row, ...]}``.
-  Pickles can run code when loaded: only load files from a source you trust.
+  A pickle can name any Python function for the loader to call, so these files are read by
+  :func:`fmaml.tasks.safe_pickle.read_array_pickle`, which builds only plain containers,
+  strings, numbers and numeric numpy arrays and refuses anything else before it is called: a
+  crafted file can't run code.
 
 Either way the result is uint8 ``[N, 3, image_size, image_size]``; classes are sorted by label.
 The data can't be downloaded automatically.
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from PIL import Image
 
 from fmaml.tasks.cache import cached_images
 from fmaml.tasks.images import SPLIT_NAMES, ClassImages, DataError, decode_images
+from fmaml.tasks.safe_pickle import read_array_pickle
 
 __all__ = ["load_miniimagenet", "load_miniimagenet_splits"]
 
@@ -113,23 +116,7 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 def _from_pickle(path: Path, image_size: int) -> ClassImages:
     where = "load_miniimagenet()"
-    try:
-        with path.open("rb") as stream:
-            stored = pickle.load(stream, encoding="latin1")
-    except (
-        OSError,
-        EOFError,
-        pickle.UnpicklingError,
-        AttributeError,
-        ImportError,
-        IndexError,
-        TypeError,
-        ValueError,
-    ) as error:
-        raise DataError(
-            f"{where}: could not unpickle {os.fspath(path)!r} ({type(error).__name__}: "
-            f"{error}). The file is truncated or not a mini-ImageNet pickle: download it again."
-        ) from error
+    stored = read_array_pickle(path, where=where)
     found = sorted(map(str, stored)) if isinstance(stored, Mapping) else type(stored).__name__
     if not isinstance(stored, Mapping) or not {"image_data", "class_dict"} <= set(stored):
         raise DataError(
