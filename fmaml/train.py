@@ -34,6 +34,7 @@ from fmaml.checkpoint import (
 )
 from fmaml.config import TrainConfig, resolve
 from fmaml.distributed import RankFailure, Ranks
+from fmaml.errors import ConfigError, NonFiniteError, WriteError
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.module import params_of, per_step
 from fmaml.objectives import meta_loss
@@ -221,8 +222,9 @@ def meta_step(state: TrainState, ranks: Ranks | None = None) -> dict[str, float]
             every rank must call. ``None``: all tasks here, no collectives.
 
     Raises:
-        FloatingPointError: if the meta-loss is NaN or infinite; the parameters are left
-            unchanged (the step is not taken). With ``ranks`` every rank raises.
+        NonFiniteError: (a ``FloatingPointError``) the meta-loss or a meta-gradient is NaN or
+            infinite; the parameters are left unchanged (the step is not taken), whatever
+            ``grad_clip`` is. With ``ranks`` every rank raises.
     """
     config = state.config
     if config.cosine_annealing:
@@ -230,10 +232,10 @@ def meta_step(state: TrainState, ranks: Ranks | None = None) -> dict[str, float]
         for group in state.optimizer.param_groups:
             group["lr"] = lr
     metrics = meta_gradient(state, ranks)
-    if config.grad_clip is not None:
+    if config.grad_clip is not None:  # the gradients are finite here (meta_gradient checks)
         for leaf in state.leaves():
             if leaf.grad is not None:
-                leaf.grad.clamp_(-config.grad_clip, config.grad_clip)
+                leaf.grad = leaf.grad.clamp(-config.grad_clip, config.grad_clip)
     state.optimizer.step()
     state.iteration += 1
     return metrics
@@ -258,8 +260,8 @@ def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, fl
         ``{"loss": ..., score_name: ...}`` over the whole meta-batch.
 
     Raises:
-        FloatingPointError: the meta-loss is NaN or infinite (on any rank); no gradient is
-            left to step with.
+        NonFiniteError: (a ``FloatingPointError``) the meta-loss or a meta-gradient is NaN or
+            infinite (on any rank); no gradient is left to step with.
     """
     config = state.config
     algorithm = get_algorithm(config.algorithm)
@@ -286,6 +288,7 @@ def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, fl
             raise _non_finite(loss, state.iteration, "")
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _check_gradients(state)
         return {"loss": loss.item(), state.problem.score_name: score.item()}
     weight = (stop - start) / config.meta_batch
     objective = loss * weight
@@ -303,14 +306,49 @@ def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, fl
         state.optimizer.zero_grad(set_to_none=True)  # nothing to step with
         culprits = totals[2:].nonzero().flatten().tolist()
         raise _non_finite(totals[0], state.iteration, f" (non-finite on rank {culprits})")
+    _check_gradients(state)  # all-reduced: every rank sees the same gradients and decides alike
     return {"loss": totals[0].item(), state.problem.score_name: totals[1].item()}
 
 
-def _non_finite(loss: torch.Tensor, iteration: int, culprits: str) -> FloatingPointError:
-    return FloatingPointError(
+def _non_finite(loss: torch.Tensor, iteration: int, culprits: str) -> NonFiniteError:
+    return NonFiniteError(
         f"train(): the meta-loss is {loss.item()} at iteration {iteration + 1}{culprits}; "
         "the step was not taken. Lower --outer-lr or --inner-lr, or set --grad-clip."
     )
+
+
+def _check_gradients(state: TrainState) -> None:
+    """Raise :class:`NonFiniteError` (and drop the gradients) if any is NaN or infinite.
+
+    A finite loss can still have a non-finite gradient (an overflow in the backward pass);
+    Adam would spread it into every parameter, and clipping keeps a NaN a NaN.
+    """
+    grads = [leaf.grad for leaf in state.leaves() if leaf.grad is not None]
+    if not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+        return
+    names = _leaf_names(state)
+    bad = [
+        name
+        for name, leaf in zip(names, state.leaves(), strict=True)
+        if leaf.grad is not None and not bool(leaf.grad.isfinite().all())
+    ]
+    state.optimizer.zero_grad(set_to_none=True)  # nothing to step with
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise NonFiniteError(
+        f"train(): the meta-gradient of {shown} is NaN or infinite at iteration "
+        f"{state.iteration + 1} (the meta-loss is finite); the step was not taken. Lower "
+        "--inner-lr or --outer-lr, or use --dtype float64."
+    )
+
+
+def _leaf_names(state: TrainState) -> list[str]:
+    """Names for :meth:`TrainState.leaves`, in the same order: params, then rates."""
+    names = list(state.params)
+    per_step = isinstance(state.rates, list)
+    for step, rates in enumerate(_rate_dicts(state.rates)):
+        where = f" at step {step + 1}" if per_step else ""
+        names += [f"the inner rate of {name}{where}" for name in rates]
+    return names
 
 
 def validate(
@@ -400,10 +438,14 @@ def train(
 
     Args:
         config: the run's settings; ignored when resuming (the checkpoint's are used).
-        out_dir: the run folder: ``metrics.jsonl``, ``latest.pt``, ``best.pt``.
+        out_dir: the run folder: ``metrics.jsonl``, ``latest.pt`` and ``best.pt`` (the best
+            validation score; without a validation split, the same model as ``latest.pt``).
         resume: continue from ``out_dir/latest.pt``; ``"auto"``: continue if it exists,
             else start afresh (torchrun's elastic restarts use this).
-        iterations: total iterations to reach; default ``config.iterations``.
+        iterations: iterations to reach in this call; default ``config.iterations``. Fewer
+            stop the run early (resume it later to go on to ``config.iterations``); more make
+            the run longer: the new total is saved in its config, and the outer-rate schedule
+            (``cosine_annealing``) follows it from here on.
         on_step: called after every step, on every rank, with the state and the step's
             metrics (over the whole meta-batch).
         should_stop: asked after every completed step (single process only); when it says
@@ -416,18 +458,26 @@ def train(
     Raises:
         CheckpointError: resuming without a readable ``latest.pt``; starting in a folder that
             already holds a run.
-        FloatingPointError: a non-finite meta-loss; names the iteration and the last good
-            checkpoint (every rank raises, and no checkpoint is written with it).
+        NonFiniteError: (a ``FloatingPointError``) a non-finite meta-loss or meta-gradient;
+            names the iteration and the last good checkpoint (every rank raises, and no
+            checkpoint is written with it).
+        WriteError: (an ``OSError``) a checkpoint or metrics row could not be written (a full
+            disk); the checkpoints written before are intact.
         RankFailure: another rank died or this one was stopped (distributed); names the
             iteration and the last checkpoint.
     """
     ranks = distributed.current()
     out = Path(out_dir)
     state = _open_run(config, out, resume, ranks)
+    if iterations is not None and iterations > state.config.iterations:
+        # the run made longer than planned: the new total is saved, and schedules follow it
+        state.config = dataclasses.replace(state.config, iterations=iterations)
     config = state.config
     lead = ranks is None or ranks.rank == 0
     saved_at = state.iteration if state.iteration > 0 else None
     total = config.iterations if iterations is None else iterations
+    # Without a validation split the best model is the latest: best.pt is written with it.
+    checkpoints = (LATEST,) if "val" in state.problem.splits else (LATEST, BEST)
     window_start, window_tasks = time.perf_counter(), 0
     log = open(out / METRICS, "a") if lead else None
     try:
@@ -455,17 +505,17 @@ def train(
                     if ranks is not None:
                         _check_in_step(state, ranks)
                     if lead:
-                        save_checkpoint(out / LATEST, state_dict(state))
+                        _save(out, checkpoints, state)
                     saved_at = it
                 if on_step is not None:
                     on_step(state, metrics)
                 if ranks is None and should_stop is not None and should_stop():
                     if saved_at != it:
-                        save_checkpoint(out / LATEST, state_dict(state))
+                        _save(out, checkpoints, state)
                         saved_at = it
                     break
-            except FloatingPointError as error:
-                raise FloatingPointError(f"{error} ({_last_good(out, saved_at)})") from None
+            except NonFiniteError as error:
+                raise NonFiniteError(f"{error} ({_last_good(out, saved_at)})") from None
             except RankFailure as error:
                 where = _last_good(out, saved_at)
                 rank = f"rank {ranks.rank} of {ranks.world_size}" if ranks else "this process"
@@ -477,9 +527,14 @@ def train(
     finally:
         if log is not None:
             log.close()
-    if lead and not (out / BEST).exists():  # no validation split: the final model is the best
-        save_checkpoint(out / BEST, state_dict(state))
     return state
+
+
+def _save(out: Path, names: tuple[str, ...], state: TrainState) -> None:
+    """Write the state to each of the run folder's checkpoint files ``names``."""
+    contents = state_dict(state)
+    for name in names:
+        save_checkpoint(out / name, contents)
 
 
 def _last_good(out: Path, saved_at: int | None) -> str:
@@ -528,7 +583,7 @@ def _open_run(
         state = init_state(config)
     if ranks is not None:
         if state.config.meta_batch < ranks.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"train(): --meta-batch {state.config.meta_batch} is smaller than the "
                 f"{ranks.world_size} ranks: every rank needs at least one task per step. Use "
                 f"--meta-batch {ranks.world_size} or more, or fewer processes."
@@ -577,16 +632,43 @@ def _improves(state: TrainState, score: float) -> bool:
 
 
 def _write(log, row: dict[str, Any]) -> None:
-    log.write(json.dumps(row) + "\n")
-    log.flush()
+    try:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+    except OSError as error:
+        raise WriteError(
+            f"train(): could not write a row of {log.name} ({error.strerror or error}); the "
+            "checkpoints written so far are intact. Free space on that disk, then continue "
+            "with `fmaml train --resume` on the run folder."
+        ) from error
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop metric rows past the checkpoint being resumed; they will be written again."""
+    """Drop metric rows past the checkpoint being resumed; they will be written again.
+
+    A last line cut short (the process was killed while writing it) is dropped too.
+
+    Raises:
+        CheckpointError: a line before the last is not a metrics row.
+    """
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["iteration"] <= iteration]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            row_iteration = int(row["iteration"])
+        except (ValueError, KeyError, TypeError) as error:
+            if number == len(lines):
+                break  # a row whose writing was interrupted
+            raise CheckpointError(
+                f"train(): line {number} of {path} is not a metrics row ({error}): "
+                f"{line[:60]!r}. Move the file aside to resume (its rows are not needed to "
+                "continue training)."
+            ) from None
+        if row_iteration <= iteration:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 

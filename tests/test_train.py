@@ -154,7 +154,8 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path, 
 
 def test_atomic_write_keeps_the_old_checkpoint_on_a_crash(tmp_path, monkeypatch):
     path = tmp_path / "latest.pt"
-    save_checkpoint(path, {"iteration": 1})
+    train(tiny(iterations=2, checkpoint_every=1), tmp_path)
+    assert load_checkpoint(path)["iteration"] == 2
 
     def crash(obj, f):
         f.write(b"partial")
@@ -162,10 +163,10 @@ def test_atomic_write_keeps_the_old_checkpoint_on_a_crash(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, {"iteration": 2})
+        save_checkpoint(path, {"iteration": 3})
     monkeypatch.undo()
-    assert load_checkpoint(path)["iteration"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
+    assert load_checkpoint(path)["iteration"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "latest.pt", "metrics.jsonl"]
 
 
 def test_checkpoint_errors(tmp_path):
@@ -174,15 +175,19 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint in the run folder"):
         load_checkpoint(tmp_path)
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match=r"is not an fmaml checkpoint \(found \['state_dict"):
+    with pytest.raises(
+        CheckpointError, match=r"is not an fmaml checkpoint: found a torch file holding a dict"
+    ):
         load_checkpoint(tmp_path / "foreign.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint .*garbage.pt"):
+    with pytest.raises(
+        CheckpointError, match=r"garbage\.pt is not an fmaml checkpoint: found a text"
+    ):
         load_checkpoint(tmp_path / "garbage.pt")
-    save_checkpoint(tmp_path / "future.pt", {})
-    contents = torch.load(tmp_path / "future.pt", weights_only=True)
+    train(tiny(iterations=1), tmp_path / "run")
+    contents = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
     torch.save({**contents, "version": 99}, tmp_path / "future.pt")
-    with pytest.raises(CheckpointError, match="of version 99; this fmaml reads version 1"):
+    with pytest.raises(CheckpointError, match="format version 99, written by a newer fmaml"):
         load_checkpoint(tmp_path / "future.pt")
 
 
