@@ -26,7 +26,7 @@ def task_loss(
     num_steps: int = 1,
     adapt_keys: KeySelector = None,
     first_order: bool = False,
-    step_weights: Sequence[float] | Tensor | None = None,
+    step_weights: Sequence[float | Tensor] | Tensor | None = None,
     score_fn: LossFn | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Adapt on ``task.support``, return the loss on ``task.query``; one task.
@@ -125,7 +125,7 @@ def meta_loss(
     num_steps: int = 1,
     adapt_keys: KeySelector = None,
     first_order: bool = False,
-    step_weights: Sequence[float] | Tensor | None = None,
+    step_weights: Sequence[float | Tensor] | Tensor | None = None,
     score_fn: LossFn | None = None,
     strategy: Strategy | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:

@@ -33,7 +33,10 @@ computed: every strategy gives the same loss and the same meta-gradient (tested 
   to 100x slower.
 
 :func:`auto_strategy` picks one per device; :func:`fmaml.meta_loss` takes any through its
-``strategy`` argument.
+``strategy`` argument. What the loss a strategy returns can be differentiated with respect
+to, and what is refused, is in :class:`Strategy`'s docstring. A strategy sets torch's thread
+count only while the meta-batch runs (and only if it changes it), and touches neither the
+warning filters nor the random state beyond that scope.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class Strategy:
             without ``vmap``.
         checkpoint: recompute each inner step in the backward instead of storing it.
         workers: CPU threads working on different chunks at once (1: none besides the
-            caller).
+            caller); each gets ``threads // workers`` intra-op threads while they run.
         channels_last: one task at a time, query images ``[n, C, H, W]`` in channels-last
             layout (needs ``chunk_size=1``).
         threads: torch's intra-op threads while the meta-batch runs (shared by the
@@ -75,9 +78,29 @@ class Strategy:
 
     Any setting other than the default ``Strategy()`` computes the meta-gradient while
     :func:`fmaml.meta_loss` runs, chunk by chunk, and returns a loss whose backward hands it
-    out. That loss is differentiable once, with respect to ``params`` and the tensors in
-    ``inner_lr`` and ``step_weights`` (not to tensors a ``loss_fn`` captures), outside
-    ``torch.func`` transforms.
+    out. It is exact or refused (tested in float64 against ``strategy=None`` in
+    ``tests/test_strategy.py``):
+
+    - Exact for every tensor requiring grad the meta-loss depends on: ``params``, the
+      tensors of ``inner_lr`` and of ``step_weights`` (one tensor, or a list of 0-d tensors
+      and numbers), and the tensors a ``loss_fn`` captures (a learned temperature in the
+      criterion). Each chunk's graph is walked to the leaves requiring grad it reaches
+      besides those arguments (``fmaml.graph.reached_leaves``, about a millisecond per
+      thousand graph nodes), and their gradients are accumulated with the others, through
+      the inner loop too. A captured non-leaf computed outside the loss
+      (``temp = log_temp.exp()``) passes its gradient on to its leaves (``log_temp``); the
+      returned loss's graph goes to those leaves, not through the non-leaf, so ask for the
+      leaves' gradients (``backward()`` fills their ``.grad``). Exact rather than refused
+      because the walk is cheap and the gradient is the pure path's, chunk by chunk.
+    - Refused with ``ValueError``: a tensor handed a gradient that is computed from another
+      one handed a gradient (``inner_lr=log_lr.exp()`` while the loss captures ``log_lr``):
+      each gets its total gradient, so the one upstream would count the other's twice.
+      Also refused: ``tasks`` that require grad, and running inside ``torch.func``
+      transforms.
+    - Differentiable once: the handed-out gradients carry no graph, so a backward with
+      ``create_graph=True`` (a Hessian-vector product, a second derivative) raises
+      ``RuntimeError``. :func:`fmaml.meta_loss` with ``strategy=None`` is differentiable any
+      number of times.
 
     Example:
         >>> str(Strategy(chunk_size=1, workers=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -378,6 +379,32 @@ def test_a_tensor_the_loss_captures_gets_the_pure_gradient_on_every_strategy(
         loss_fn, params, tasks, strategy=strategy_named(strategy_name), **kwargs
     ).backward()
     torch.testing.assert_close(log_temp.grad, expected[0], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler (c++)"
+)
+def test_a_tensor_the_loss_captures_gets_the_pure_gradient_when_compiled():
+    """Strategy(compile=True) on the sinusoid MLP (conv4 has BatchNorm, which compile
+    refuses), a captured output scale, leaf and non-leaf. Compiles once (~1 min)."""
+    torch.manual_seed(0)
+    model = fmaml.nn.mlp(hidden=(8, 8)).to(DTYPE)
+    _, params, tasks, kwargs = build("metasgd", model_name="mlp")
+    kwargs["num_steps"] = 2
+    log_scale = torch.tensor(0.2, dtype=DTYPE, requires_grad=True)
+    leaves = [log_scale, *leaves_of(params, kwargs)]
+    for kind in ["leaf", "non-leaf"]:
+        grads = []
+        for strategy in [None, Strategy(compile=True)]:
+            scale = log_scale if kind == "leaf" else log_scale.exp()
+            loss_fn = fmaml.supervised_loss(
+                model, lambda out, y, scale=scale: F.mse_loss(out * scale, y)
+            )
+            loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
+            grads.append(torch.autograd.grad(loss, leaves))
+        assert grads[0][0].abs() > 1e-3
+        for a, b in zip(grads[1], grads[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 def test_a_captured_tensor_under_first_order_gets_the_pure_first_order_gradient():
