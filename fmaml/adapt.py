@@ -123,11 +123,14 @@ def _inner_grads(
     keep = torch.is_grad_enabled() and not first_order
     stand_ins = STAND_INS.get()
     with torch.enable_grad():
+        # A view, not ``v`` itself: the gradient is the one through the loss's use of
+        # ``fast``, as torch.func.grad gives it, not also through a tensor the loss captures
+        # that happens to be ``v`` (``params[k]`` in a regulariser).
         inputs = {
-            k: v if keep and v.requires_grad else v.detach().requires_grad_()
+            k: v.view_as(v) if keep and v.requires_grad else v.detach().requires_grad_()
             for k, v in fast.items()
         }
-        made = [v for k, v in inputs.items() if v is not fast[k]]
+        made = [v for v in inputs.values() if v.grad_fn is None]  # the stand-ins
         loss = _support_loss(inputs, loss_fn, frozen, support)
         grads = torch.autograd.grad(
             loss, list(inputs.values()), create_graph=keep, allow_unused=True

@@ -381,6 +381,26 @@ def test_a_tensor_the_loss_captures_gets_the_pure_gradient_on_every_strategy(
     torch.testing.assert_close(log_temp.grad, expected[0], rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("strategy_name", list(EVERY_STRATEGY))
+def test_a_loss_that_captures_params_and_rates_themselves_gets_the_pure_gradient(strategy_name):
+    """A regulariser on a meta-parameter and a rate, captured by the loss: inside the inner
+    loop they are constants of the support loss's gradient (as torch.func.grad sees them),
+    and their own gradient adds to the one through the adapted parameters."""
+    loss_fn, params, tasks, kwargs = build("metasgd")
+    kwargs["num_steps"] = 2
+    weight, rate = params["head.weight"], kwargs["inner_lr"]["head.bias"]
+    regularised = loss_fn.with_criterion(  # a SupervisedLoss, as workers need
+        lambda out, y: F.cross_entropy(out, y) + 0.1 * (weight**2).sum() + (rate**2).sum()
+    )
+    leaves = leaves_of(params, kwargs)
+    expected = torch.autograd.grad(fmaml.meta_loss(regularised, params, tasks, **kwargs), leaves)
+    strategy = strategy_named(strategy_name)
+    loss = fmaml.meta_loss(regularised, params, tasks, strategy=strategy, **kwargs)
+    got = torch.autograd.grad(loss, leaves)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.skipif(
     shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler (c++)"
 )
