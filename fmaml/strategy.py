@@ -206,7 +206,8 @@ def auto_strategy(
         True
         >>> auto_strategy("cpu", loss_fn).chunk_size
         1
-        >>> auto_strategy("cpu", loss_fn, num_tasks=32, examples_per_task=10).chunk_size > 1
+        >>> small = auto_strategy("cpu", loss_fn, num_tasks=32, examples_per_task=10)
+        >>> small.chunk_size == -(-32 // small.workers)  # one chunk of small tasks per worker
         True
     """
     if torch.device(device).type == "cuda":
