@@ -342,6 +342,7 @@ def _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys) -> Cal
     key = (id(loss_fn), id(score_fn), num_steps, first_order, id(adapt_keys))
     if key not in _COMPILED:
         refuse_batchnorm(loss_fn, score_fn)  # once per loss and setting, not every step
+        captured_by = torch._dynamo.disable(_captured_by)  # imports dynamo: only here
 
         def step(params, inner_lr, step_weights, tasks, inputs):
             out = meta_loss(
@@ -356,7 +357,7 @@ def _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys) -> Cal
                 score_fn=score_fn,
             )
             loss, score = (out, None) if score_fn is None else out
-            captured = _captured_by(loss, inputs)
+            captured = captured_by(loss, inputs)
             grads = torch.autograd.grad(
                 loss, [*inputs, *captured], allow_unused=True, retain_graph=bool(captured)
             )
@@ -717,10 +718,9 @@ def _intra_op_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-@torch._dynamo.disable
 def _captured_by(loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
-    """The leaves requiring grad that ``loss``'s graph reaches besides ``inputs`` (outside
-    ``torch.compile``: it reads the graph)."""
+    """The leaves requiring grad that ``loss``'s graph reaches besides ``inputs`` (run
+    outside ``torch.compile``, under ``torch._dynamo.disable``: it reads the graph)."""
     if not loss.requires_grad:
         return []
     return reached_leaves([loss], stop=inputs)[0]
