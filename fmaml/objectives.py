@@ -73,7 +73,7 @@ def task_loss(
                 for s in range(1, num_steps + 1)
             ]
         )
-        loss = (stack_weights(weights, losses) * losses).sum()
+        loss = (_stack_weights(weights, losses) * losses).sum()
     if score_fn is None:
         return loss
     with torch.no_grad():
@@ -260,7 +260,7 @@ def check_tasks(tasks: Task) -> int:
     return counts.pop()
 
 
-def stack_weights(weights: Sequence[float | Tensor] | Tensor, like: Tensor) -> Tensor:
+def _stack_weights(weights: Sequence[float | Tensor] | Tensor, like: Tensor) -> Tensor:
     """``weights`` as one tensor of ``like``'s dtype and device, keeping the graph of every
     tensor among them (``torch.as_tensor`` of a list of tensors would copy their values)."""
     if isinstance(weights, Tensor):
