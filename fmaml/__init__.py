@@ -1,16 +1,43 @@
-"""fmaml: MAML-family meta-learning for PyTorch as pure functions on torch.func."""
+"""fmaml: MAML-family meta-learning for PyTorch as pure functions on torch.func.
+
+``import fmaml`` loads the core (trees, inner loop, objectives, models, strategies, task
+samplers); the training shell (``TrainConfig``, ``fit``, ``TrainState``, ...) and the image
+loaders (PIL) load when one of their names is first used.
+"""
+
+import importlib
 
 from fmaml import nn, schedules, tasks
 from fmaml.adapt import adapt, init_rates, step_rates, unroll
-from fmaml.config import TrainConfig
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.module import SupervisedLoss, accuracy, params_of, per_step, supervised_loss
 from fmaml.objectives import meta_loss, meta_scores, task_loss, task_scores
 from fmaml.strategy import Strategy, auto_strategy
-from fmaml.train import TrainState, evaluate_state, restore_state
-from fmaml.train import train as fit
 from fmaml.tree import combine, partition, tree_map
 from fmaml.types import Batch, LossFn, Params, Task
+
+_LAZY = {
+    "TrainConfig": ("fmaml.config", "TrainConfig"),
+    "TrainState": ("fmaml.train", "TrainState"),
+    "evaluate_state": ("fmaml.train", "evaluate_state"),
+    "restore_state": ("fmaml.train", "restore_state"),
+    "fit": ("fmaml.train", "train"),
+}
+"""Public names of the training shell: ``name -> (module, attribute)``, imported on first use."""
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fmaml' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fmaml.graph import reached_leaves
 from fmaml.tree import KeySelector, select
 from fmaml.types import Batch, LossFn, Params
 
@@ -97,8 +98,15 @@ PLAIN_AUTOGRAD = contextvars.ContextVar("fmaml_plain_autograd", default=False)
 """Set by the strategies that run one task at a time outside any ``torch.func`` transform
 (:mod:`fmaml.strategy`): the inner gradients then come from ``torch.autograd.grad``, the same
 values and graph with less overhead per op than ``torch.func.grad``'s wrappers, and no graph
-at all for first-order steps. Differentiable with respect to ``params``, the support data
-and rates, not to tensors a ``loss_fn`` captures (as the strategies document)."""
+at all for first-order steps. With grad enabled, second-order steps always keep the graph, so
+tensors a ``loss_fn`` captures are differentiated through the inner loop as under
+``torch.func.grad``."""
+
+STAND_INS = contextvars.ContextVar("fmaml_stand_ins", default=None)
+"""A list set by :mod:`fmaml.strategy` while a chunk runs: the leaves :func:`_inner_grads`
+creates to stand for parameters that don't require grad (so that ``torch.autograd.grad`` can
+differentiate with respect to them). They are constants of the meta-loss; the strategy skips
+them when it looks for tensors a ``loss_fn`` captures."""
 
 
 def _inner_grads(
@@ -109,16 +117,32 @@ def _inner_grads(
         grads = torch.func.grad(_support_loss)(fast, loss_fn, frozen, support)
         return {k: g.detach() for k, g in grads.items()} if first_order else grads
     tensors = [*fast.values(), *frozen.values(), *(t for t in support if isinstance(t, Tensor))]
-    keep = torch.is_grad_enabled() and not first_order and any(t.requires_grad for t in tensors)
+    passed_in = any(t.requires_grad for t in tensors)
+    # With grad enabled the graph is built even if nothing passed in requires grad: a tensor
+    # the loss captures may (it is kept only if the graph reaches one).
+    keep = torch.is_grad_enabled() and not first_order
+    stand_ins = STAND_INS.get()
     with torch.enable_grad():
+        # A view, not ``v`` itself: the gradient is the one through the loss's use of
+        # ``fast``, as torch.func.grad gives it, not also through a tensor the loss captures
+        # that happens to be ``v`` (``params[k]`` in a regulariser).
         inputs = {
-            k: v if keep and v.requires_grad else v.detach().requires_grad_()
+            k: v.view_as(v) if keep and v.requires_grad else v.detach().requires_grad_()
             for k, v in fast.items()
         }
+        made = [v for v in inputs.values() if v.grad_fn is None]  # the stand-ins
         loss = _support_loss(inputs, loss_fn, frozen, support)
         grads = torch.autograd.grad(
             loss, list(inputs.values()), create_graph=keep, allow_unused=True
         )
+    if (
+        keep
+        and not passed_in
+        and not reached_leaves([g for g in grads if g is not None], skip=made)[0]
+    ):
+        grads = tuple(None if g is None else g.detach() for g in grads)
+    elif keep and stand_ins is not None:
+        stand_ins.extend(made)
     return {
         k: torch.zeros_like(v) if g is None else g
         for (k, v), g in zip(inputs.items(), grads, strict=True)

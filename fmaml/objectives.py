@@ -26,7 +26,7 @@ def task_loss(
     num_steps: int = 1,
     adapt_keys: KeySelector = None,
     first_order: bool = False,
-    step_weights: Sequence[float] | Tensor | None = None,
+    step_weights: Sequence[float | Tensor] | Tensor | None = None,
     score_fn: LossFn | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Adapt on ``task.support``, return the loss on ``task.query``; one task.
@@ -42,7 +42,9 @@ def task_loss(
         task: one :class:`fmaml.Task`, no task axis.
         inner_lr, num_steps, adapt_keys, first_order: as in :func:`fmaml.unroll`.
         step_weights: ``num_steps`` weights of the query loss after each inner step
-            (MAML++ multi-step loss); ``None`` scores only the last step.
+            (MAML++ multi-step loss): a 1-d tensor, or a sequence of numbers and 0-d
+            tensors (each tensor differentiated, as in a stacked tensor); ``None`` scores
+            only the last step.
         score_fn: if given, also return ``score_fn(adapted, query)`` (detached), e.g. accuracy.
 
     Returns:
@@ -71,7 +73,7 @@ def task_loss(
                 for s in range(1, num_steps + 1)
             ]
         )
-        loss = (torch.as_tensor(weights, dtype=losses.dtype, device=losses.device) * losses).sum()
+        loss = (_stack_weights(weights, losses) * losses).sum()
     if score_fn is None:
         return loss
     with torch.no_grad():
@@ -123,7 +125,7 @@ def meta_loss(
     num_steps: int = 1,
     adapt_keys: KeySelector = None,
     first_order: bool = False,
-    step_weights: Sequence[float] | Tensor | None = None,
+    step_weights: Sequence[float | Tensor] | Tensor | None = None,
     score_fn: LossFn | None = None,
     strategy: Strategy | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -256,6 +258,14 @@ def check_tasks(tasks: Task) -> int:
             "(for one task, use task_loss or add the axis with x[None])."
         )
     return counts.pop()
+
+
+def _stack_weights(weights: Sequence[float | Tensor] | Tensor, like: Tensor) -> Tensor:
+    """``weights`` as one tensor of ``like``'s dtype and device, keeping the graph of every
+    tensor among them (``torch.as_tensor`` of a list of tensors would copy their values)."""
+    if isinstance(weights, Tensor):
+        return weights.to(dtype=like.dtype, device=like.device)
+    return torch.stack([torch.as_tensor(w, dtype=like.dtype, device=like.device) for w in weights])
 
 
 def _check_step_weights(step_weights, num_steps: int):

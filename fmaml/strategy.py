@@ -33,14 +33,19 @@ computed: every strategy gives the same loss and the same meta-gradient (tested 
   to 100x slower.
 
 :func:`auto_strategy` picks one per device; :func:`fmaml.meta_loss` takes any through its
-``strategy`` argument.
+``strategy`` argument. What the loss a strategy returns can be differentiated with respect
+to, and what is refused, is in :class:`Strategy`'s docstring. A strategy sets torch's thread
+count only while the meta-batch runs (and only if it changes it), and touches neither the
+warning filters nor the random state beyond that scope.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import numbers
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fmaml.graph import depends_on, reached_leaves
 from fmaml.tree import KeySelector, select
 from fmaml.types import LossFn, Task
 
@@ -62,7 +68,7 @@ class Strategy:
             without ``vmap``.
         checkpoint: recompute each inner step in the backward instead of storing it.
         workers: CPU threads working on different chunks at once (1: none besides the
-            caller).
+            caller); each gets ``threads // workers`` intra-op threads while they run.
         channels_last: one task at a time, query images ``[n, C, H, W]`` in channels-last
             layout (needs ``chunk_size=1``).
         threads: torch's intra-op threads while the meta-batch runs (shared by the
@@ -72,9 +78,29 @@ class Strategy:
 
     Any setting other than the default ``Strategy()`` computes the meta-gradient while
     :func:`fmaml.meta_loss` runs, chunk by chunk, and returns a loss whose backward hands it
-    out. That loss is differentiable once, with respect to ``params`` and the tensors in
-    ``inner_lr`` and ``step_weights`` (not to tensors a ``loss_fn`` captures), outside
-    ``torch.func`` transforms.
+    out. It is exact or refused (tested in float64 against ``strategy=None`` in
+    ``tests/test_strategy.py``):
+
+    - Exact for every tensor requiring grad the meta-loss depends on: ``params``, the
+      tensors of ``inner_lr`` and of ``step_weights`` (one tensor, or a list of 0-d tensors
+      and numbers), and the tensors a ``loss_fn`` captures (a learned temperature in the
+      criterion). Each chunk's graph is walked to the leaves requiring grad it reaches
+      besides those arguments (``fmaml.graph.reached_leaves``, about a millisecond per
+      thousand graph nodes), and their gradients are accumulated with the others, through
+      the inner loop too. A captured non-leaf computed outside the loss
+      (``temp = log_temp.exp()``) passes its gradient on to its leaves (``log_temp``); the
+      returned loss's graph goes to those leaves, not through the non-leaf, so ask for the
+      leaves' gradients (``backward()`` fills their ``.grad``). Exact rather than refused
+      because the walk is cheap and the gradient is the pure path's, chunk by chunk.
+    - Refused with ``ValueError``: a tensor handed a gradient that is computed from another
+      one handed a gradient (``inner_lr=log_lr.exp()`` while the loss captures ``log_lr``):
+      each gets its total gradient, so the one upstream would count the other's twice.
+      Also refused: ``tasks`` that require grad, and running inside ``torch.func``
+      transforms.
+    - Differentiable once: the handed-out gradients carry no graph, so a backward with
+      ``create_graph=True`` (a Hessian-vector product, a second derivative) raises
+      ``RuntimeError``. :func:`fmaml.meta_loss` with ``strategy=None`` is differentiable any
+      number of times.
 
     Example:
         >>> str(Strategy(chunk_size=1, workers=2))
@@ -150,7 +176,10 @@ def auto_strategy(
     """The fastest strategy fmaml knows for ``device`` and the model behind ``loss_fn``.
 
     On CUDA: one vmap over all tasks (large batched kernels, few launches). On a CPU, for a
-    model with convolutions, ``min(2, threads)`` workers, each with its share of the tasks:
+    model with convolutions, one worker thread per core the meta-batch may use: torch's
+    intra-op thread count (``torch.get_num_threads()``), at most the cores this process may
+    run on (:func:`available_cores`) and at most ``num_tasks``; each worker runs its share of
+    the tasks on one intra-op thread (a 2-core machine gets 2 workers):
 
     - tasks of up to :data:`SMALL_TASK` examples (support + query; Omniglot 5-way 1-shot
       with 1 query per class has 10): each worker vmaps its share at once (chunks of
@@ -177,7 +206,8 @@ def auto_strategy(
         True
         >>> auto_strategy("cpu", loss_fn).chunk_size
         1
-        >>> auto_strategy("cpu", loss_fn, num_tasks=32, examples_per_task=10).chunk_size > 1
+        >>> small = auto_strategy("cpu", loss_fn, num_tasks=32, examples_per_task=10)
+        >>> small.chunk_size == -(-32 // small.workers)  # one chunk of small tasks per worker
         True
     """
     if torch.device(device).type == "cuda":
@@ -188,11 +218,22 @@ def auto_strategy(
     )
     if not convolutional:
         return Strategy(threads=1)
-    workers = max(1, min(2, torch.get_num_threads()))
+    workers = max(1, min(torch.get_num_threads(), available_cores()))
+    if num_tasks is not None:
+        workers = max(1, min(workers, num_tasks))
     if num_tasks is not None and examples_per_task is not None and examples_per_task <= SMALL_TASK:
         chunk = -(-num_tasks // workers)
         return Strategy(chunk_size=chunk, workers=workers)
     return Strategy(chunk_size=1, workers=workers)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on: its CPU affinity where the OS reports one
+    (Linux), else ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on this OS
+        return os.cpu_count() or 1
 
 
 def run_strategy(
@@ -224,21 +265,25 @@ def run_strategy(
             "the tasks, or use strategy=None."
         )
     inputs = _differentiable_inputs(params, inner_lr, step_weights)
-    want_grad = torch.is_grad_enabled() and bool(inputs)
-    if strategy.compile and want_grad:
+    labels = {
+        **{id(t): "a tensor of `step_weights`" for t in _tensors_in(step_weights)},
+        **{id(t): "a tensor of `inner_lr`" for t in _tensors_in(inner_lr)},
+        **{id(t): f"params[{k!r}]" for k, t in params.items()},
+    }
+    # With grad enabled the chunks are differentiated even if nothing passed in requires
+    # grad: a tensor the loss captures may.
+    want_grad = torch.is_grad_enabled()
+    if strategy.compile and want_grad and inputs:
         step = _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys)
-        threads = torch.get_num_threads()
-        if strategy.threads is not None:
-            torch.set_num_threads(strategy.threads)
-        try:
-            with warnings.catch_warnings():
-                # dynamo reads `.grad` of every tensor it wraps, non-leaves too, and torch
-                # warns about that; it is dynamo's own access, not the user's
-                warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor")
-                value, grads, score = step(dict(params), inner_lr, step_weights, tasks, inputs)
-        finally:
-            torch.set_num_threads(threads)
-        value = _Precomputed.apply(value, tuple(grads), *inputs)
+        with _intra_op_threads(strategy.threads), warnings.catch_warnings():
+            # dynamo reads `.grad` of every tensor it wraps, non-leaves too, and torch
+            # warns about that; it is dynamo's own access, not the user's
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor")
+            value, grads, captured, score = step(
+                dict(params), inner_lr, step_weights, tasks, inputs
+            )
+        captured = {id(t): (t, g) for t, g in zip(captured, grads[len(inputs) :], strict=True)}
+        value = _hand_out(value, grads[: len(inputs)], captured, strategy, labels, inputs)
         return value if score_fn is None else (value, score)
     size = num_tasks if strategy.chunk_size is None else min(strategy.chunk_size, num_tasks)
     job = _Job(
@@ -263,16 +308,23 @@ def run_strategy(
         _slice(tasks, start, min(start + size, num_tasks), job.unbatched, strategy.channels_last)
         for start in range(0, num_tasks, size)
     ]
-    threads = torch.get_num_threads()
-    if strategy.threads is not None:
-        torch.set_num_threads(strategy.threads)
-    try:
-        value, grads, scores = _run_chunks(job, chunks, strategy.workers)
-    finally:
-        torch.set_num_threads(threads)
+    with _intra_op_threads(strategy.threads):
+        value, grads, captured, scores = _run_chunks(job, chunks, strategy.workers)
     if want_grad:
-        value = _Precomputed.apply(value, tuple(grads), *inputs)
+        value = _hand_out(value, grads, captured, strategy, labels, inputs)
     return value if score_fn is None else (value, scores / num_tasks)
+
+
+def _hand_out(value, grads, captured, strategy, labels, inputs) -> Tensor:
+    """The loss whose backward hands out ``grads`` to ``inputs`` and each captured tensor
+    its gradient; refused if one of them is computed from another (counted twice)."""
+    extra = [t for t, _ in captured.values()]
+    _refuse_entangled([*inputs, *extra], strategy, labels)
+    everything = [*inputs, *extra]
+    if not everything:
+        return value
+    handed = (*grads, *(g for _, g in captured.values()))
+    return _Precomputed.apply(value, handed, str(strategy), *everything)
 
 
 # --- compiled ---------------------------------------------------------------------------------
@@ -281,7 +333,8 @@ _COMPILED: dict[tuple, tuple] = {}
 
 
 def _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys) -> Callable:
-    """``(params, inner_lr, step_weights, tasks, inputs) -> (loss, grads, score)`` compiled,
+    """``(params, inner_lr, step_weights, tasks, inputs) -> (loss, grads, captured, score)``
+    compiled (``grads`` for ``inputs`` and then for the ``captured`` leaves),
     made once per loss and setting, so that later calls hit torch.compile's cache. Kept for
     the life of the process (as torch.compile keeps its compiled code)."""
     from fmaml.objectives import meta_loss
@@ -289,6 +342,7 @@ def _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys) -> Cal
     key = (id(loss_fn), id(score_fn), num_steps, first_order, id(adapt_keys))
     if key not in _COMPILED:
         refuse_batchnorm(loss_fn, score_fn)  # once per loss and setting, not every step
+        captured_by = torch._dynamo.disable(_captured_by)  # imports dynamo: only here
 
         def step(params, inner_lr, step_weights, tasks, inputs):
             out = meta_loss(
@@ -303,8 +357,11 @@ def _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys) -> Cal
                 score_fn=score_fn,
             )
             loss, score = (out, None) if score_fn is None else out
-            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-            return loss.detach(), grads, None if score is None else score.detach()
+            captured = captured_by(loss, inputs)
+            grads = torch.autograd.grad(
+                loss, [*inputs, *captured], allow_unused=True, retain_graph=bool(captured)
+            )
+            return loss.detach(), grads, captured, None if score is None else score.detach()
 
         _COMPILED[key] = (torch.compile(step), loss_fn, score_fn, adapt_keys)  # ids stay valid
     return _COMPILED[key][0]
@@ -365,26 +422,38 @@ class _Job:
                     f"got `{name}` of type {type(fn).__name__}. Use workers=1."
                 )
             fn = copy.copy(fn)
-            fn.module = copy.deepcopy(module)
+            # a private module, but the same tensors: one that requires grad (a module
+            # attribute the loss uses) must get its gradient, not a copy of it
+            shared = {
+                id(t): t
+                for m in module.modules()
+                for t in [*vars(m).values(), *m._parameters.values(), *m._buffers.values()]
+                if isinstance(t, Tensor)
+            }
+            fn.module = copy.deepcopy(module, shared)
             copies[name] = fn
         return dataclasses.replace(self, **copies)
 
-    def run(self, chunk: Task) -> tuple[Tensor, list, Tensor | None]:
-        """(this chunk's share of the loss, its gradients for ``inputs``, its summed score)."""
+    def run(self, chunk: Task) -> tuple[Tensor, list, dict, Tensor | None]:
+        """(this chunk's share of the loss, its gradients for ``inputs``, ``{id: (tensor,
+        gradient)}`` for the leaves requiring grad it reaches besides them (tensors the loss
+        captures), its summed score)."""
+        from fmaml.adapt import PLAIN_AUTOGRAD, STAND_INS
+
         if self.checkpoint:
             return self._run_checkpointed(chunk)
-        from fmaml.adapt import PLAIN_AUTOGRAD
-
         token = PLAIN_AUTOGRAD.set(self.unbatched)  # no transform is active: plain autograd
+        stand_ins = STAND_INS.set([])
         try:
             with torch.enable_grad() if self.want_grad else torch.no_grad():
                 out = self._over(self._task_loss, chunk)
+            loss, score = (out, None) if self.score_fn is None else out
+            loss = loss.sum() / self.num_tasks
+            grads, captured = self._grad(loss, self.inputs)
         finally:
+            STAND_INS.reset(stand_ins)
             PLAIN_AUTOGRAD.reset(token)
-        loss, score = (out, None) if self.score_fn is None else out
-        loss = loss.sum() / self.num_tasks
-        grads = self._grad(loss, self.inputs)
-        return loss.detach(), grads, None if score is None else score.sum()
+        return loss.detach(), grads, captured, None if score is None else score.sum()
 
     def _task_loss(self, task: Task):
         from fmaml.objectives import task_loss
@@ -411,9 +480,16 @@ class _Job:
             return per_task(fast, chunk)
         return torch.func.vmap(per_task, in_dims=(0 if batched else None, 0))(fast, chunk)
 
-    def _grad(self, output, wrt, grad_outputs=None) -> list:
+    def _grad(self, output, wrt, grad_outputs=None) -> tuple[list, dict]:
+        """The gradients of ``output`` for ``wrt``, and ``{id: (tensor, gradient)}`` for every
+        other tensor requiring grad that its graph reaches: one of ``inputs`` (the
+        checkpointed path differentiates each piece for some of them) or a leaf the loss
+        captures. The walk that finds them stops at ``wrt`` and ``inputs``."""
+        from fmaml.adapt import STAND_INS
+
+        result: list = [None] * len(wrt)
         if not self.want_grad:
-            return [None] * len(wrt)
+            return result, {}
         if isinstance(output, Tensor):
             output, grad_outputs = [output], None
         pairs = [
@@ -421,19 +497,32 @@ class _Job:
             for o, g in zip(output, grad_outputs or [None] * len(output), strict=True)
             if o.requires_grad and (grad_outputs is None or g is not None)
         ]
+        if not pairs:
+            return result, {}
+        outputs = [o for o, _ in pairs]
+        captured, reached = reached_leaves(
+            outputs, stop=[*wrt, *self.inputs], skip=STAND_INS.get() or ()
+        )
+        named = {id(t) for t in wrt}
+        others = [t for t in reached if id(t) not in named] + captured
         live = [i for i, t in enumerate(wrt) if t.requires_grad]
-        result = [None] * len(wrt)
-        if not pairs or not live:
-            return result
+        if not live and not others:
+            return result, {}
         grads = torch.autograd.grad(
-            [o for o, _ in pairs],
-            [wrt[i] for i in live],
+            outputs,
+            [*(wrt[i] for i in live), *others],
             grad_outputs=None if grad_outputs is None else [g for _, g in pairs],
             allow_unused=True,
+            # the graph of a captured non-leaf (``temp = log_temp.exp()``) is shared by every
+            # chunk, so it must outlive this backward
+            retain_graph=bool(captured),
         )
-        for i, g in zip(live, grads, strict=True):
+        for i, g in zip(live, grads[: len(live)], strict=True):
             result[i] = g
-        return result
+        extra = {
+            id(t): (t, g) for t, g in zip(others, grads[len(live) :], strict=True) if g is not None
+        }
+        return result, extra
 
     # --- checkpointed: each inner step recomputed in the backward ---------------------------
 
@@ -479,12 +568,18 @@ class _Job:
         frozen = self._frozen()
         index = {id(t): i for i, t in enumerate(self.inputs)}
         total: list = [None] * len(self.inputs)
+        captured: dict = {}
 
-        def add(tensors, grads):
+        def add(tensors, grads, extra=None):
             for t, g in zip(tensors, grads, strict=True):
                 if g is not None and id(t) in index:
                     i = index[id(t)]
                     total[i] = g if total[i] is None else total[i] + g
+            for key, (t, g) in (extra or {}).items():
+                if key in index:
+                    add([t], [g])
+                else:
+                    captured[key] = (t, g if key not in captured else captured[key][1] + g)
 
         # Forward: every inner step without a graph; keep each step's adapted parameters.
         fasts = [{k: self.params[k] for k in names}]
@@ -495,7 +590,6 @@ class _Job:
         value = None
         query_grads: dict[int, dict] = {}
         frozen_live = list(frozen.values())
-        weight_tensor = self.weights if isinstance(self.weights, Tensor) else None
         for s in range(1, steps + 1):
             w = self._weight(s)
             if w is None:
@@ -504,11 +598,13 @@ class _Job:
             with torch.enable_grad() if self.want_grad else torch.no_grad():
                 losses = self._over(self._query(s, self.loss_fn), chunk, leaf, batched=True)
                 share = (losses * w).sum() / self.num_tasks
-            extra = [weight_tensor] if weight_tensor is not None else []
+            # the weights: one tensor (each share reaches all of it) or this step's entry
+            weight = self.weights if isinstance(self.weights, Tensor) else w
+            extra = [weight] if isinstance(weight, Tensor) else []
             wrt = [*leaf.values(), *frozen_live, *extra]
-            grads = self._grad(share, wrt)
+            grads, others = self._grad(share, wrt)
             query_grads[s] = dict(zip(names, grads[: len(names)], strict=True))
-            add(wrt[len(names) :], grads[len(names) :])
+            add(wrt[len(names) :], grads[len(names) :], others)
             value = share.detach() if value is None else value + share.detach()
         score = None
         if self.score_fn is not None:
@@ -517,7 +613,7 @@ class _Job:
                     self._query(steps, self.score_fn), chunk, fasts[steps], batched=steps > 0
                 ).sum()
         if not self.want_grad:
-            return value, total, score
+            return value, total, captured, score
         # Backward: recompute each step with a graph, pull the adjoint back through it.
         adjoint = query_grads.get(steps, dict.fromkeys(names))
         for s in reversed(range(steps)):
@@ -529,33 +625,46 @@ class _Job:
                 after = self._over(self._step(s), chunk, start, batched=s > 0)
             rate_tensors = _tensors_in(self.rates[s])
             wrt = [*start.values(), *frozen_live, *rate_tensors]
-            grads = self._grad([after[k] for k in names], wrt, [adjoint[k] for k in names])
+            grads, others = self._grad([after[k] for k in names], wrt, [adjoint[k] for k in names])
             if s == 0:
-                add(wrt, grads)
+                add(wrt, grads, others)
             else:
-                add(wrt[len(names) :], grads[len(names) :])
+                add(wrt[len(names) :], grads[len(names) :], others)
                 below = query_grads.get(s, {})
                 adjoint = {
                     k: _sum_or_none([g, below.get(k)])
                     for k, g in zip(names, grads[: len(names)], strict=True)
                 }
-        return value, total, score
+        return value, total, captured, score
 
 
 # --- helpers ------------------------------------------------------------------------------------
 
 
 class _Precomputed(torch.autograd.Function):
-    """The loss value, with a backward that hands out gradients computed beforehand."""
+    """The loss value, with a backward that hands out gradients computed beforehand.
+
+    Differentiable once: the gradients carry no graph, so a backward that would build one
+    (``create_graph=True``, for a second derivative) raises instead of giving a wrong or
+    missing value."""
 
     @staticmethod
-    def forward(ctx, value, grads, *inputs):
-        ctx.grads = grads
+    def forward(ctx, value, grads, strategy, *inputs):
+        ctx.grads, ctx.strategy = grads, strategy
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_output):
-        return (None, None, *(None if g is None else g * grad_output for g in ctx.grads))
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"meta_loss(): the loss computed under strategy '{ctx.strategy}' is "
+                "differentiable once: its backward hands out gradients computed while it ran, "
+                "which carry no graph, so it can't be differentiated with create_graph=True "
+                "(a second derivative, e.g. a Hessian-vector product). Use strategy=None "
+                "(one vmap over all tasks, differentiable any number of times) for higher "
+                "derivatives."
+            )
+        return (None, None, None, *(None if g is None else g * grad_output for g in ctx.grads))
 
 
 def _run_chunks(job: _Job, chunks: list, workers: int) -> tuple:
@@ -567,9 +676,7 @@ def _run_chunks(job: _Job, chunks: list, workers: int) -> tuple:
     if workers <= 1:
         return _accumulate(job.run(c) for c in chunks)
     copies = [job] + [job.on_own_module() for _ in range(workers - 1)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // workers))
-    try:
+    with _intra_op_threads(max(1, torch.get_num_threads() // workers)):
         with ThreadPoolExecutor(max_workers=workers) as pool:
             parts = list(
                 pool.map(
@@ -577,14 +684,13 @@ def _run_chunks(job: _Job, chunks: list, workers: int) -> tuple:
                     range(workers),
                 )
             )
-    finally:
-        torch.set_num_threads(threads)
     return _accumulate(parts)
 
 
 def _accumulate(results) -> tuple:
-    value, grads, score = None, None, None
-    for v, g, sc in results:
+    """Sum (value, gradients, captured gradients, score) over chunks."""
+    value, grads, captured, score = None, None, {}, None
+    for v, g, c, sc in results:
         value = v if value is None else value + v
         score = sc if score is None else (score if sc is None else score + sc)
         grads = (
@@ -592,7 +698,53 @@ def _accumulate(results) -> tuple:
             if grads is None
             else [_sum_or_none([a, b]) for a, b in zip(grads, g, strict=True)]
         )
-    return value, grads, score
+        for key, (t, grad) in c.items():
+            captured[key] = (t, grad if key not in captured else captured[key][1] + grad)
+    return value, grads, captured, score
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int | None):
+    """torch's intra-op threads set to ``threads`` in this scope, then set back (nothing
+    done for ``None`` or the current count)."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _captured_by(loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    """The leaves requiring grad that ``loss``'s graph reaches besides ``inputs`` (run
+    outside ``torch.compile``, under ``torch._dynamo.disable``: it reads the graph)."""
+    if not loss.requires_grad:
+        return []
+    return reached_leaves([loss], stop=inputs)[0]
+
+
+def _refuse_entangled(tensors: list[Tensor], strategy: Strategy, labels: dict) -> None:
+    """Raise if one of the tensors handed gradients is computed from another: the strategy
+    hands each its total gradient, so the one upstream would count the other's twice."""
+    for t in tensors:
+        upstream = depends_on(t, tensors)
+        if upstream:
+            raise ValueError(
+                f"meta_loss(): strategy '{strategy}' hands each tensor it differentiates its "
+                f"own gradient, but {_describe(t, labels)} is computed from "
+                f"{', '.join(_describe(u, labels) for u in upstream)}, which it also "
+                "differentiates: that gradient would be counted twice. Pass only the tensors "
+                "it is computed from (compute the rest inside loss_fn), or use strategy=None."
+            )
+
+
+def _describe(t: Tensor, labels: dict) -> str:
+    """Which tensor this is, for error messages: its argument, or a captured leaf."""
+    shape = f"shape {list(t.shape)}, {t.dtype}"
+    return f"{labels.get(id(t), 'a leaf tensor the loss captures')} ({shape})"
 
 
 def _slice(tasks: Task, start: int, stop: int, unbatched: bool, channels_last: bool) -> Task:

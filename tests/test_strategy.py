@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +22,7 @@ DTYPE = torch.float64
 
 STRATEGIES = {
     "one-at-a-time": Strategy(chunk_size=1),
+    "one-at-a-time-workers": Strategy(chunk_size=1, workers=2),
     "chunks-of-2": Strategy(chunk_size=2),
     "checkpoint": Strategy(checkpoint=True),
     "one-at-a-time-checkpoint": Strategy(chunk_size=1, checkpoint=True),
@@ -184,15 +192,17 @@ def test_auto_strategy_is_visible_and_per_device_and_model():
     mlp_loss, *_ = build("maml", model_name="mlp")
     assert auto_strategy("cuda", conv_loss) == Strategy()
     cpu = auto_strategy("cpu", conv_loss)
-    assert cpu.chunk_size == 1 and 1 <= cpu.workers <= 2
+    assert cpu.chunk_size == 1
+    assert cpu.workers == min(torch.get_num_threads(), fmaml.strategy.available_cores())
     assert auto_strategy("cpu", mlp_loss) == Strategy(threads=1) == auto_strategy("cpu")
     assert str(Strategy(chunk_size=8, checkpoint=True)) == (
         "vmap over chunks of 8 tasks, inner steps recomputed"
     )
 
 
-def test_auto_strategy_vmaps_small_tasks_in_one_chunk_per_worker():
+def test_auto_strategy_vmaps_small_tasks_in_one_chunk_per_worker(monkeypatch):
     conv_loss, *_ = build("maml")
+    monkeypatch.setattr(fmaml.strategy, "available_cores", lambda: 2)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -305,3 +315,332 @@ def test_plain_autograd_inner_steps_equal_torch_func_grad(variant_name):
     assert not any(v.requires_grad for v in constant.values())
     # under no_grad the adapted tensors carry no graph (ANIL's frozen body comes back as is)
     assert not any(v.requires_grad for k, v in evaluated.items() if v is not params[k])
+
+
+# --- exact or refused: captured tensors, list step weights, second derivatives ------------------
+
+
+def captured_temperature_loss(kind, log_temp):
+    """conv4's loss with the logits scaled by a temperature the criterion captures: the leaf
+    ``log_temp`` itself, or a non-leaf computed outside the loss (``log_temp.exp()``), made
+    anew for each call (its graph is the caller's)."""
+    temp = log_temp if kind == "leaf" else log_temp.exp()
+    torch.manual_seed(0)
+    model = fmaml.nn.conv4(3, hidden=4, image_size=12).to(DTYPE)
+    return fmaml.supervised_loss(model, lambda logits, y: F.cross_entropy(logits * temp, y))
+
+
+def auto_strategies():
+    """Both strategies auto_strategy returns on a CPU for conv4 (large and small tasks)."""
+    loss_fn, *_ = build("maml")
+    return [
+        auto_strategy("cpu", loss_fn),
+        auto_strategy("cpu", loss_fn, num_tasks=3, examples_per_task=15),
+    ]
+
+
+EVERY_STRATEGY = {**STRATEGIES, "auto-large-tasks": None, "auto-small-tasks": None}
+
+
+def strategy_named(name):
+    if name.startswith("auto-"):
+        return auto_strategies()[0 if name == "auto-large-tasks" else 1]
+    return STRATEGIES[name]
+
+
+@pytest.mark.parametrize("params_require_grad", [True, False])
+@pytest.mark.parametrize("kind", ["leaf", "non-leaf"])
+@pytest.mark.parametrize("strategy_name", list(EVERY_STRATEGY))
+def test_a_tensor_the_loss_captures_gets_the_pure_gradient_on_every_strategy(
+    strategy_name, kind, params_require_grad
+):
+    """A learned temperature outside ``params``: every strategy finds the leaves the chunks
+    reach and hands them their gradient, through the inner loop too (second order)."""
+    _, params, tasks, kwargs = build("maml")
+    kwargs["num_steps"] = 2
+    if not params_require_grad:
+        params = {k: v.detach() for k, v in params.items()}
+    log_temp = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
+    leaves = [log_temp, *(v for v in params.values() if v.requires_grad)]
+
+    def meta_gradient(strategy):
+        loss_fn = captured_temperature_loss(kind, log_temp)
+        loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
+        return loss, torch.autograd.grad(loss, leaves)
+
+    expected_loss, expected = meta_gradient(None)
+    loss, got = meta_gradient(strategy_named(strategy_name))
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
+    assert expected[0].abs() > 1e-3  # the temperature matters, through the inner loop too
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    # and by .backward(), as training does
+    loss_fn = captured_temperature_loss(kind, log_temp)
+    fmaml.meta_loss(
+        loss_fn, params, tasks, strategy=strategy_named(strategy_name), **kwargs
+    ).backward()
+    torch.testing.assert_close(log_temp.grad, expected[0], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("strategy_name", list(EVERY_STRATEGY))
+def test_a_loss_that_captures_params_and_rates_themselves_gets_the_pure_gradient(strategy_name):
+    """A regulariser on a meta-parameter and a rate, captured by the loss: inside the inner
+    loop they are constants of the support loss's gradient (as torch.func.grad sees them),
+    and their own gradient adds to the one through the adapted parameters."""
+    loss_fn, params, tasks, kwargs = build("metasgd")
+    kwargs["num_steps"] = 2
+    weight, rate = params["head.weight"], kwargs["inner_lr"]["head.bias"]
+    regularised = loss_fn.with_criterion(  # a SupervisedLoss, as workers need
+        lambda out, y: F.cross_entropy(out, y) + 0.1 * (weight**2).sum() + (rate**2).sum()
+    )
+    leaves = leaves_of(params, kwargs)
+    expected = torch.autograd.grad(fmaml.meta_loss(regularised, params, tasks, **kwargs), leaves)
+    strategy = strategy_named(strategy_name)
+    loss = fmaml.meta_loss(regularised, params, tasks, strategy=strategy, **kwargs)
+    got = torch.autograd.grad(loss, leaves)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler (c++)"
+)
+def test_a_tensor_the_loss_captures_gets_the_pure_gradient_when_compiled():
+    """Strategy(compile=True) on the sinusoid MLP (conv4 has BatchNorm, which compile
+    refuses), a captured output scale, leaf and non-leaf. Compiles once (~1 min)."""
+    torch.manual_seed(0)
+    model = fmaml.nn.mlp(hidden=(8, 8)).to(DTYPE)
+    _, params, tasks, kwargs = build("metasgd", model_name="mlp")
+    kwargs["num_steps"] = 2
+    log_scale = torch.tensor(0.2, dtype=DTYPE, requires_grad=True)
+    leaves = [log_scale, *leaves_of(params, kwargs)]
+    for kind in ["leaf", "non-leaf"]:
+        grads = []
+        for strategy in [None, Strategy(compile=True)]:
+            scale = log_scale if kind == "leaf" else log_scale.exp()
+            loss_fn = fmaml.supervised_loss(
+                model, lambda out, y, scale=scale: F.mse_loss(out * scale, y)
+            )
+            loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
+            grads.append(torch.autograd.grad(loss, leaves))
+        assert grads[0][0].abs() > 1e-3
+        for a, b in zip(grads[1], grads[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_a_captured_tensor_under_first_order_gets_the_pure_first_order_gradient():
+    _, params, tasks, kwargs = build("fomaml")
+    log_temp = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
+    grads = []
+    for strategy in [None, Strategy(chunk_size=1), Strategy(chunk_size=1, checkpoint=True)]:
+        loss_fn = captured_temperature_loss("non-leaf", log_temp)
+        loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
+        grads.append(torch.autograd.grad(loss, [log_temp, *params.values()]))
+    for got in grads[1:]:
+        for a, b in zip(got, grads[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_a_tensor_handed_out_twice_is_refused_by_strategies():
+    """``inner_lr = log_lr.exp()`` while the loss also captures ``log_lr``: the strategy
+    would hand ``log_lr`` its total gradient and ``inner_lr`` its own, which flows on to
+    ``log_lr`` again. Refused; the pure path is right."""
+    _, params, tasks, kwargs = build("maml")
+    log_lr = torch.tensor(-2.0, dtype=DTYPE, requires_grad=True)
+    loss_fn = captured_temperature_loss("leaf", log_lr)
+    kwargs["inner_lr"] = log_lr.exp()
+    fmaml.meta_loss(loss_fn, params, tasks, **kwargs).backward()
+    assert log_lr.grad is not None
+    for strategy in [Strategy(chunk_size=1), Strategy(chunk_size=1, checkpoint=True)]:
+        kwargs["inner_lr"] = log_lr.exp()
+        with pytest.raises(
+            ValueError,
+            match=r"(?s)a tensor of `inner_lr` \(shape \[\], torch.float64\) is computed from "
+            r"a leaf tensor the loss captures .*counted twice.*strategy=None",
+        ):
+            fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
+    weight = torch.tensor(0.5, dtype=DTYPE, requires_grad=True)
+    kwargs = {**kwargs, "inner_lr": 0.1, "num_steps": 2, "step_weights": [weight, weight * 2]}
+    with pytest.raises(ValueError, match=r"a tensor of `step_weights` .* is computed from"):
+        fmaml.meta_loss(loss_fn, params, tasks, strategy=Strategy(chunk_size=2), **kwargs)
+
+
+STEP_WEIGHT_LISTS = {
+    "0-d-tensors": lambda: [torch.tensor(w, dtype=DTYPE, requires_grad=True) for w in (0.2, 0.3)],
+    "tensor-and-float": lambda: [torch.tensor(0.4, dtype=DTYPE, requires_grad=True), 0.6],
+}
+
+
+@pytest.mark.parametrize("weights_name", list(STEP_WEIGHT_LISTS))
+@pytest.mark.parametrize("strategy_name", ["pure", *STRATEGIES])
+def test_step_weights_as_a_list_of_tensors_get_their_gradient_on_every_path(
+    strategy_name, weights_name
+):
+    """Each learnable 0-d weight of a list gets the gradient the same weights get as one
+    stacked tensor on the pure path."""
+    loss_fn, params, tasks, kwargs = build("maml")
+    kwargs["num_steps"] = 2
+    weights = STEP_WEIGHT_LISTS[weights_name]()
+    learned = [i for i, w in enumerate(weights) if isinstance(w, torch.Tensor)]
+    values = [float(w.detach()) if isinstance(w, torch.Tensor) else w for w in weights]
+    stacked = torch.tensor(values, dtype=DTYPE, requires_grad=True)
+    reference = fmaml.meta_loss(loss_fn, params, tasks, step_weights=stacked, **kwargs)
+    expected = torch.autograd.grad(reference, [stacked, *params.values()])
+    strategy = None if strategy_name == "pure" else STRATEGIES[strategy_name]
+    loss = fmaml.meta_loss(
+        loss_fn, params, tasks, step_weights=weights, strategy=strategy, **kwargs
+    )
+    got = torch.autograd.grad(loss, [*(weights[i] for i in learned), *params.values()])
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.stack(got[: len(learned)]), expected[0][learned])
+    assert expected[0].abs().min() > 1e-3
+    for a, b in zip(got[len(learned) :], expected[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def hessian_vector_product(meta_loss_of, values, direction):
+    """``d/dθ <∇L(θ), v>`` by double backward through ``meta_loss_of(values)``."""
+    grads = torch.autograd.grad(meta_loss_of(values), values, create_graph=True)
+    along = sum((g * d).sum() for g, d in zip(grads, direction, strict=True))
+    return torch.autograd.grad(along, values)
+
+
+def test_the_pure_meta_loss_gives_hessian_vector_products_on_the_mlp():
+    """Second derivatives of the meta-loss (third of the inner loss) through meta_loss,
+    strategy=None, a captured output scale included: central finite differences of the
+    meta-gradient (float64; the sinusoid MLP is smooth enough for them)."""
+    _, params, tasks, kwargs = build("maml", model_name="mlp")
+    kwargs["num_steps"] = 2
+    names = list(params)
+    torch.manual_seed(0)
+    model = fmaml.nn.mlp(hidden=(8, 8)).to(DTYPE)
+
+    def meta_loss_of(values):
+        *weights, log_scale = values
+        scale = log_scale.exp()  # a non-leaf the loss captures
+        loss_fn = fmaml.supervised_loss(model, lambda out, y: F.mse_loss(out * scale, y))
+        return fmaml.meta_loss(loss_fn, dict(zip(names, weights, strict=True)), tasks, **kwargs)
+
+    values = [*params.values(), torch.tensor(0.2, dtype=DTYPE, requires_grad=True)]
+    g = torch.Generator().manual_seed(1)
+    direction = [torch.randn(v.shape, generator=g, dtype=DTYPE) for v in values]
+    hvp = hessian_vector_product(meta_loss_of, values, direction)
+
+    def meta_gradient_at(sign, eps=1e-5):
+        moved = [(v + sign * eps * d).detach().requires_grad_() for v, d in zip(values, direction)]
+        return torch.autograd.grad(meta_loss_of(moved), moved)
+
+    finite = [(a - b) / 2e-5 for a, b in zip(meta_gradient_at(1), meta_gradient_at(-1))]
+    assert hvp[-1].abs() > 1e-3
+    for a, b in zip(hvp, finite, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_the_pure_meta_loss_gives_hessian_vector_products_on_conv4():
+    """The same on conv4 with BatchNorm and a captured temperature, against an independent
+    oracle: a Python loop over tasks with torch.autograd.grad(create_graph=True) inner steps
+    and BatchNorm by ops (``stat_rows``), double-backwarded. (Finite differences are no
+    oracle here: max-pool and ReLU kinks on these tiny images.)"""
+    from fmaml.nn.batchnorm import with_stat_rows
+
+    _, params, tasks, kwargs = build("maml")
+    kwargs["num_steps"] = 2
+    names = list(params)
+    values = [*params.values(), torch.tensor(0.3, dtype=DTYPE, requires_grad=True)]
+    g = torch.Generator().manual_seed(1)
+    direction = [torch.randn(v.shape, generator=g, dtype=DTYPE) for v in values]
+
+    def pure(values):
+        *weights, log_temp = values
+        loss_fn = captured_temperature_loss("non-leaf", log_temp)
+        return fmaml.meta_loss(loss_fn, dict(zip(names, weights, strict=True)), tasks, **kwargs)
+
+    module = captured_temperature_loss("leaf", values[-1]).module
+
+    def oracle(values):
+        *weights, log_temp = values
+        temp = log_temp.exp()
+
+        def loss(fast, x, y):
+            out = torch.func.functional_call(with_stat_rows(module, x.shape[0]), fast, (x,))
+            return F.cross_entropy(out * temp, y)
+
+        total = 0.0
+        for t in range(tasks.query[0].shape[0]):
+            fast = dict(zip(names, weights, strict=True))
+            for _ in range(2):
+                step = torch.autograd.grad(
+                    loss(fast, tasks.support[0][t], tasks.support[1][t]),
+                    list(fast.values()),
+                    create_graph=True,
+                )
+                fast = {k: v - 0.1 * d for (k, v), d in zip(fast.items(), step, strict=True)}
+            total = total + loss(fast, tasks.query[0][t], tasks.query[1][t])
+        return total / tasks.query[0].shape[0]
+
+    expected = hessian_vector_product(oracle, values, direction)
+    got = hessian_vector_product(pure, values, direction)
+    assert expected[-1].abs() > 1e-3
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("strategy_name", list(STRATEGIES))
+def test_strategies_refuse_a_second_derivative(strategy_name):
+    loss_fn, params, tasks, kwargs = build("maml")
+    loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=STRATEGIES[strategy_name], **kwargs)
+    with pytest.raises(RuntimeError, match=r"differentiable once.*Use strategy=None"):
+        torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    once = torch.autograd.grad(loss, list(params.values()))  # still differentiable once
+    assert any(g.abs().sum() > 0 for g in once)
+
+
+def test_auto_strategy_has_a_worker_per_core_it_may_use(monkeypatch):
+    conv_loss, *_ = build("maml")
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(fmaml.strategy, "available_cores", lambda: 8)
+        torch.set_num_threads(8)
+        assert auto_strategy("cpu", conv_loss).workers == 8
+        assert auto_strategy("cpu", conv_loss, num_tasks=4, examples_per_task=80).workers == 4
+        many = auto_strategy("cpu", conv_loss, num_tasks=32, examples_per_task=10)
+        assert many == Strategy(chunk_size=4, workers=8)
+        torch.set_num_threads(2)  # torch may use 2 of the 8 cores
+        assert auto_strategy("cpu", conv_loss).workers == 2
+        monkeypatch.setattr(fmaml.strategy, "available_cores", lambda: 2)
+        torch.set_num_threads(4)  # more threads than cores: one worker per core
+        assert auto_strategy("cpu", conv_loss) == Strategy(chunk_size=1, workers=2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_strategies_leave_threads_warning_filters_and_random_state_as_they_were():
+    _, params, tasks, kwargs = build("maml")
+    threads, filters, rng = torch.get_num_threads(), list(warnings.filters), torch.get_rng_state()
+    for strategy in [*STRATEGIES.values(), Strategy(chunk_size=1, threads=1)]:
+        loss_fn = captured_temperature_loss("leaf", torch.tensor(1.0, dtype=DTYPE))
+        fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs).backward()
+    assert torch.get_num_threads() == threads
+    assert warnings.filters == filters
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_import_fmaml_loads_neither_pil_click_nor_matplotlib():
+    code = (
+        "import sys, fmaml\n"
+        "print(sorted(m for m in ('PIL', 'click', 'matplotlib', 'fmaml.train', 'fmaml.cli') "
+        "if m in sys.modules))\n"
+        "fmaml.tasks.EpisodeSampler, fmaml.tasks.DataError, fmaml.TrainConfig, fmaml.fit\n"
+        "from fmaml import TrainState, evaluate_state, restore_state\n"
+        "from fmaml.tasks import ClassImages, load_splits\n"
+        "print('PIL' in sys.modules)\n"
+    )
+    root = str(Path(fmaml.__file__).resolve().parents[1])  # this checkout's fmaml
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "True"]
+    with pytest.raises(AttributeError, match="has no attribute 'nonexistent'"):
+        fmaml.nonexistent  # noqa: B018

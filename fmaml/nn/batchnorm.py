@@ -107,7 +107,8 @@ def with_stat_rows(model: nn.Module, rows: int) -> nn.Module:
 
 
 def _fused_kernel_is_exact(x: Tensor) -> bool:
-    """Whether torch's fused batch-norm kernel gives exact gradients of every order for ``x``.
+    """Whether torch's fused batch-norm kernel gives exact first and second-order gradients
+    for ``x`` (third and higher orders it refuses with an error, never a wrong value).
 
     It does unless a ``vmap`` transform is active (its batching rule for the double backward
     is inexact), and it refuses a single value per channel, which the ops path normalises.
