@@ -6,6 +6,7 @@ Not a conftest: import what you need, ``from conftest_images import ...``.
 from __future__ import annotations
 
 import hashlib
+import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +19,10 @@ from PIL import Image
 from fmaml.tasks.images import ClassImages
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-OMNIGLOT_SUBSET = SHARED_DATA / "omniglot" / "images_background_small"
+OMNIGLOT_SUBSET = Path(
+    os.environ.get("FMAML_TEST_OMNIGLOT") or SHARED_DATA / "omniglot" / "images_background_small"
+)
+"""The real Omniglot subset; ``$FMAML_TEST_OMNIGLOT`` points the tests at a copy of it."""
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ import pickle
 import re
 import shutil
 import stat
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -485,6 +487,31 @@ def test_training_leaves_a_copy_of_the_omniglot_subset_byte_for_byte_unchanged(
     finally:
         for folder in [data, *[p for p in data.rglob("*") if p.is_dir()]]:
             folder.chmod(0o755)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not OMNIGLOT_SUBSET.is_dir(), reason="needs ../shared/data/omniglot")
+def test_the_real_data_tests_pass_on_writable_and_read_only_data(tmp_path):
+    """The real-data tests, run against a writable copy of the subset and a copy whose folders
+    allow no writing, pass alike (as on machines where ../shared/data is either)."""
+    for writable in (True, False):
+        data = tmp_path / ("writable" if writable else "read-only") / "omniglot"
+        shutil.copytree(OMNIGLOT_SUBSET, data)
+        folders = [data, *[p for p in data.rglob("*") if p.is_dir()]]
+        for folder in folders if not writable else []:
+            folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                 "tests/test_omniglot.py", "-k", "shared_omniglot_subset"],
+                cwd=ROOT, capture_output=True, text=True, timeout=600,
+                env={**os.environ, "FMAML_TEST_OMNIGLOT": str(data)},
+            )  # fmt: skip
+        finally:
+            for folder in folders:
+                folder.chmod(0o755)
+        assert done.returncode == 0, done.stdout[-2000:]
+        assert "1 passed" in done.stdout
 
 
 def test_a_folder_dataset_is_left_unchanged_and_cached_elsewhere(tmp_path, isolated_cache):
