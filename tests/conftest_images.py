@@ -33,6 +33,16 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     return folder
 
 
+def folder_train_args(images: Path, split: str) -> list:
+    """``train`` arguments for a tiny, fast run on a class folder made by :func:`make_folder`
+    (2-way 1-shot, 8x8 images, 4 filters, meta-batch 2)."""
+    return [
+        "train", "--dataset", "folder", "--data-root", images, "--split", split,
+        "--ways", "2", "--shots", "1", "--query", "1", "--meta-batch", "2",
+        "--image-size", "8", "--hidden", "4",
+    ]  # fmt: skip
+
+
 def snapshot(folder: Path) -> dict[str, tuple]:
     """Every file and folder below ``folder`` (hidden ones too): its kind, mode, size, mtime
     and content hash, to assert that something left a folder byte-for-byte unchanged."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest_images import isolated_cache, make_folder
+from conftest_images import folder_train_args, isolated_cache, make_folder
 
 import fmaml.train as train_module
 from fmaml.checkpoint import CheckpointError
@@ -32,12 +32,8 @@ def invoke(*args, env=None):
 def run_without_validation(tmp_path):
     make_folder(tmp_path / "images", {f"c{i}": 3 for i in range(6)})
     run = tmp_path / "run"
-    result = invoke(
-        "train", "--dataset", "folder", "--data-root", tmp_path / "images",
-        "--split", "0.67,0,0.33", "--ways", "2", "--shots", "1", "--query", "1",
-        "--meta-batch", "2", "--image-size", "8", "--hidden", "4", "--iterations", "2",
-        "--out", run,
-    )  # fmt: skip
+    args = folder_train_args(tmp_path / "images", "0.67,0,0.33")
+    result = invoke(*args, "--iterations", "2", "--out", run)
     assert result.exit_code == 0, result.output
     return run
 

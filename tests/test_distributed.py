@@ -433,9 +433,7 @@ def test_a_nan_on_one_rank_stops_every_rank_before_the_step(two_ranks):
     tmp = two_ranks["tmp"]
     for rank in range(WORLD):
         message = result(two_ranks, "nan", rank)["raised"]
-        assert message.startswith(
-            "NonFiniteError: train(): the meta-loss is nan at iteration 26"
-        )
+        assert message.startswith("NonFiniteError: train(): the meta-loss is nan at iteration 26")
         assert "(non-finite on rank [1])" in message
         assert f"last good checkpoint: {tmp / 'nan' / 'latest.pt'} (iteration 20)" in message
     saved = load_checkpoint(tmp / "nan" / "latest.pt")

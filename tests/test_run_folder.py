@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest_images import isolated_cache, make_folder
+from conftest_images import folder_train_args, isolated_cache, make_folder
 
 import fmaml.checkpoint as checkpoint_module
 import fmaml.cli as cli_module
@@ -41,32 +41,9 @@ def images(tmp_path):
 
 def train_args(images, split: str) -> list:
     return [
-        "train",
-        "--dataset",
-        "folder",
-        "--data-root",
-        images,
-        "--split",
-        split,
-        "--ways",
-        "2",
-        "--shots",
-        "1",
-        "--query",
-        "1",
-        "--meta-batch",
-        "2",
-        "--image-size",
-        "8",
-        "--hidden",
-        "4",
-        "--val-every",
-        "2",
-        "--val-episodes",
-        "4",
-        "--checkpoint-every",
-        "3",
-    ]
+        *folder_train_args(images, split),
+        "--val-every", "2", "--val-episodes", "4", "--checkpoint-every", "3",
+    ]  # fmt: skip
 
 
 def checkpoint_contents(path) -> dict:

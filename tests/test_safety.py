@@ -25,7 +25,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest_images import OMNIGLOT_SUBSET, isolated_cache, make_folder, snapshot
+from conftest_images import (
+    OMNIGLOT_SUBSET,
+    folder_train_args,
+    isolated_cache,
+    make_folder,
+    snapshot,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -517,31 +523,8 @@ def test_the_real_data_tests_pass_on_writable_and_read_only_data(tmp_path):
 def test_a_folder_dataset_is_left_unchanged_and_cached_elsewhere(tmp_path, isolated_cache):
     make_folder(tmp_path / "images", {f"c{i}": 4 for i in range(6)})
     before = snapshot(tmp_path / "images")
-    result = invoke(
-        "train",
-        "--dataset",
-        "folder",
-        "--data-root",
-        tmp_path / "images",
-        "--split",
-        "0.67,0,0.33",
-        "--ways",
-        "2",
-        "--shots",
-        "1",
-        "--query",
-        "1",
-        "--meta-batch",
-        "2",
-        "--image-size",
-        "8",
-        "--hidden",
-        "4",
-        "--iterations",
-        "2",
-        "--out",
-        tmp_path / "run",
-    )
+    args = folder_train_args(tmp_path / "images", "0.67,0,0.33")
+    result = invoke(*args, "--iterations", "2", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert snapshot(tmp_path / "images") == before
     assert len(list(isolated_cache.glob("folder-*.npz"))) == 1
