@@ -35,6 +35,8 @@ class TrainConfig:
     # Seeds the shuffle of proportional (and MAML's) splits. Apart from ``seed`` so that runs
     # with different seeds train and test on the same classes.
     split_seed: int = 0
+    # Omniglot: the classes of every task come from one alphabet (Lake et al.'s protocol).
+    within_alphabet: bool = False
     hidden: int | None = None
     image_size: int | None = None
     val_every: int = 500
@@ -279,5 +281,11 @@ def check(config: TrainConfig) -> None:
             f"{sorted(strategy_fields)}."
         )
     Strategy(**config.strategy)  # raises ValueError naming the field
+    if config.within_alphabet and config.dataset != "omniglot":
+        raise ValueError(
+            f"--within-alphabet draws each task's classes from one Omniglot alphabet; "
+            f"--dataset {config.dataset} has no alphabets. Drop --within-alphabet or use "
+            "--dataset omniglot."
+        )
     if config.dataset != "sinusoid" and config.ways < 2:
         raise ValueError(f"--ways must be at least 2 for classification, got {config.ways}.")

@@ -215,6 +215,31 @@ def test_evaluate_state_reports_every_step(tmp_path):
     assert report == again, "fixed episodes: the same seed gives the same numbers"
 
 
+def test_evaluate_state_refuses_ways_and_alphabets_for_sinusoid(tmp_path):
+    state = train(tiny(iterations=2), tmp_path)
+    with pytest.raises(ValueError, match=r"`ways` and `within_alphabet` apply to classification"):
+        evaluate_state(state, num_episodes=4, ways=5)
+    with pytest.raises(ValueError, match=r"a sinusoid task has one output"):
+        evaluate_state(state, num_episodes=4, within_alphabet=True)
+
+
+def test_a_head_for_more_ways_starts_every_row_at_the_mean_of_the_trained_rows():
+    params = {
+        "body.w": torch.randn(3, 2),
+        "head.weight": torch.randn(2, 4),
+        "head.bias": torch.tensor([1.0, 3.0]),
+    }
+    rates = [{"head.weight": torch.full((2, 4), 0.5), "head.bias": torch.tensor(0.1)}]
+    resized = train_module._with_ways(params, 2, 5)
+    assert torch.equal(resized["body.w"], params["body.w"])
+    assert resized["head.bias"].tolist() == [2.0] * 5
+    expected = params["head.weight"].mean(0).expand(5, 4)
+    assert torch.allclose(resized["head.weight"], expected)
+    (rate,) = train_module._with_ways(rates, 2, 5)
+    assert rate["head.weight"].shape == (5, 4) and rate["head.bias"].shape == ()
+    assert train_module._with_ways(None, 2, 5) is None
+
+
 def test_the_strategy_is_chosen_saved_and_kept_on_resume(tmp_path):
     """A run's strategy: auto's choice with the config's fields replacing its own, saved in the
     config, the same after a restore; it changes how, not what, so results agree."""
