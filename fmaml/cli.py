@@ -133,6 +133,12 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
 )
 @click.option("--val-every", type=int, default=500, show_default=True)
 @click.option("--val-episodes", type=int, default=100, show_default=True)
+@click.option(
+    "--keep-best/--no-keep-best",
+    default=None,
+    help="Write best.pt, the best validation checkpoint, which `test RUN` then evaluates "
+    "[images: yes; sinusoid: no, the final model latest.pt is tested, as in the paper].",
+)
 @click.option("--checkpoint-every", type=int, default=500, show_default=True)
 @click.option(
     "--lslr/--no-lslr",
@@ -319,7 +325,13 @@ def _train(out, resume, iterations, download, lead: bool, options: dict) -> None
 def _done_line(state, out: Path) -> str:
     """The last line of ``train``: what best.pt holds, plainly (also without validation)."""
     best, name = state.best, state.problem.score_name
-    if best.get("iteration") is None:
+    if not state.config.keep_best:
+        chosen = (
+            f"the final model latest.pt (iteration {state.iteration}) is the one to test; "
+            "no best.pt is kept (--no-keep-best, the sinusoid default: its validation tasks "
+            "are not held out, and the paper tests the final model)"
+        )
+    elif best.get("iteration") is None:
         chosen = f"no validation split, so best.pt is the final model (iteration {state.iteration})"
     else:
         chosen = (

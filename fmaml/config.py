@@ -41,6 +41,10 @@ class TrainConfig:
     image_size: int | None = None
     val_every: int = 500
     val_episodes: int = 100
+    # Write best.pt, the checkpoint with the best validation score. None: yes for image data
+    # (validation on held-out classes), no for the sinusoid: its validation tasks come from the
+    # training distribution, and the MAML paper tests the final model (latest.pt).
+    keep_best: bool | None = None
     checkpoint_every: int = 500
     log_every: int = 10
     device: str = "cpu"
@@ -224,6 +228,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         values["query"] = values["shots"]
     if values["eval_inner_steps"] is None:
         values["eval_inner_steps"] = values["inner_steps"]
+    if values["keep_best"] is None:
+        values["keep_best"] = config.dataset != "sinusoid"
     resolved = TrainConfig(**values)
     check(resolved)
     return resolved

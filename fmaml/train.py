@@ -1,8 +1,8 @@
 """The outer loop: the one stateful shell around the pure functions.
 
 ``train(config, out_dir)`` meta-trains, logs metrics to ``metrics.jsonl``, validates on fixed
-episodes, and keeps ``latest.pt`` and ``best.pt`` checkpoints that hold everything needed to
-resume bit-for-bit on the CPU.
+episodes, and keeps ``latest.pt`` and (with ``config.keep_best``, the default for image data)
+``best.pt`` checkpoints that hold everything needed to resume bit-for-bit on the CPU.
 
 Under ``torch.distributed`` (``torchrun``) every rank runs the same loop on its share of each
 meta-batch (see :mod:`fmaml.distributed`); rank 0 alone writes metrics and checkpoints.
@@ -400,7 +400,9 @@ def train(
 
     Args:
         config: the run's settings; ignored when resuming (the checkpoint's are used).
-        out_dir: the run folder: ``metrics.jsonl``, ``latest.pt``, ``best.pt``.
+        out_dir: the run folder: ``metrics.jsonl``, ``latest.pt`` and, with
+            ``config.keep_best``, ``best.pt`` (the best validation score; the final model
+            when there is no validation split).
         resume: continue from ``out_dir/latest.pt``; ``"auto"``: continue if it exists,
             else start afresh (torchrun's elastic restarts use this).
         iterations: total iterations to reach; default ``config.iterations``.
@@ -452,7 +454,7 @@ def train(
                             _write(log, {"iteration": it, "split": "val", **result})
                         if _improves(state, result["score"]):
                             state.best = {"iteration": it, **result}
-                            if lead:
+                            if lead and config.keep_best:
                                 save_checkpoint(out / BEST, state_dict(state))
                 if it % config.checkpoint_every == 0 or it == total:
                     if ranks is not None:
@@ -480,8 +482,8 @@ def train(
     finally:
         if log is not None:
             log.close()
-    if lead and not (out / BEST).exists():  # no validation split: the final model is the best
-        save_checkpoint(out / BEST, state_dict(state))
+    if lead and config.keep_best and not (out / BEST).exists():
+        save_checkpoint(out / BEST, state_dict(state))  # no validation: the final model
     return state
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,10 +44,15 @@ def test_sinusoid_train_test_plot(tmp_path):
         *FAST,
     )
     assert result.exit_code == 0, result.output
-    assert {"latest.pt", "best.pt", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    assert {"latest.pt", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    assert not (run / "best.pt").exists(), "sinusoid: the final model is tested, as in the paper"
+    assert "the final model latest.pt (iteration 10) is the one to test" in result.output
     result = invoke("test", "--checkpoint", run, "--episodes", "20", "--json")
     assert result.exit_code == 0, result.output
+    assert f"checkpoint {run / 'latest.pt'}: iteration 10 of 10, the final model" in result.output
+    assert "K=5 MSE after each inner step (0 = before adapting): 0: " in result.output
     report = last_json(result.output)
+    assert report["checkpoint"] == str(run / "latest.pt") and report["iteration"] == 10
     assert report["episodes"] == 20 and set(report["results"]) == {"K=5", "K=10"}
     assert {"1", "5", "10"} <= set(report["results"]["K=5"])
     assert "sinusoid K=5, MSE on 20 tasks  1 step:" in result.output
@@ -254,7 +260,12 @@ def test_train_logs_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypa
     assert "validation mse " in lines[-1] and "(iteration 10)" not in lines[-1]
     assert len(lines) == 2, "15 s apart at most, and this run is shorter"
     done = result.output.splitlines()[-1]
+    assert done.startswith("done: 12 iterations; the final model latest.pt (iteration 12)")
+    assert "nan" not in done
+    kept = invoke(*args, "--iterations", "12", "--keep-best", "--out", tmp_path / "kept")
+    done = kept.output.splitlines()[-1]
     assert done.startswith("done: 12 iterations; best validation mse ") and "nan" not in done
+    assert re.search(r"at iteration (5|10|12) \(best\.pt; latest\.pt is iteration 12\)", done)
     monkeypatch.setattr(fmaml.cli, "LOG_EVERY_S", 0.0)
     result = invoke(*args, "--iterations", "6", "--out", tmp_path / "b")
     lines = [line for line in result.output.splitlines() if line.startswith("iteration ")]
@@ -300,7 +311,7 @@ def test_train_redirected_to_a_file_writes_progress_lines(tmp_path):
         )
     text = log.read_text()
     assert "iteration 1/30: loss " in text and "iteration 30/30: loss " in text
-    assert text.splitlines()[-1].startswith("done: 30 iterations; best validation mse")
+    assert text.splitlines()[-1].startswith("done: 30 iterations; the final model latest.pt")
 
 
 def test_plot_labels_say_what_each_curve_is(tmp_path):

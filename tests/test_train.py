@@ -122,8 +122,16 @@ def test_checkpoint_holds_everything_to_resume(tmp_path):
     assert TrainConfig.from_dict(saved["config"]) == resolve(tiny(algorithm="metasgd"))
 
 
+def test_sinusoid_keeps_the_final_model_only(tmp_path):
+    """The paper tests the final model; sinusoid validation tasks are not held out."""
+    state = train(tiny(iterations=40), tmp_path)
+    assert state.config.keep_best is False and not (tmp_path / "best.pt").exists()
+    assert load_checkpoint(tmp_path / "latest.pt")["iteration"] == 40
+    assert resolve(TrainConfig(dataset="omniglot")).keep_best is True
+
+
 def test_best_checkpoint_tracks_lowest_validation_mse(tmp_path):
-    state = train(tiny(), tmp_path)
+    state = train(tiny(keep_best=True), tmp_path)
     vals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in vals if r["split"] == "val"]
     best = min(vals, key=lambda r: r["score"])
@@ -208,7 +216,7 @@ def test_config_errors(field, value, message):
 
 def test_evaluate_state_reports_every_step(tmp_path):
     train(tiny(), tmp_path)
-    state = restore_state(tmp_path / "best.pt")
+    state = restore_state(tmp_path / "latest.pt")
     report = evaluate_state(state, num_episodes=50, num_steps=4, shots=5, query=5)
     assert report["episodes"] == 50 and len(report["steps"]) == 5
     again = evaluate_state(state, num_episodes=50, num_steps=4, shots=5, query=5)
