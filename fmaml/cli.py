@@ -524,6 +524,12 @@ def _duration(seconds: float) -> str:
     help="Omniglot: all classes of a task from one alphabet (Lake et al.; alphabets with "
     "fewer characters than --ways are skipped), or from any [the run's].",
 )
+@click.option(
+    "--inner-lr",
+    type=float,
+    default=None,
+    help="Inner rate at test [the run's; runs with learned rates use theirs].",
+)
 @click.option("--seed", type=int, default=None, help="Episode seed [fixed: same tasks for all].")
 @click.option("--device", default=None, help="[the run's device]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
@@ -537,6 +543,7 @@ def test(
     shots,
     query,
     within_alphabet,
+    inner_lr,
     seed,
     device,
     as_json,
@@ -567,7 +574,9 @@ def test(
         )
     echo(_checkpoint_line(path, state))
     if config.dataset == "sinusoid":
-        report = _test_sinusoid(state, path, split, episodes, inner_steps, shots, seed, echo)
+        report = _test_sinusoid(
+            state, path, split, episodes, inner_steps, shots, inner_lr, seed, echo
+        )
     else:
         result = evaluate_state(
             state,
@@ -578,6 +587,7 @@ def test(
             query=query,
             ways=ways,
             within_alphabet=within_alphabet,
+            inner_lr=inner_lr,
             seed=seed,
         )
         report = _test_classification(state, path, split, result, echo)
@@ -606,7 +616,7 @@ def _checkpoint_line(path: Path, state) -> str:
     )
 
 
-def _test_sinusoid(state, path, split, episodes, inner_steps, shots, seed, echo) -> dict:
+def _test_sinusoid(state, path, split, episodes, inner_steps, shots, inner_lr, seed, echo) -> dict:
     """Test a sinusoid run at K=5 and K=10 (or ``shots``); print and return the report."""
     from fmaml.problems import SINUSOID_EVAL_QUERY
     from fmaml.train import evaluate_state
@@ -618,7 +628,7 @@ def _test_sinusoid(state, path, split, episodes, inner_steps, shots, seed, echo)
         "iteration": state.iteration,
         "episodes": episodes,
         "inner_steps": steps,
-        "inner_lr": state.config.inner_lr,
+        "inner_lr": None,
         "query_points": SINUSOID_EVAL_QUERY,
         "metric": "mse",
         "seed": seed,
@@ -632,8 +642,10 @@ def _test_sinusoid(state, path, split, episodes, inner_steps, shots, seed, echo)
             num_steps=steps,
             shots=k,
             query=k,
+            inner_lr=inner_lr,
             seed=seed,
         )
+        report["inner_lr"] = result["inner_lr"]
         report["results"][f"K={k}"] = {
             str(s["step"]): {"mse": s["mean"], "ci95": s["ci95"], "median": s["median"]}
             for s in result["steps"]
@@ -645,7 +657,9 @@ def _test_sinusoid(state, path, split, episodes, inner_steps, shots, seed, echo)
             f"± {per_step[str(s)]['ci95']:.3f} (median {per_step[str(s)]['median']:.3f})"
             for s in shown
         )
-        echo(f"sinusoid {name}, MSE on {episodes} tasks  {cells}")
+        rate = report["inner_lr"]
+        rate = f"inner rate {rate}" if rate != "learned" else "learned inner rates"
+        echo(f"sinusoid {name}, MSE on {episodes} tasks ({rate})  {cells}")
         every = "  ".join(f"{s}: {cell['mse']:.3f}" for s, cell in per_step.items())
         echo(f"  {name} MSE after each inner step (0 = before adapting): {every}")
     return report
@@ -664,14 +678,15 @@ def _test_classification(state, path, split, result, echo) -> dict:
         else "custom"
     )
     tasks = protocol.get("protocol", "random-classes")
+    rate = result["inner_lr"] if result["inner_lr"] != "learned" else "learned rates"
     if tasks == "within-alphabet":
         used = ", ".join(f"{name} ({n})" for name, n in protocol["alphabets"].items())
         tasks += f" ({used} characters)"
     echo(
         f"{config.dataset} {result['ways']}-way {result['shots']}-shot, {tasks}, {split} split "
-        f"({config.split}, split seed {config.split_seed}): "
+        f"({config.split or 'default'}, split seed {config.split_seed}): "
         f"accuracy {100 * last['mean']:.2f} ± {100 * last['ci95']:.2f} % after "
-        f"{result['inner_steps']} inner steps "
+        f"{result['inner_steps']} inner steps at {rate} "
         f"(95% CI = 1.96·std/√n over {result['episodes']} episodes; "
         f"{result['query_per_class']} query per class, {query_protocol})"
     )
@@ -707,6 +722,7 @@ def _test_classification(state, path, split, result, echo) -> dict:
         "ci95": 100 * last["ci95"],
         "episodes": result["episodes"],
         "inner_steps": result["inner_steps"],
+        "inner_lr": result["inner_lr"],
         "query_per_class": result["query_per_class"],
         "seed": result["seed"],
         "accuracy_per_step": [100 * s["mean"] for s in result["steps"]],

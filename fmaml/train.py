@@ -624,6 +624,7 @@ def evaluate_state(
     query: int | None = None,
     ways: int | None = None,
     within_alphabet: bool | None = None,
+    inner_lr: float | None = None,
     seed: int = TEST_SEED,
     chunk: int | None = None,
     across_ranks: bool = True,
@@ -648,6 +649,8 @@ def evaluate_state(
         ways: classes per task (classification); default the config's.
         within_alphabet: Omniglot: draw each task's classes from one alphabet (``True``) or
             from all (``False``); default the config's.
+        inner_lr: the inner rate at test; default the config's (runs with learned rates
+            use theirs and refuse another).
         seed: the episodes depend on this alone.
         chunk: tasks adapted at once (memory, per rank); default the training meta-batch.
         across_ranks: ``False`` scores every episode in this process, even in a distributed
@@ -655,7 +658,7 @@ def evaluate_state(
 
     Returns:
         ``{"score_name", "split", "episodes", "inner_steps", "shots", "query_per_class",
-        "ways", "protocol", "iteration", "seed", "steps": [{"step", "mean", "ci95",
+        "ways", "inner_lr", "protocol", "iteration", "seed", "steps": [{"step", "mean", "ci95",
         "median"}, ...]}`` with one entry per step 0..num_steps; ``"protocol"`` is the
         problem's description of how the episodes were drawn (see
         :attr:`fmaml.problems.Problem.protocol`), e.g. ``{"protocol": "within-alphabet",
@@ -663,7 +666,8 @@ def evaluate_state(
 
     Raises:
         ValueError: ``ways`` or ``within_alphabet`` for a sinusoid run; ``within_alphabet``
-            for a dataset without alphabets.
+            for a dataset without alphabets; ``inner_lr`` for a run with learned rates, or
+            not positive.
         DataError: the split can't serve the episodes (too few classes, no alphabet with
             ``ways`` characters).
     """
@@ -681,6 +685,18 @@ def evaluate_state(
             "sinusoid task has one output. Leave them unset (--ways, --within-alphabet)."
         )
     evaluated = state
+    if inner_lr is not None:
+        if state.rates is not None:
+            raise ValueError(
+                f"evaluate_state(): this {config.algorithm} run learned its inner rates "
+                f"({'LSLR' if config.lslr else 'per element'}); they are used at test. Leave "
+                "inner_lr (--inner-lr) unset."
+            )
+        if not inner_lr > 0:
+            raise ValueError(f"evaluate_state(): inner_lr must be positive, got {inner_lr!r}.")
+        evaluated = dataclasses.replace(
+            state, config=dataclasses.replace(config, inner_lr=inner_lr)
+        )
     if any(getattr(config, name) != value for name, value in wanted.items()):
         other = build_problem(resolve(dataclasses.replace(config, **wanted)), check_train=False)
         problem = dataclasses.replace(
@@ -688,7 +704,7 @@ def evaluate_state(
             loss_fn=_stepwise_like(state.problem.loss_fn, other.loss_fn),
             score_fn=_stepwise_like(state.problem.score_fn, other.score_fn),
         )
-        evaluated = dataclasses.replace(state, problem=problem)
+        evaluated = dataclasses.replace(evaluated, problem=problem)
         if wanted["ways"] != config.ways:
             evaluated.params = _with_ways(state.params, config.ways, wanted["ways"])
             evaluated.rates = _with_ways(state.rates, config.ways, wanted["ways"])
@@ -716,6 +732,7 @@ def evaluate_state(
         "shots": wanted["shots"],
         "query_per_class": wanted["query"],
         "ways": wanted["ways"],
+        "inner_lr": evaluated.config.inner_lr if evaluated.rates is None else "learned",
         "protocol": problem.protocol(split) if problem.protocol is not None else {},
         "iteration": state.iteration,
         "seed": seed,

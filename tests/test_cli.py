@@ -55,7 +55,9 @@ def test_sinusoid_train_test_plot(tmp_path):
     assert report["checkpoint"] == str(run / "latest.pt") and report["iteration"] == 10
     assert report["episodes"] == 20 and set(report["results"]) == {"K=5", "K=10"}
     assert {"1", "5", "10"} <= set(report["results"]["K=5"])
-    assert "sinusoid K=5, MSE on 20 tasks  1 step:" in result.output
+    assert "sinusoid K=5, MSE on 20 tasks (inner rate 0.01)  1 step:" in result.output
+    slower = invoke("test", "--checkpoint", run, "--episodes", "20", "--inner-lr", "0.001")
+    assert "sinusoid K=5, MSE on 20 tasks (inner rate 0.001)  1 step:" in slower.output
     result = invoke("plot", run)
     assert result.exit_code == 0, result.output
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -228,11 +230,13 @@ def test_within_alphabet_test_of_a_2_way_model_at_3_ways(tmp_path, isolated_cach
     assert "with fewer than 3 characters: " in text
     assert "each of the 3 head rows starts at the mean of the 2 trained rows" in text
 
-    across = invoke(*args, "--json")
+    assert report["inner_lr"] == 0.4 and "after 2 inner steps at 0.4 " in text
+    across = invoke(*args, "--inner-lr", "0.1", "--json")
     assert across.exit_code == 0, across.output
     report = last_json(across.output)
     assert report["protocol"] == "across-alphabets" and report["ways"] == 2
-    assert "omniglot 2-way 1-shot, across-alphabets, test split" in across.output
+    assert report["inner_lr"] == 0.1
+    assert "omniglot 2-way 1-shot, across-alphabets, test split (alphabet:" in across.output
     refused = invoke(*args, "--within-alphabet", "--ways", "5")
     assert refused.exit_code == 1 and "Traceback" not in refused.output
     assert "5-way tasks need a group with at least 5 classes, but the largest has 4" in (

@@ -231,6 +231,21 @@ def test_evaluate_state_refuses_ways_and_alphabets_for_sinusoid(tmp_path):
         evaluate_state(state, num_episodes=4, within_alphabet=True)
 
 
+def test_evaluate_state_takes_another_inner_rate_unless_the_rates_are_learned(tmp_path):
+    state = train(tiny(iterations=2), tmp_path / "maml")
+    zero_ish = evaluate_state(state, num_episodes=8, num_steps=1, inner_lr=1e-12)
+    assert zero_ish["inner_lr"] == 1e-12
+    before, after = (s["mean"] for s in zero_ish["steps"])
+    assert after == pytest.approx(before, rel=1e-6), "a vanishing rate leaves the model as it is"
+    assert evaluate_state(state, num_episodes=8, num_steps=1)["inner_lr"] == 0.01
+    with pytest.raises(ValueError, match=r"inner_lr must be positive, got 0\.0"):
+        evaluate_state(state, num_episodes=8, inner_lr=0.0)
+    learned = train(tiny(iterations=2, algorithm="metasgd"), tmp_path / "metasgd")
+    assert evaluate_state(learned, num_episodes=8, num_steps=1)["inner_lr"] == "learned"
+    with pytest.raises(ValueError, match=r"this metasgd run learned its inner rates"):
+        evaluate_state(learned, num_episodes=8, inner_lr=0.1)
+
+
 def test_a_head_for_more_ways_starts_every_row_at_the_mean_of_the_trained_rows():
     params = {
         "body.w": torch.randn(3, 2),
