@@ -612,7 +612,11 @@ def _checkpoint_line(path: Path, state) -> str:
         + ("" if config.dataset == "sinusoid" else f"{config.ways}-way ")
         + f"{config.shots}-shot, {config.inner_steps} inner step"
         + ("s" if config.inner_steps > 1 else "")
-        + f" at {config.inner_lr}"
+        + (
+            f" at {config.inner_lr}"
+            if state.rates is None
+            else f", rates learned from {config.inner_lr}"
+        )
     )
 
 
