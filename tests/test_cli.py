@@ -58,6 +58,10 @@ def test_sinusoid_train_test_plot(tmp_path):
     assert "sinusoid K=5, MSE on 20 tasks (inner rate 0.01)  1 step:" in result.output
     slower = invoke("test", "--checkpoint", run, "--episodes", "20", "--inner-lr", "0.001")
     assert "sinusoid K=5, MSE on 20 tasks (inner rate 0.001)  1 step:" in slower.output
+    refused = invoke("test", "--checkpoint", run, "--ways", "5")
+    assert refused.exit_code == 2 and "--ways and --within-alphabet apply to classification" in (
+        refused.output
+    )
     result = invoke("plot", run)
     assert result.exit_code == 0, result.output
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
