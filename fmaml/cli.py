@@ -134,6 +134,13 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
     show_default=True,
     help="Shuffles proportional splits; keep it fixed to compare seeds on the same test classes.",
 )
+@click.option(
+    "--within-alphabet",
+    is_flag=True,
+    help="Omniglot: draw all classes of a task from one alphabet (Lake et al.'s harder "
+    "protocol; alphabets with fewer characters than --ways are skipped), for training, "
+    "validation and test.",
+)
 @click.option("--hidden", type=int, default=None, help="Filters / hidden units [paper].")
 @click.option(
     "--image-size",
@@ -143,6 +150,12 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
 )
 @click.option("--val-every", type=int, default=500, show_default=True)
 @click.option("--val-episodes", type=int, default=100, show_default=True)
+@click.option(
+    "--keep-best/--no-keep-best",
+    default=None,
+    help="Write best.pt, the best validation checkpoint, which `test RUN` then evaluates "
+    "[images: yes; sinusoid: no, the final model latest.pt is tested, as in the paper].",
+)
 @click.option("--checkpoint-every", type=int, default=500, show_default=True)
 @click.option(
     "--lslr/--no-lslr",
@@ -298,7 +311,7 @@ def _train(out, resume, iterations, download, lead: bool, options: dict) -> None
                 + (f"; restart {distributed.restart_count()}" if restarted else ""),
                 err=True,
             )
-    bar = _Progress()
+    bar = _Progress(iterations)
     interrupt = _Interrupt() if ranks is None else None
     try:
         state = run_training(
@@ -323,12 +336,26 @@ def _train(out, resume, iterations, download, lead: bool, options: dict) -> None
             err=True,
         )
         raise SystemExit(130)
-    best = state.best
-    click.echo(
-        f"done: {state.iteration} iterations; best validation {state.problem.score_name} "
-        f"{best.get('score', float('nan')):.4f} at iteration {best.get('iteration', '-')}; "
-        f"checkpoints in {out}"
-    )
+    click.echo(_done_line(state, out))
+
+
+def _done_line(state, out: Path) -> str:
+    """The last line of ``train``: what best.pt holds, plainly (also without validation)."""
+    best, name = state.best, state.problem.score_name
+    if not state.config.keep_best:
+        chosen = (
+            f"the final model latest.pt (iteration {state.iteration}) is the one to test; "
+            "no best.pt is kept (--no-keep-best, the sinusoid default: its validation tasks "
+            "are not held out, and the paper tests the final model)"
+        )
+    elif best.get("iteration") is None:
+        chosen = f"no validation split, so best.pt is the final model (iteration {state.iteration})"
+    else:
+        chosen = (
+            f"best validation {name} {best['score']:.4f} ± {best['ci95']:.4f} at iteration "
+            f"{best['iteration']} (best.pt; latest.pt is iteration {state.iteration})"
+        )
+    return f"done: {state.iteration} iterations; {chosen}; checkpoints in {out}"
 
 
 class _Interrupt:
@@ -378,42 +405,104 @@ def _strategy_overrides(chunk_size: str | None, workers: int | None, recompute) 
     return overrides
 
 
-class _Progress:
-    """A click progress bar fed by the training loop's per-step callback."""
+LOG_EVERY_S = 15.0
+"""Seconds between progress lines when stderr is not a terminal (a log file, a pipe)."""
 
-    def __init__(self) -> None:
+
+def _stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+class _Progress:
+    """Training progress from the loop's per-step callback, on stderr.
+
+    On a terminal, a click progress bar. Otherwise (``train ... > log 2>&1``) plain lines
+    naming the iteration, loss, score, rate and the last validation: at the first step, every
+    :data:`LOG_EVERY_S` seconds, and at the last step.
+
+    Args:
+        total: the iteration the run goes to (``None``: the config's ``iterations``).
+    """
+
+    def __init__(self, total: int | None = None) -> None:
+        self.total = total
         self.bar = None
+        self.lines = not _stderr_is_terminal()
+        self.started = False
         self.status = ""
         self.start = time.perf_counter()
-        self.first = None
+        self.first = 0
+        self.last_line = (self.start, 0)  # (time, iteration) of the last line written
+        self.validation = ""
 
     def update(self, state, metrics) -> None:
-        if self.bar is None:
+        now = time.perf_counter()
+        total = self.total or state.config.iterations
+        if not self.started:
+            self.started = True
             if state.problem.data:
                 click.echo(state.problem.data, err=True)
             click.echo(f"strategy: {state.strategy}", err=True)
-            total = state.config.iterations
             self.first = state.iteration - 1
-            self.bar = click.progressbar(
-                length=total,
-                label="meta-training",
-                file=sys.stderr,
-                item_show_func=lambda _: self.status,
-                show_pos=True,
+            self.last_line = (self.start, self.first)
+            if self.lines:
+                click.echo(
+                    f"meta-training to iteration {total}; a line every {LOG_EVERY_S:.0f} s",
+                    err=True,
+                )
+            else:
+                self.bar = click.progressbar(
+                    length=total,
+                    label="meta-training",
+                    file=sys.stderr,
+                    item_show_func=lambda _: self.status,
+                    show_pos=True,
+                )
+                self.bar.__enter__()
+                self.bar.update(self.first)
+        name = state.problem.score_name
+        if "validation" in metrics:
+            self.validation = (
+                f"; validation {name} {metrics['validation']:.4f} "
+                f"± {metrics['validation_ci95']:.4f} (iteration {state.iteration})"
             )
-            self.bar.__enter__()
-            self.bar.update(self.first)
-        done = state.iteration - self.first
-        rate = done * state.config.meta_batch / (time.perf_counter() - self.start)
-        score = metrics.get(state.problem.score_name)
-        self.status = (
-            f"loss {metrics['loss']:.3f} {state.problem.score_name} {score:.3f} {rate:.0f} tasks/s"
-        )
-        self.bar.update(1)
+        if self.bar is not None:
+            done = state.iteration - self.first
+            rate = done * state.config.meta_batch / (now - self.start)
+            self.status = (
+                f"loss {metrics['loss']:.3f} {name} {metrics[name]:.3f} {rate:.0f} tasks/s"
+            )
+            self.bar.update(1)
+            return
+        last_time, last_iteration = self.last_line
+        it = state.iteration
+        first = it - 1 == self.first
+        if not first and it < total and now - last_time < LOG_EVERY_S:
+            return
+        line = f"iteration {it}/{total}: loss {metrics['loss']:.4f} {name} {metrics[name]:.4f}, "
+        if first:  # no rate yet: the time so far is mostly start-up
+            line += f"first step done {_duration(now - self.start)} after start"
+        else:
+            rate = (it - last_iteration) / max(now - last_time, 1e-9)
+            line += (
+                f"{rate:.1f} it/s ({rate * state.config.meta_batch:.0f} tasks/s), "
+                f"{_duration(now - self.start)} elapsed, {_duration((total - it) / rate)} left"
+            )
+        click.echo(line + self.validation, err=True)
+        self.last_line = (now, it)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
+
+
+def _duration(seconds: float) -> str:
+    """``"42 s"``, ``"3.5 min"``, ``"2.1 h"``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @main.command()
@@ -431,6 +520,13 @@ class _Progress:
     default=None,
     help="Inner steps [sinusoid: 10, reporting 1/5/10; else the run's test setting].",
 )
+@click.option(
+    "--ways",
+    type=int,
+    default=None,
+    help="Classes per task [the run's]; other than trained, every head row starts at the "
+    "mean of the trained rows.",
+)
 @click.option("--shots", type=int, default=None, help="[sinusoid: 5 and 10; else the run's]")
 @click.option(
     "--query",
@@ -438,13 +534,40 @@ class _Progress:
     default=None,
     help="Query per class [the run's: paper protocol K; common practice 15].",
 )
+@click.option(
+    "--within-alphabet/--across-alphabets",
+    "within_alphabet",
+    default=None,
+    help="Omniglot: all classes of a task from one alphabet (Lake et al.; alphabets with "
+    "fewer characters than --ways are skipped), or from any [the run's].",
+)
+@click.option(
+    "--inner-lr",
+    type=float,
+    default=None,
+    help="Inner rate at test [the run's; runs with learned rates use theirs].",
+)
 @click.option("--seed", type=int, default=None, help="Episode seed [fixed: same tasks for all].")
 @click.option("--device", default=None, help="[the run's device]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
 @friendly_errors
-def test(checkpoint, split, episodes, inner_steps, shots, query, seed, device, as_json) -> None:
+def test(
+    checkpoint,
+    split,
+    episodes,
+    inner_steps,
+    ways,
+    shots,
+    query,
+    within_alphabet,
+    inner_lr,
+    seed,
+    device,
+    as_json,
+) -> None:
     """Evaluate a trained model on fixed held-out episodes: mean and 95% interval.
 
+    Prints the checkpoint and its iteration, then the score after every inner step.
     Under torchrun the episodes are split across the ranks (each reads the checkpoint) and
     rank 0 prints the result of the whole set.
     """
@@ -460,39 +583,17 @@ def test(checkpoint, split, episodes, inner_steps, shots, query, seed, device, a
     seed = TEST_SEED if seed is None else seed
     if episodes < 1:
         raise click.BadParameter(f"must be at least 1, got {episodes}", param_hint="--episodes")
-    if state.config.dataset == "sinusoid":
-        steps = 10 if inner_steps is None else inner_steps
-        report = {
-            "dataset": "sinusoid",
-            "checkpoint": str(path),
-            "episodes": episodes,
-            "inner_steps": steps,
-            "metric": "mse",
-            "seed": seed,
-            "results": {},
-        }
-        for k in [shots] if shots else [5, 10]:
-            result = evaluate_state(
-                state,
-                split=split,
-                num_episodes=episodes,
-                num_steps=steps,
-                shots=k,
-                query=k,
-                seed=seed,
-            )
-            report["results"][f"K={k}"] = {
-                str(s["step"]): {"mse": s["mean"], "ci95": s["ci95"], "median": s["median"]}
-                for s in result["steps"]
-            }
-        shown = [s for s in (1, 5, 10) if s <= steps] or [steps]
-        for name, per_step in report["results"].items():
-            cells = "  ".join(
-                f"{s} step{'s' if s > 1 else ''}: {per_step[str(s)]['mse']:.3f} "
-                f"± {per_step[str(s)]['ci95']:.3f} (median {per_step[str(s)]['median']:.3f})"
-                for s in shown
-            )
-            echo(f"sinusoid {name}, MSE on {episodes} tasks  {cells}")
+    config = state.config
+    if config.dataset == "sinusoid" and (ways is not None or within_alphabet):
+        raise click.UsageError(
+            "--ways and --within-alphabet apply to classification; a sinusoid task has one "
+            "output and no alphabets. Drop them."
+        )
+    echo(_checkpoint_line(path, state))
+    if config.dataset == "sinusoid":
+        report = _test_sinusoid(
+            state, path, split, episodes, inner_steps, shots, inner_lr, seed, echo
+        )
     else:
         result = evaluate_state(
             state,
@@ -501,44 +602,153 @@ def test(checkpoint, split, episodes, inner_steps, shots, query, seed, device, a
             num_steps=inner_steps,
             shots=shots,
             query=query,
+            ways=ways,
+            within_alphabet=within_alphabet,
+            inner_lr=inner_lr,
             seed=seed,
         )
-        last = result["steps"][-1]
-        config = state.config
-        protocol = (
-            "paper protocol: K per class"
-            if result["query_per_class"] == result["shots"]
-            else "common practice: 15 per class"
-            if result["query_per_class"] == 15
-            else "custom"
-        )
-        echo(
-            f"{config.dataset} {config.ways}-way {result['shots']}-shot, {split} split "
-            f"({config.split}, split seed {config.split_seed}): "
-            f"accuracy {100 * last['mean']:.2f} ± {100 * last['ci95']:.2f} % "
-            f"(95% CI = 1.96·std/√n over {result['episodes']} episodes; "
-            f"{result['inner_steps']} inner steps; {result['query_per_class']} query per class, "
-            f"{protocol})"
-        )
-        report = {
-            "dataset": config.dataset,
-            "checkpoint": str(path),
-            "split": split,
-            "classes_split_by": config.split,
-            "split_seed": config.split_seed,
-            "ways": config.ways,
-            "shots": result["shots"],
-            "accuracy": 100 * last["mean"],
-            "ci95": 100 * last["ci95"],
-            "episodes": result["episodes"],
-            "inner_steps": result["inner_steps"],
-            "query_per_class": result["query_per_class"],
-            "seed": seed,
-            "accuracy_per_step": [100 * s["mean"] for s in result["steps"]],
-        }
+        report = _test_classification(state, path, split, result, echo)
     if as_json:
         echo(json.dumps(report))
     distributed.shutdown()
+
+
+def _checkpoint_line(path: Path, state) -> str:
+    """``checkpoint RUN/best.pt: iteration 16000 of 70000 (best validation ...)``."""
+    config, best = state.config, state.best
+    which = f"iteration {state.iteration} of {config.iterations}"
+    if path.name == "best.pt" and best.get("iteration") == state.iteration:
+        which += (
+            f", the best validation {state.problem.score_name} "
+            f"({best['score']:.4f} on {config.val_episodes} episodes)"
+        )
+    elif state.iteration >= config.iterations:
+        which += ", the final model"
+    return (
+        f"checkpoint {path}: {which}; trained {config.algorithm} "
+        + ("" if config.dataset == "sinusoid" else f"{config.ways}-way ")
+        + f"{config.shots}-shot, {config.inner_steps} inner step"
+        + ("s" if config.inner_steps > 1 else "")
+        + (
+            f" at {config.inner_lr}"
+            if state.rates is None
+            else f", rates learned from {config.inner_lr}"
+        )
+    )
+
+
+def _test_sinusoid(state, path, split, episodes, inner_steps, shots, inner_lr, seed, echo) -> dict:
+    """Test a sinusoid run at K=5 and K=10 (or ``shots``); print and return the report."""
+    from fmaml.problems import SINUSOID_EVAL_QUERY
+    from fmaml.train import evaluate_state
+
+    steps = 10 if inner_steps is None else inner_steps
+    report = {
+        "dataset": "sinusoid",
+        "checkpoint": str(path),
+        "iteration": state.iteration,
+        "episodes": episodes,
+        "inner_steps": steps,
+        "inner_lr": None,
+        "query_points": SINUSOID_EVAL_QUERY,
+        "metric": "mse",
+        "seed": seed,
+        "results": {},
+    }
+    for k in [shots] if shots else [5, 10]:
+        result = evaluate_state(
+            state,
+            split=split,
+            num_episodes=episodes,
+            num_steps=steps,
+            shots=k,
+            query=k,
+            inner_lr=inner_lr,
+            seed=seed,
+        )
+        report["inner_lr"] = result["inner_lr"]
+        report["results"][f"K={k}"] = {
+            str(s["step"]): {"mse": s["mean"], "ci95": s["ci95"], "median": s["median"]}
+            for s in result["steps"]
+        }
+    shown = [s for s in (1, 5, 10) if s <= steps] or [steps]
+    for name, per_step in report["results"].items():
+        cells = "  ".join(
+            f"{s} step{'s' if s > 1 else ''}: {per_step[str(s)]['mse']:.3f} "
+            f"± {per_step[str(s)]['ci95']:.3f} (median {per_step[str(s)]['median']:.3f})"
+            for s in shown
+        )
+        rate = report["inner_lr"]
+        rate = f"inner rate {rate}" if rate != "learned" else "learned inner rates"
+        echo(f"sinusoid {name}, MSE on {episodes} tasks ({rate})  {cells}")
+        every = "  ".join(f"{s}: {cell['mse']:.3f}" for s, cell in per_step.items())
+        echo(f"  {name} MSE after each inner step (0 = before adapting): {every}")
+    return report
+
+
+def _test_classification(state, path, split, result, echo) -> dict:
+    """Print and return the report of a classification test (``evaluate_state``'s result)."""
+    config = state.config
+    last = result["steps"][-1]
+    protocol = result["protocol"]
+    query_protocol = (
+        "paper protocol: K per class"
+        if result["query_per_class"] == result["shots"]
+        else "common practice: 15 per class"
+        if result["query_per_class"] == 15
+        else "custom"
+    )
+    tasks = protocol.get("protocol", "random-classes")
+    rate = result["inner_lr"] if result["inner_lr"] != "learned" else "learned rates"
+    if tasks == "within-alphabet":
+        used = ", ".join(f"{name} ({n})" for name, n in protocol["alphabets"].items())
+        tasks += f" ({used} characters)"
+    echo(
+        f"{config.dataset} {result['ways']}-way {result['shots']}-shot, {tasks}, {split} split "
+        f"({config.split or 'default'}, split seed {config.split_seed}): "
+        f"accuracy {100 * last['mean']:.2f} ± {100 * last['ci95']:.2f} % after "
+        f"{result['inner_steps']} inner steps at {rate} "
+        f"(95% CI = 1.96·std/√n over {result['episodes']} episodes; "
+        f"{result['query_per_class']} query per class, {query_protocol})"
+    )
+    echo(
+        "  accuracy after each inner step (0 = before adapting): "
+        + "  ".join(
+            f"{s['step']}: {100 * s['mean']:.2f} ± {100 * s['ci95']:.2f} %" for s in result["steps"]
+        )
+    )
+    skipped = protocol.get("skipped_alphabets")
+    if skipped:
+        echo(
+            f"  skipped {len(skipped)} {split} alphabet(s) with fewer than {result['ways']} "
+            "characters: " + ", ".join(f"{name} ({n})" for name, n in skipped.items())
+        )
+    if result["ways"] != config.ways:
+        echo(
+            f"  trained {config.ways}-way: each of the {result['ways']} head rows starts at "
+            f"the mean of the {config.ways} trained rows"
+        )
+    return {
+        "dataset": config.dataset,
+        "checkpoint": str(path),
+        "iteration": result["iteration"],
+        "split": split,
+        "classes_split_by": config.split,
+        "split_seed": config.split_seed,
+        **protocol,
+        "ways": result["ways"],
+        "trained_ways": config.ways,
+        "shots": result["shots"],
+        "accuracy": 100 * last["mean"],
+        "ci95": 100 * last["ci95"],
+        "episodes": result["episodes"],
+        "inner_steps": result["inner_steps"],
+        "inner_lr": result["inner_lr"],
+        "query_per_class": result["query_per_class"],
+        "seed": result["seed"],
+        "accuracy_per_step": [100 * s["mean"] for s in result["steps"]],
+        "ci95_per_step": [100 * s["ci95"] for s in result["steps"]],
+    }
 
 
 def _silent(*args, **kwargs) -> None:

@@ -37,10 +37,16 @@ class TrainConfig:
     # Seeds the shuffle of proportional (and MAML's) splits. Apart from ``seed`` so that runs
     # with different seeds train and test on the same classes.
     split_seed: int = 0
+    # Omniglot: the classes of every task come from one alphabet (Lake et al.'s protocol).
+    within_alphabet: bool = False
     hidden: int | None = None
     image_size: int | None = None
     val_every: int = 500
     val_episodes: int = 100
+    # Write best.pt, the checkpoint with the best validation score. None: yes for image data
+    # (validation on held-out classes), no for the sinusoid: its validation tasks come from the
+    # training distribution, and the MAML paper tests the final model (latest.pt).
+    keep_best: bool | None = None
     checkpoint_every: int = 500
     log_every: int = 10
     device: str = "cpu"
@@ -74,6 +80,8 @@ class TrainConfig:
             )
         if "split_seed" not in values:  # saved before split_seed: the run's seed split the data
             values = {**values, "split_seed": values.get("seed", 0)}
+        if "keep_best" not in values:  # saved before keep_best: every run kept best.pt
+            values = {**values, "keep_best": True}
         return cls(**values)
 
 
@@ -225,6 +233,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         values["query"] = values["shots"]
     if values["eval_inner_steps"] is None:
         values["eval_inner_steps"] = values["inner_steps"]
+    if values["keep_best"] is None:
+        values["keep_best"] = config.dataset != "sinusoid"
     resolved = TrainConfig(**values)
     check(resolved)
     return resolved
@@ -293,5 +303,11 @@ def check(config: TrainConfig) -> None:
         Strategy(**config.strategy)
     except ValueError as error:  # Strategy() names the field and the value it got
         raise ConfigError(f"strategy: {error}") from None
+    if config.within_alphabet and config.dataset != "omniglot":
+        raise ConfigError(
+            f"--within-alphabet draws each task's classes from one Omniglot alphabet; "
+            f"--dataset {config.dataset} has no alphabets. Drop --within-alphabet or use "
+            "--dataset omniglot."
+        )
     if config.dataset != "sinusoid" and config.ways < 2:
         raise ConfigError(f"--ways must be at least 2 for classification, got {config.ways}.")

@@ -32,11 +32,18 @@ def data_root(config: TrainConfig) -> Path:
     return Path(DEFAULT_ROOTS[config.dataset])
 
 
-def image_problem(config: TrainConfig) -> Problem:
+def image_problem(config: TrainConfig, *, check_train: bool = True) -> Problem:
     """The :class:`~fmaml.problems.Problem` of an image config: data, conv4 and samplers.
 
     The images stay uint8 on ``config.device``; every meta-batch is drawn there at once. Omniglot
-    classes are rotated by a random multiple of 90 degrees per task (MAML protocol).
+    classes are rotated by a random multiple of 90 degrees per task (MAML protocol); with
+    ``config.within_alphabet`` the classes of each task come from one alphabet (alphabets with
+    fewer than ``ways`` characters are skipped; ``problem.protocol(split)`` lists them).
+
+    Args:
+        config: the run's settings.
+        check_train: build the training sampler now, so that a training split that can't
+            serve the tasks fails here; ``False``: on the first training meta-batch.
 
     Raises:
         DataError: the data is missing or cannot serve ``ways``-way ``shots + query`` tasks.
@@ -66,12 +73,27 @@ def image_problem(config: TrainConfig) -> Problem:
                 config.query,
                 rotate=rotate,
                 dtype=dtype,
+                within_groups=config.within_alphabet,
             )
         return samplers[split]
 
-    train_sampler = sampler("train")
+    def protocol(split: str) -> dict:
+        if config.dataset != "omniglot":
+            return {"protocol": "random-classes"}
+        if not config.within_alphabet:
+            return {"protocol": "across-alphabets"}
+        source = sampler(split)
+        return {
+            "protocol": "within-alphabet",
+            "alphabets": dict(source.groups),
+            "skipped_alphabets": dict(source.skipped_groups),
+        }
+
+    if check_train:
+        sampler("train")
 
     def sample(num_tasks: int, generator: torch.Generator, shard=None) -> Task:
+        train_sampler = sampler("train")
         spec = train_sampler.describe(num_tasks, generator)  # all of it: the same draws
         return train_sampler.gather(spec if shard is None else spec.slice(*shard))
 
@@ -86,7 +108,16 @@ def image_problem(config: TrainConfig) -> Problem:
 
     model = image_model(config, in_channels=channels)
     problem = classification_problem(model, config.shots, sample, episodes, config.loss_reduction)
-    return dataclasses.replace(problem, data=describe_splits(splits, config), splits=tuple(splits))
+    data = describe_splits(splits, config)
+    if config.within_alphabet and "train" in samplers:
+        skipped = samplers["train"].skipped_groups
+        data += f"; tasks within one alphabet ({config.ways}-way), " + (
+            "skipping training alphabets of fewer characters: "
+            + ", ".join(f"{name} ({count})" for name, count in skipped.items())
+            if skipped
+            else "no training alphabet skipped"
+        )
+    return dataclasses.replace(problem, data=data, protocol=protocol, splits=tuple(splits))
 
 
 def describe_splits(splits: dict, config: TrainConfig) -> str:

@@ -22,8 +22,71 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def run_settings(run_dir: str | Path) -> dict | None:
+    """The config of the run in ``run_dir`` (from ``latest.pt``, else ``best.pt``), or None."""
+    from fmaml.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint
+
+    for name in (LATEST, BEST):
+        path = Path(run_dir) / name
+        if path.is_file():
+            try:
+                return load_checkpoint(path)["config"]
+            except CheckpointError:
+                continue
+    return None
+
+
+def curve_labels(config: dict | None, score: str) -> dict[str, str]:
+    """What each curve of :func:`plot_run` is, in words: title and legend entries.
+
+    Validation usually runs more inner steps than training (sinusoid: 1 and 10), so the step
+    counts are part of the labels.
+
+    Example:
+        >>> labels = curve_labels({"dataset": "sinusoid", "algorithm": "maml", "shots": 10,
+        ...     "inner_steps": 1, "eval_inner_steps": 10, "meta_batch": 25,
+        ...     "val_episodes": 100}, "mse")
+        >>> labels["train"]
+        'training: query mse after 1 inner step (each meta-batch of 25 tasks)'
+        >>> labels["val"]
+        'validation: mse after 10 inner steps, 100 fixed tasks, ± 95% CI'
+    """
+    if config is None:
+        return {
+            "title": "",
+            "train": f"training: query {score} (each meta-batch)",
+            "smooth": "training, moving average",
+            "val": "validation ± 95% CI",
+            "loss": "training meta-loss",
+        }
+
+    def steps(n: int) -> str:
+        return f"{n} inner step{'s' if n != 1 else ''}"
+
+    if config["dataset"] == "sinusoid":
+        what, tasks = f"sinusoid K={config['shots']}", "tasks"
+    else:
+        within = ", within-alphabet" if config.get("within_alphabet") else ""
+        what = f"{config['dataset']} {config['ways']}-way {config['shots']}-shot{within}"
+        tasks = "episodes"
+    train_steps = steps(config["inner_steps"])
+    return {
+        "title": f"{config['algorithm']}, {what}",
+        "train": f"training: query {score} after {train_steps} "
+        f"(each meta-batch of {config['meta_batch']} tasks)",
+        "smooth": "training, moving average",
+        "val": f"validation: {score} after {steps(config['eval_inner_steps'])}, "
+        f"{config['val_episodes']} fixed {tasks}, ± 95% CI",
+        "loss": f"training meta-loss: query loss after {train_steps}",
+    }
+
+
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Plot the training and validation score (and training loss) against iteration.
+
+    The title names the algorithm and task; the legend says what each curve is, with the
+    inner steps behind it (validation usually runs more than training), read from the run's
+    checkpoint (:func:`curve_labels`).
 
     Returns:
         The path of the PNG written (default ``run_dir/curves.png``).
@@ -42,13 +105,14 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
             "has logged its first training row."
         )
     score = "accuracy" if "accuracy" in train[0] else "mse"
+    labels = curve_labels(run_settings(run_dir), score)
     scale = 100.0 if score == "accuracy" else 1.0
     fig, (ax_score, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     ax_score.plot(
         [r["iteration"] for r in train],
         [scale * r[score] for r in train],
         alpha=0.35,
-        label=f"train {score} (query, per meta-batch)",
+        label=labels["train"],
     )
     window = max(1, len(train) // 50)
     smooth = [
@@ -56,24 +120,26 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         / len(train[max(0, i - window + 1) : i + 1])
         for i in range(len(train))
     ]
-    ax_score.plot([r["iteration"] for r in train], smooth, label="train (moving average)")
+    ax_score.plot([r["iteration"] for r in train], smooth, label=labels["smooth"])
     if val:
         its = [r["iteration"] for r in val]
         means = [scale * r["score"] for r in val]
         cis = [scale * r["ci95"] for r in val]
-        ax_score.errorbar(its, means, yerr=cis, marker="o", capsize=3, label="validation ± 95% CI")
+        ax_score.errorbar(its, means, yerr=cis, marker="o", capsize=3, label=labels["val"])
     ax_score.set_xlabel("iteration")
     ax_score.set_ylabel(f"{score} (%)" if score == "accuracy" else score)
     if score == "mse":
         ax_score.set_yscale("log")
-    ax_score.legend()
+    ax_score.legend(fontsize="small")
     ax_score.grid(alpha=0.3)
     ax_loss.plot([r["iteration"] for r in train], [r["loss"] for r in train])
     ax_loss.set_xlabel("iteration")
     ax_loss.set_ylabel("meta-loss")
+    ax_loss.set_title(labels["loss"], fontsize="medium")
     ax_loss.set_yscale("log")
     ax_loss.grid(alpha=0.3)
-    fig.suptitle(str(Path(run_dir).name))
+    title = str(Path(run_dir).name)
+    fig.suptitle(f"{title}: {labels['title']}" if labels["title"] else title)
     fig.tight_layout()
     path = Path(output) if output else Path(run_dir) / "curves.png"
     fig.savefig(path, dpi=100)

@@ -68,6 +68,9 @@ class Problem:
             ``chunk`` tasks; with ``shard=(start, stop)`` only episodes ``start:stop``.
         data: one line saying which classes each split holds ("" where there are none).
         splits: the splits that hold tasks (``episodes`` raises :class:`EmptySplit` for others).
+        protocol: ``protocol(split) -> dict``: how the episodes of ``split`` are drawn,
+            ``{"protocol": name, ...}`` (Omniglot: ``"within-alphabet"`` with the alphabets
+            used and skipped, or ``"across-alphabets"``); ``None`` where there is no choice.
     """
 
     model: nn.Module
@@ -79,6 +82,7 @@ class Problem:
     episodes: Callable[..., Iterator[Task]]
     data: str = ""
     splits: tuple[str, ...] = ("train", "val", "test")
+    protocol: Callable[[str], dict] | None = None
 
 
 def dtype_of(config: TrainConfig) -> torch.dtype:
@@ -88,13 +92,20 @@ def dtype_of(config: TrainConfig) -> torch.dtype:
         raise ConfigError(f"--dtype must be float32 or float64, got {config.dtype!r}.") from None
 
 
-def build_problem(config: TrainConfig) -> Problem:
-    """The :class:`Problem` for a resolved config (see :func:`fmaml.config.resolve`)."""
+def build_problem(config: TrainConfig, *, check_train: bool = True) -> Problem:
+    """The :class:`Problem` for a resolved config (see :func:`fmaml.config.resolve`).
+
+    Args:
+        config: the run's settings.
+        check_train: check now that the training split can serve the config's tasks (a new
+            run fails before it starts); ``False`` for evaluation only, which may ask for
+            tasks (more ways, one alphabet) that the training split can't serve.
+    """
     if config.dataset == "sinusoid":
         return _sinusoid(config)
     from fmaml.image_problems import image_problem  # imports the data loaders only when needed
 
-    return image_problem(config)
+    return image_problem(config, check_train=check_train)
 
 
 def _sinusoid(config: TrainConfig) -> Problem:

@@ -1,8 +1,8 @@
 """The outer loop: the one stateful shell around the pure functions.
 
 ``train(config, out_dir)`` meta-trains, logs metrics to ``metrics.jsonl``, validates on fixed
-episodes, and keeps ``latest.pt`` and ``best.pt`` checkpoints that hold everything needed to
-resume bit-for-bit on the CPU.
+episodes, and keeps ``latest.pt`` and (with ``config.keep_best``, the default for image data)
+``best.pt`` checkpoints that hold everything needed to resume bit-for-bit on the CPU.
 
 Under ``torch.distributed`` (``torchrun``) every rank runs the same loop on its share of each
 meta-batch (see :mod:`fmaml.distributed`); rank 0 alone writes metrics and checkpoints.
@@ -438,8 +438,9 @@ def train(
 
     Args:
         config: the run's settings; ignored when resuming (the checkpoint's are used).
-        out_dir: the run folder: ``metrics.jsonl``, ``latest.pt`` and ``best.pt`` (the best
-            validation score; without a validation split, the same model as ``latest.pt``).
+        out_dir: the run folder: ``metrics.jsonl``, ``latest.pt`` and, with
+            ``config.keep_best``, ``best.pt`` (the best validation score; without a
+            validation split, the same model as ``latest.pt``, written with it).
         resume: continue from ``out_dir/latest.pt``; ``"auto"``: continue if it exists,
             else start afresh (torchrun's elastic restarts use this).
         iterations: iterations to reach in this call; default ``config.iterations``. Fewer
@@ -447,7 +448,8 @@ def train(
             the run longer: the new total is saved in its config, and the outer-rate schedule
             (``cosine_annealing``) follows it from here on.
         on_step: called after every step, on every rank, with the state and the step's
-            metrics (over the whole meta-batch).
+            metrics (over the whole meta-batch; ``validation`` and ``validation_ci95`` added
+            on the steps that validated).
         should_stop: asked after every completed step (single process only); when it says
             ``True``, the run writes ``latest.pt`` at that iteration and returns early, so
             ``resume=True`` continues exactly there (the CLI asks it on Ctrl-C).
@@ -477,7 +479,8 @@ def train(
     saved_at = state.iteration if state.iteration > 0 else None
     total = config.iterations if iterations is None else iterations
     # Without a validation split the best model is the latest: best.pt is written with it.
-    checkpoints = (LATEST,) if "val" in state.problem.splits else (LATEST, BEST)
+    without_validation = config.keep_best and "val" not in state.problem.splits
+    checkpoints = (LATEST, BEST) if without_validation else (LATEST,)
     window_start, window_tasks = time.perf_counter(), 0
     log = open(out / METRICS, "a") if lead else None
     try:
@@ -495,11 +498,13 @@ def train(
                 if it % config.val_every == 0 or it == total:
                     result = validate(state, ranks=ranks)
                     if result is not None:
+                        metrics["validation"] = result["score"]
+                        metrics["validation_ci95"] = result["ci95"]
                         if log is not None:
                             _write(log, {"iteration": it, "split": "val", **result})
                         if _improves(state, result["score"]):
                             state.best = {"iteration": it, **result}
-                            if lead:
+                            if lead and config.keep_best:
                                 save_checkpoint(out / BEST, state_dict(state))
                 if it % config.checkpoint_every == 0 or it == total:
                     if ranks is not None:
@@ -699,6 +704,9 @@ def evaluate_state(
     num_steps: int | None = None,
     shots: int | None = None,
     query: int | None = None,
+    ways: int | None = None,
+    within_alphabet: bool | None = None,
+    inner_lr: float | None = None,
     seed: int = TEST_SEED,
     chunk: int | None = None,
     across_ranks: bool = True,
@@ -709,35 +717,82 @@ def evaluate_state(
     rank must call) and every rank gets the report of the whole set: the same mean and
     interval as one process scoring the same episodes.
 
+    A model tested with other ``ways`` than it was trained with starts every task from a head
+    whose rows (and bias entries, and learned per-element rates) all equal the mean of the
+    trained ones: the classes of a MAML task come in random order, so the trained rows are
+    interchangeable and their mean is the one start that treats every class alike.
+
     Args:
         state: a trained run (:func:`train` or :func:`restore_state`).
         split: which classes (``"val"`` or ``"test"``; sinusoid draws fresh tasks).
         num_episodes: tasks to evaluate (600 in the MAML protocol).
         num_steps: inner steps; default the config's ``eval_inner_steps``.
         shots, query: support and query size per class; default the config's.
+        ways: classes per task (classification); default the config's.
+        within_alphabet: Omniglot: draw each task's classes from one alphabet (``True``) or
+            from all (``False``); default the config's.
+        inner_lr: the inner rate at test; default the config's (runs with learned rates
+            use theirs and refuse another).
         seed: the episodes depend on this alone.
         chunk: tasks adapted at once (memory, per rank); default the training meta-batch.
         across_ranks: ``False`` scores every episode in this process, even in a distributed
             job.
 
     Returns:
-        ``{"score_name", "episodes", "inner_steps", "shots", "query_per_class", "steps":
-        [{"step", "mean", "ci95", "median"}, ...]}`` with one entry per step 0..num_steps.
+        ``{"score_name", "split", "episodes", "inner_steps", "shots", "query_per_class",
+        "ways", "inner_lr", "protocol", "iteration", "seed", "steps": [{"step", "mean", "ci95",
+        "median"}, ...]}`` with one entry per step 0..num_steps; ``"protocol"`` is the
+        problem's description of how the episodes were drawn (see
+        :attr:`fmaml.problems.Problem.protocol`), e.g. ``{"protocol": "within-alphabet",
+        "alphabets": {...}, "skipped_alphabets": {...}}``.
+
+    Raises:
+        ConfigError: (a ``ValueError``) ``ways`` or ``within_alphabet`` for a sinusoid
+            run; ``within_alphabet`` for a dataset without alphabets; ``inner_lr`` for a run
+            with learned rates, or not positive.
+        DataError: the split can't serve the episodes (too few classes, no alphabet with
+            ``ways`` characters).
     """
     config = state.config
     num_steps = config.eval_inner_steps if num_steps is None else num_steps
-    shots = config.shots if shots is None else shots
-    query = config.query if query is None else query
-    problem = state.problem
-    if (shots, query) != (config.shots, config.query):
-        other = build_problem(resolve(dataclasses.replace(config, shots=shots, query=query)))
+    wanted = {
+        "shots": config.shots if shots is None else shots,
+        "query": config.query if query is None else query,
+        "ways": config.ways if ways is None else ways,
+        "within_alphabet": config.within_alphabet if within_alphabet is None else within_alphabet,
+    }
+    if config.dataset == "sinusoid" and (ways is not None or within_alphabet):
+        raise ConfigError(
+            "evaluate_state(): `ways` and `within_alphabet` apply to classification; a "
+            "sinusoid task has one output. Leave them unset (--ways, --within-alphabet)."
+        )
+    evaluated = state
+    if inner_lr is not None:
+        if state.rates is not None:
+            raise ConfigError(
+                f"evaluate_state(): this {config.algorithm} run learned its inner rates "
+                f"({'LSLR' if config.lslr else 'per element'}); they are used at test. Leave "
+                "inner_lr (--inner-lr) unset."
+            )
+        if not inner_lr > 0:
+            raise ConfigError(f"evaluate_state(): inner_lr must be positive, got {inner_lr!r}.")
+        evaluated = dataclasses.replace(
+            state, config=dataclasses.replace(config, inner_lr=inner_lr)
+        )
+    if any(getattr(config, name) != value for name, value in wanted.items()):
+        other = build_problem(resolve(dataclasses.replace(config, **wanted)), check_train=False)
         problem = dataclasses.replace(
             other,
             loss_fn=_stepwise_like(state.problem.loss_fn, other.loss_fn),
             score_fn=_stepwise_like(state.problem.score_fn, other.score_fn),
         )
+        evaluated = dataclasses.replace(evaluated, problem=problem)
+        if wanted["ways"] != config.ways:
+            evaluated.params = _with_ways(state.params, config.ways, wanted["ways"])
+            evaluated.rates = _with_ways(state.rates, config.ways, wanted["ways"])
+    problem = evaluated.problem
     scores = _episode_scores(
-        state,
+        evaluated,
         problem,
         split,
         num_episodes,
@@ -756,8 +811,27 @@ def evaluate_state(
         "split": split,
         "episodes": int(scores.shape[0]),
         "inner_steps": num_steps,
-        "shots": shots,
-        "query_per_class": query,
+        "shots": wanted["shots"],
+        "query_per_class": wanted["query"],
+        "ways": wanted["ways"],
+        "inner_lr": evaluated.config.inner_lr if evaluated.rates is None else "learned",
+        "protocol": problem.protocol(split) if problem.protocol is not None else {},
+        "iteration": state.iteration,
         "seed": seed,
         "steps": steps,
     }
+
+
+def _with_ways(tree, trained: int, ways: int):
+    """``tree`` (parameters or learned rates) with every ``head.*`` tensor of ``trained`` rows
+    resized to ``ways`` rows, each the mean of the trained rows (see :func:`evaluate_state`)."""
+    if tree is None:
+        return None
+    if isinstance(tree, list):
+        return [_with_ways(t, trained, ways) for t in tree]
+    resized = {}
+    for name, value in tree.items():
+        if name.startswith("head.") and value.dim() >= 1 and value.shape[0] == trained:
+            value = value.detach().mean(0, keepdim=True).expand(ways, *value.shape[1:]).clone()
+        resized[name] = value
+    return resized

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,13 +44,24 @@ def test_sinusoid_train_test_plot(tmp_path):
         *FAST,
     )
     assert result.exit_code == 0, result.output
-    assert {"latest.pt", "best.pt", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    assert {"latest.pt", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    assert not (run / "best.pt").exists(), "sinusoid: the final model is tested, as in the paper"
+    assert "the final model latest.pt (iteration 10) is the one to test" in result.output
     result = invoke("test", "--checkpoint", run, "--episodes", "20", "--json")
     assert result.exit_code == 0, result.output
+    assert f"checkpoint {run / 'latest.pt'}: iteration 10 of 10, the final model" in result.output
+    assert "K=5 MSE after each inner step (0 = before adapting): 0: " in result.output
     report = last_json(result.output)
+    assert report["checkpoint"] == str(run / "latest.pt") and report["iteration"] == 10
     assert report["episodes"] == 20 and set(report["results"]) == {"K=5", "K=10"}
     assert {"1", "5", "10"} <= set(report["results"]["K=5"])
-    assert "sinusoid K=5, MSE on 20 tasks  1 step:" in result.output
+    assert "sinusoid K=5, MSE on 20 tasks (inner rate 0.01)  1 step:" in result.output
+    slower = invoke("test", "--checkpoint", run, "--episodes", "20", "--inner-lr", "0.001")
+    assert "sinusoid K=5, MSE on 20 tasks (inner rate 0.001)  1 step:" in slower.output
+    refused = invoke("test", "--checkpoint", run, "--ways", "5")
+    assert refused.exit_code == 2 and "--ways and --within-alphabet apply to classification" in (
+        refused.output
+    )
     result = invoke("plot", run)
     assert result.exit_code == 0, result.output
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -166,6 +178,163 @@ def test_omniglot_layout_with_validation_split(tmp_path, isolated_cache):
     assert last_json(result.output)["query_per_class"] == 2
 
 
+def train_small_omniglot(tmp_path, *extra):
+    """2-way Omniglot on 4 generated alphabets: A, B of 4 characters, C, D of 2; one trains."""
+    sizes = {"AlphaA": 4, "AlphaB": 4, "AlphaC": 2, "AlphaD": 2}
+    make_omniglot(tmp_path / "omni", sizes, images_per_character=4)
+    run = tmp_path / "run"
+    result = invoke(
+        "train",
+        "--data-root",
+        tmp_path / "omni",
+        "--split",
+        "alphabet:0.25,0,0.75",
+        "--ways",
+        "2",
+        "--meta-batch",
+        "2",
+        "--hidden",
+        "4",
+        "--iterations",
+        "5",
+        "--no-download",
+        "--out",
+        run,
+        *FAST,
+        *extra,
+    )
+    assert result.exit_code == 0, result.output
+    return run, sizes, result
+
+
+def test_within_alphabet_test_of_a_2_way_model_at_3_ways(tmp_path, isolated_cache):
+    run, sizes, trained = train_small_omniglot(tmp_path)
+    assert "no validation split, so best.pt is the final model (iteration 5)" in trained.output
+    assert "nan" not in trained.output
+    args = ["test", "--checkpoint", run, "--episodes", "12", "--inner-steps", "2"]
+    result = invoke(*args, "--within-alphabet", "--ways", "3", "--shots", "1", "--json")
+    assert result.exit_code == 0, result.output
+    report = last_json(result.output)
+    assert report["protocol"] == "within-alphabet" and report["ways"] == 3
+    assert report["trained_ways"] == 2 and report["iteration"] == 5
+    assert report["checkpoint"] == str(run / "best.pt")
+    used, skipped = report["alphabets"], report["skipped_alphabets"]
+    assert all(sizes[name] == n >= 3 for name, n in used.items()) and used
+    assert all(sizes[name] == n < 3 for name, n in skipped.items()) and skipped
+    assert len(used) + len(skipped) == 3, "the three test alphabets"
+    assert len(report["accuracy_per_step"]) == len(report["ci95_per_step"]) == 3
+    assert report["accuracy"] == report["accuracy_per_step"][-1]
+    # equal head rows: equal logits before adapting, so the first class is always picked
+    assert report["accuracy_per_step"][0] == pytest.approx(100 / 3)
+    text = result.output
+    assert f"checkpoint {run / 'best.pt'}: iteration 5 of 5, the final model" in text
+    assert "omniglot 3-way 1-shot, within-alphabet (" in text
+    steps = text.split("accuracy after each inner step (0 = before adapting): ")[1]
+    assert all(f"{s}: " in steps.splitlines()[0] for s in range(3))
+    assert "with fewer than 3 characters: " in text
+    assert "each of the 3 head rows starts at the mean of the 2 trained rows" in text
+
+    assert report["inner_lr"] == 0.4 and "after 2 inner steps at 0.4 " in text
+    across = invoke(*args, "--inner-lr", "0.1", "--json")
+    assert across.exit_code == 0, across.output
+    report = last_json(across.output)
+    assert report["protocol"] == "across-alphabets" and report["ways"] == 2
+    assert report["inner_lr"] == 0.1
+    assert "omniglot 2-way 1-shot, across-alphabets, test split (alphabet:" in across.output
+    refused = invoke(*args, "--within-alphabet", "--ways", "5")
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "5-way tasks need a group with at least 5 classes, but the largest has 4" in (
+        refused.output
+    )
+
+
+def test_training_within_one_alphabet(tmp_path, isolated_cache):
+    run, _, trained = train_small_omniglot(tmp_path, "--within-alphabet")
+    assert "tasks within one alphabet (2-way), no training alphabet skipped" in trained.output
+    result = invoke("test", "--checkpoint", run, "--episodes", "6", "--json")
+    assert result.exit_code == 0, result.output
+    assert last_json(result.output)["protocol"] == "within-alphabet", "the run's protocol"
+
+
+def test_train_logs_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    import fmaml.cli
+
+    args = ["train", "--dataset", "sinusoid", "--meta-batch", "4", "--hidden", "8", *FAST]
+    result = invoke(*args, "--iterations", "12", "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("iteration ")]
+    assert lines[0].startswith("iteration 1/12: loss ") and "first step done" in lines[0]
+    assert lines[-1].startswith("iteration 12/12: loss ") and " it/s (" in lines[-1]
+    assert "validation mse " in lines[-1] and "(iteration 10)" not in lines[-1]
+    assert len(lines) == 2, "15 s apart at most, and this run is shorter"
+    done = result.output.splitlines()[-1]
+    assert done.startswith("done: 12 iterations; the final model latest.pt (iteration 12)")
+    assert "nan" not in done
+    kept = invoke(*args, "--iterations", "12", "--keep-best", "--out", tmp_path / "kept")
+    done = kept.output.splitlines()[-1]
+    assert done.startswith("done: 12 iterations; best validation mse ") and "nan" not in done
+    assert re.search(r"at iteration (5|10|12) \(best\.pt; latest\.pt is iteration 12\)", done)
+    monkeypatch.setattr(fmaml.cli, "LOG_EVERY_S", 0.0)
+    result = invoke(*args, "--iterations", "6", "--out", tmp_path / "b")
+    lines = [line for line in result.output.splitlines() if line.startswith("iteration ")]
+    assert [line.split(":")[0] for line in lines] == [f"iteration {i}/6" for i in range(1, 7)]
+    assert "validation mse" in lines[4] and "validation mse" not in lines[3]
+
+
+def test_train_shows_a_progress_bar_on_a_terminal(tmp_path, monkeypatch):
+    import fmaml.cli
+
+    monkeypatch.setattr(fmaml.cli, "_stderr_is_terminal", lambda: True)
+    args = ["train", "--dataset", "sinusoid", "--meta-batch", "4", "--hidden", "8", *FAST]
+    result = invoke(*args, "--iterations", "6", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "meta-training" in result.output and "iteration 1/6" not in result.output
+
+
+def test_train_redirected_to_a_file_writes_progress_lines(tmp_path):
+    """A real process, its output redirected: ``train ... > log 2>&1``."""
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        subprocess.run(
+            [
+                sys.executable,
+                "cli.py",
+                "train",
+                "--dataset",
+                "sinusoid",
+                "--iterations",
+                "30",
+                "--meta-batch",
+                "4",
+                "--hidden",
+                "8",
+                "--out",
+                str(tmp_path / "run"),
+                *FAST,
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=True,
+        )
+    text = log.read_text()
+    assert "iteration 1/30: loss " in text and "iteration 30/30: loss " in text
+    assert text.splitlines()[-1].startswith("done: 30 iterations; the final model latest.pt")
+
+
+def test_plot_labels_say_what_each_curve_is(tmp_path):
+    from fmaml.plot import curve_labels, run_settings
+
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "sinusoid", "--meta-batch", "4", "--hidden", "8", *FAST]
+    assert invoke(*args, "--iterations", "5", "--out", run).exit_code == 0
+    labels = curve_labels(run_settings(run), "mse")
+    assert labels["title"] == "maml, sinusoid K=10"
+    assert labels["train"].startswith("training: query mse after 1 inner step (")
+    assert labels["val"] == "validation: mse after 10 inner steps, 4 fixed tasks, ± 95% CI"
+    assert run_settings(tmp_path) is None and "inner step" not in curve_labels(None, "mse")["val"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -183,6 +352,11 @@ def test_omniglot_layout_with_validation_split(tmp_path, isolated_cache):
         (
             ["train", "--dataset", "sinusoid", "--workers", "0"],
             "`workers` must be an integer of at least 1",
+        ),
+        (
+            ["train", "--dataset", "sinusoid", "--within-alphabet"],
+            "--within-alphabet draws each task's classes from one Omniglot alphabet; "
+            "--dataset sinusoid has no alphabets",
         ),
     ],
 )

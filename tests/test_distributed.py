@@ -60,6 +60,7 @@ def tiny(**changes) -> TrainConfig:
         log_every=5,
         hidden=8,
         dtype="float64",
+        keep_best=True,  # best.pt is compared across ranks
     )
     values.update(changes)
     return TrainConfig(**values)

@@ -586,6 +586,53 @@ def test_gather_float64():
     assert sampler.sample(2, generator()).support[0].dtype == torch.float64
 
 
+def in_groups(sizes: list[int], groups: list[str]) -> ClassImages:
+    data = coded_images(sizes)
+    return ClassImages(data.images, data.labels, data.class_names, tuple(groups))
+
+
+def test_within_groups_tasks_take_every_class_from_one_group():
+    # groups: A 4 classes, B 3, C 2 (too small for 3-way: skipped)
+    data = in_groups([4] * 9, ["A"] * 4 + ["B"] * 3 + ["C"] * 2)
+    sampler = EpisodeSampler(data, 3, 1, 2, rotate=True, within_groups=True)
+    assert sampler.groups == {"A": 4, "B": 3} and sampler.skipped_groups == {"C": 2}
+    spec = sampler.describe(400, generator(3))
+    group_of = [data.groups[c] for c in range(data.num_classes)]
+    used = [{group_of[c] for c in task.tolist()} for task in spec.classes]
+    assert all(len(groups) == 1 for groups in used)
+    counts = {g: sum(groups == {g} for groups in used) for g in ("A", "B", "C")}
+    assert counts["C"] == 0
+    assert 150 < counts["A"] < 250 and 150 < counts["B"] < 250  # groups drawn uniformly
+    assert all(len(set(task.tolist())) == 3 for task in spec.classes)
+    assert int(spec.rotations.max()) > 0  # rotations as in the plain protocol
+    task = sampler.gather(spec)
+    assert task.support[0].shape == (400, 3, 1, 4, 4)
+
+
+def test_within_groups_episodes_are_fixed_by_the_seed():
+    data = in_groups([3] * 6, ["A"] * 3 + ["B"] * 3)
+    sampler = EpisodeSampler(data, 2, 1, 1, within_groups=True)
+    a, b = fixed_episodes(sampler, 50, seed=1), fixed_episodes(sampler, 50, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_within_groups_needs_a_group_large_enough():
+    data = in_groups([3] * 5, ["A"] * 3 + ["B"] * 2)
+    with pytest.raises(
+        DataError,
+        match=r"within-alphabet\) 4-way tasks need a group with at least 4 classes, but the "
+        r"largest has 3 \(A 3, B 2\)\. Lower --ways to 3 or less",
+    ):
+        EpisodeSampler(data, 4, 1, 1, within_groups=True)
+
+
+def test_within_groups_needs_groups():
+    with pytest.raises(
+        DataError, match=r"3 of 3 classes have no group \(e\.g\. 'class0'\)\. Use Omniglot's"
+    ):
+        EpisodeSampler(coded_images([3] * 3), 2, 1, 1, within_groups=True)
+
+
 def test_sampler_refuses_too_few_classes():
     with pytest.raises(
         DataError,

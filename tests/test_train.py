@@ -122,8 +122,16 @@ def test_checkpoint_holds_everything_to_resume(tmp_path):
     assert TrainConfig.from_dict(saved["config"]) == resolve(tiny(algorithm="metasgd"))
 
 
+def test_sinusoid_keeps_the_final_model_only(tmp_path):
+    """The paper tests the final model; sinusoid validation tasks are not held out."""
+    state = train(tiny(iterations=40), tmp_path)
+    assert state.config.keep_best is False and not (tmp_path / "best.pt").exists()
+    assert load_checkpoint(tmp_path / "latest.pt")["iteration"] == 40
+    assert resolve(TrainConfig(dataset="omniglot")).keep_best is True
+
+
 def test_best_checkpoint_tracks_lowest_validation_mse(tmp_path):
-    state = train(tiny(), tmp_path)
+    state = train(tiny(keep_best=True), tmp_path)
     vals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in vals if r["split"] == "val"]
     best = min(vals, key=lambda r: r["score"])
@@ -166,7 +174,7 @@ def test_atomic_write_keeps_the_old_checkpoint_on_a_crash(tmp_path, monkeypatch)
         save_checkpoint(path, {"iteration": 3})
     monkeypatch.undo()
     assert load_checkpoint(path)["iteration"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "latest.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt", "metrics.jsonl"]
 
 
 def test_checkpoint_errors(tmp_path):
@@ -213,11 +221,51 @@ def test_config_errors(field, value, message):
 
 def test_evaluate_state_reports_every_step(tmp_path):
     train(tiny(), tmp_path)
-    state = restore_state(tmp_path / "best.pt")
+    state = restore_state(tmp_path / "latest.pt")
     report = evaluate_state(state, num_episodes=50, num_steps=4, shots=5, query=5)
     assert report["episodes"] == 50 and len(report["steps"]) == 5
     again = evaluate_state(state, num_episodes=50, num_steps=4, shots=5, query=5)
     assert report == again, "fixed episodes: the same seed gives the same numbers"
+
+
+def test_evaluate_state_refuses_ways_and_alphabets_for_sinusoid(tmp_path):
+    state = train(tiny(iterations=2), tmp_path)
+    with pytest.raises(ValueError, match=r"`ways` and `within_alphabet` apply to classification"):
+        evaluate_state(state, num_episodes=4, ways=5)
+    with pytest.raises(ValueError, match=r"a sinusoid task has one output"):
+        evaluate_state(state, num_episodes=4, within_alphabet=True)
+
+
+def test_evaluate_state_takes_another_inner_rate_unless_the_rates_are_learned(tmp_path):
+    state = train(tiny(iterations=2), tmp_path / "maml")
+    zero_ish = evaluate_state(state, num_episodes=8, num_steps=1, inner_lr=1e-12)
+    assert zero_ish["inner_lr"] == 1e-12
+    before, after = (s["mean"] for s in zero_ish["steps"])
+    assert after == pytest.approx(before, rel=1e-6), "a vanishing rate leaves the model as it is"
+    assert evaluate_state(state, num_episodes=8, num_steps=1)["inner_lr"] == 0.01
+    with pytest.raises(ValueError, match=r"inner_lr must be positive, got 0\.0"):
+        evaluate_state(state, num_episodes=8, inner_lr=0.0)
+    learned = train(tiny(iterations=2, algorithm="metasgd"), tmp_path / "metasgd")
+    assert evaluate_state(learned, num_episodes=8, num_steps=1)["inner_lr"] == "learned"
+    with pytest.raises(ValueError, match=r"this metasgd run learned its inner rates"):
+        evaluate_state(learned, num_episodes=8, inner_lr=0.1)
+
+
+def test_a_head_for_more_ways_starts_every_row_at_the_mean_of_the_trained_rows():
+    params = {
+        "body.w": torch.randn(3, 2),
+        "head.weight": torch.randn(2, 4),
+        "head.bias": torch.tensor([1.0, 3.0]),
+    }
+    rates = [{"head.weight": torch.full((2, 4), 0.5), "head.bias": torch.tensor(0.1)}]
+    resized = train_module._with_ways(params, 2, 5)
+    assert torch.equal(resized["body.w"], params["body.w"])
+    assert resized["head.bias"].tolist() == [2.0] * 5
+    expected = params["head.weight"].mean(0).expand(5, 4)
+    assert torch.allclose(resized["head.weight"], expected)
+    (rate,) = train_module._with_ways(rates, 2, 5)
+    assert rate["head.weight"].shape == (5, 4) and rate["head.bias"].shape == ()
+    assert train_module._with_ways(None, 2, 5) is None
 
 
 def test_the_strategy_is_chosen_saved_and_kept_on_resume(tmp_path):

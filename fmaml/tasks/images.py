@@ -602,6 +602,12 @@ class EpisodeSampler:
     ``rotate=True`` each class of each task is turned by a random multiple of 90 degrees
     (the MAML Omniglot protocol, applied at test time too).
 
+    With ``within_groups=True`` every task takes all its classes from one group
+    (``data.groups``; for Omniglot an alphabet: Lake et al.'s within-alphabet protocol, whose
+    classes look alike). Each task's group is drawn uniformly from the groups that hold at
+    least ``num_ways`` classes; the smaller ones are skipped and listed in
+    :attr:`skipped_groups`.
+
     The sampler holds no random state: every draw takes a ``torch.Generator``.
 
     Args:
@@ -612,12 +618,20 @@ class EpisodeSampler:
         rotate: draw a rotation in ``{0, 90, 180, 270}`` degrees per class per task (square
             images only).
         dtype: floating dtype of the images :meth:`gather` returns (values in ``[0, 1]``).
+        within_groups: draw the classes of each task from one group (see above).
+
+    Attributes:
+        groups: with ``within_groups``, ``{group: number of classes}`` of the groups drawn
+            from; else ``{}``.
+        skipped_groups: with ``within_groups``, ``{group: number of classes}`` of the groups
+            with fewer than ``num_ways`` classes, which no task uses; else ``{}``.
 
     Raises:
         ValueError: a non-positive ``num_ways``, ``num_shots`` or ``num_query``; ``rotate``
             with non-square images.
         DataError: fewer classes than ``num_ways``, or a class with fewer than
-            ``num_shots + num_query`` images.
+            ``num_shots + num_query`` images; with ``within_groups``, classes without a group,
+            or no group with ``num_ways`` classes.
 
     Example:
         >>> import torch
@@ -638,6 +652,7 @@ class EpisodeSampler:
         *,
         rotate: bool = False,
         dtype: torch.dtype = torch.float32,
+        within_groups: bool = False,
     ) -> None:
         where = "EpisodeSampler()"
         self.num_ways = _positive_int(num_ways, "num_ways", where)
@@ -671,7 +686,12 @@ class EpisodeSampler:
         self.data = data
         self.rotate = bool(rotate)
         self.dtype = dtype
+        self.within_groups = bool(within_groups)
+        self.groups: dict[str, int] = {}
+        self.skipped_groups: dict[str, int] = {}
         device = data.device
+        if self.within_groups:
+            self._group_of_class, self._group_ids = self._eligible_groups(where)
         # table[c, i] is the row of the i-th image of class c; rows past sizes[c] are padding.
         order = torch.argsort(data.labels, stable=True)
         sizes_dev = sizes.to(device)
@@ -689,6 +709,36 @@ class EpisodeSampler:
             self._rotation_index = torch.stack(
                 [torch.rot90(base, k, dims=(0, 1)).flatten() for k in range(4)]
             )
+
+    def _eligible_groups(self, where: str) -> tuple[Tensor, Tensor]:
+        """``(group index of each class [num_classes], indices of the usable groups)``."""
+        groups = self.data.groups or ()
+        ungrouped = [
+            name for name, g in zip(self.data.class_names, groups, strict=True) if g is None
+        ]
+        if ungrouped:
+            raise DataError(
+                f"{where}: within_groups=True (--within-alphabet) draws each task's classes "
+                f"from one group (an Omniglot alphabet), but {len(ungrouped)} of "
+                f"{self.data.num_classes} classes have no group (e.g. {ungrouped[0]!r}). Use "
+                "Omniglot's <alphabet>/<character>/ layout, or drop --within-alphabet."
+            )
+        names = sorted({str(g) for g in groups})
+        index = {name: i for i, name in enumerate(names)}
+        group_of_class = torch.tensor([index[str(g)] for g in groups], dtype=torch.int64)
+        sizes = torch.bincount(group_of_class, minlength=len(names)).tolist()
+        self.groups = {n: k for n, k in zip(names, sizes, strict=True) if k >= self.num_ways}
+        self.skipped_groups = {n: k for n, k in zip(names, sizes, strict=True) if k < self.num_ways}
+        if not self.groups:
+            listing = ", ".join(f"{n} {k}" for n, k in zip(names, sizes, strict=True))
+            raise DataError(
+                f"{where}: within-group (within-alphabet) {self.num_ways}-way tasks need a "
+                f"group with at least {self.num_ways} classes, but the largest has "
+                f"{max(sizes)} ({listing}). Lower --ways to {max(sizes)} or less, or choose a "
+                "split whose alphabets are larger."
+            )
+        usable = torch.tensor([index[n] for n in self.groups], dtype=torch.int64)
+        return group_of_class.to(self.device), usable.to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -730,6 +780,14 @@ class EpisodeSampler:
             device=draw_on,
             dtype=torch.float64,
         ).to(self.device)
+        if self.within_groups:
+            # one group per task; classes of other groups get keys below every uniform draw
+            pick = torch.randint(
+                0, len(self._group_ids), (num_tasks,), generator=generator, device=draw_on
+            ).to(self.device)
+            chosen = self._group_ids[pick]
+            same = self._group_of_class[None, :] == chosen[:, None]
+            class_keys = torch.where(same, class_keys, -1.0)
         classes = class_keys.topk(self.num_ways, dim=1).indices
         image_keys = torch.rand(
             num_tasks,
@@ -799,9 +857,10 @@ class EpisodeSampler:
         return self.gather(self.describe(num_tasks, generator))
 
     def __repr__(self) -> str:
+        within = ", within_groups=True" if self.within_groups else ""
         return (
             f"EpisodeSampler({self.num_ways}-way, {self.num_shots}-shot, "
-            f"num_query={self.num_query}, rotate={self.rotate}, data={self.data!r})"
+            f"num_query={self.num_query}, rotate={self.rotate}{within}, data={self.data!r})"
         )
 
 
