@@ -15,6 +15,16 @@ DTYPE = torch.float64
 TINY = (2, 3, 3, 4)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions on one intra-op thread: with two, OpenMP's spinning barriers make
+    these tests several times slower on a machine whose other core is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(num_classes=3, in_channels=1, widths=TINY):
     torch.manual_seed(0)
     return fmaml.nn.resnet12(num_classes, in_channels, widths).to(DTYPE)
