@@ -11,7 +11,9 @@ mini-ImageNet-shaped tasks (5-way 1-shot, 15 query per class, 84x84x3, random pi
    every parameter), and report the peak minus the memory before it. The child runs with
    ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns every freed tensor above 64 KiB to
    the OS at once: resident memory then follows the live tensors, and a block freed and
-   kept by the allocator is not counted as in use (or missed when reused).
+   kept by the allocator is not counted as in use (or missed when reused). It makes each
+   allocation a system call and its pages fault in each time: the seconds reported are
+   slower than a normal process's (about 2x for the CPU result in ``benchmarks/results``).
    On CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step.
 
 The two strategies compared are ``Strategy(chunk_size=1)`` (one task at a time, the graph of
