@@ -22,8 +22,8 @@ each step's parameters kept, the step recomputed in the backward). Both give the
 and meta-gradient (checked here: the loss and the gradient's norm are printed; exactly in
 ``tests/test_resnet12.py``).
 
-    python benchmarks/resnet12_memory.py                      # MetaOptNet's widths: slow on a CPU
-    python benchmarks/resnet12_memory.py --widths 16 40 80 160 --num-tasks 2
+    python benchmarks/resnet12_memory.py --num-tasks 1 --threads 1   # 5 min on 2 CPU cores
+    python benchmarks/resnet12_memory.py --widths 16 40 80 160 --num-tasks 2 --threads 1
     python benchmarks/resnet12_memory.py --device cuda --num-tasks 4
 """
 
