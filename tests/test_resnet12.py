@@ -97,6 +97,21 @@ def test_block_is_residual():
     assert not torch.allclose(out, block(x))
 
 
+def test_support_statistics_reach_every_block():
+    """With the query normalised by the support's statistics (MAML++ BNRS, leak-free), a
+    query image's output does not depend on the other query images: every BatchNorm inside
+    the residual blocks and shortcuts takes the support's statistics."""
+    model = tiny_model()
+    params = fmaml.params_of(model)
+    loss_fn = fmaml.supervised_loss(model, F.cross_entropy)
+    g = torch.Generator().manual_seed(0)
+    support, query = torch.randn(2, 6, 1, 16, 16, generator=g, dtype=DTYPE)
+    together = loss_fn.predict(params, query, stats_from=support)
+    alone = loss_fn.predict(params, query[:1], stats_from=support)
+    torch.testing.assert_close(together[:1], alone)
+    assert not torch.allclose(loss_fn.predict(params, query)[:1], alone)
+
+
 def meta_setup(num_steps=2):
     model = tiny_model()
     params = fmaml.params_of(model)
@@ -183,9 +198,9 @@ def test_error_bad_settings(kwargs, match):
 @pytest.mark.parametrize(
     "shape, match",
     [
-        ((2, 3, 15, 84), r"at least 16 .*got \[2, 3, 15, 84\].*resize images smaller"),
-        ((2, 1, 28, 28), r"expected images \[n, 3, height, width\].*got \[2, 1, 28, 28\]"),
-        ((3, 84, 84), r"got \[3, 84, 84\]. Pass in_channels="),
+        ((2, 3, 15, 84), r"at least 16 .*got \[2, 3, 15, 84\]\. Resize the images to at least"),
+        ((2, 1, 28, 28), r"\[n, 3, height, width\].*got \[2, 1, 28, 28\]\. .*in_channels=1 "),
+        ((3, 84, 84), r"got \[3, 84, 84\]\. Pass a batch .*x\.unsqueeze\(0\)"),
     ],
 )
 def test_error_bad_input(shape, match):

@@ -62,12 +62,16 @@ class ResNet12Body(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[2:]) < MIN_SIZE:
+            if x.dim() != 4:
+                fix = "Pass a batch of images (x.unsqueeze(0) for a single image)."
+            elif x.shape[1] != self.in_channels:
+                fix = f"Build the model with in_channels={x.shape[1]} to match the images."
+            else:
+                fix = f"Resize the images to at least {MIN_SIZE}x{MIN_SIZE} (mini-ImageNet: 84x84)."
             raise ValueError(
                 f"resnet12(): expected images [n, {self.in_channels}, height, width] with "
                 f"height and width at least {MIN_SIZE} (four 2x2 max-pools), got "
-                f"{list(x.shape)}. Pass in_channels= to match the images' channels, and "
-                f"resize images smaller than {MIN_SIZE}x{MIN_SIZE} "
-                "(mini-ImageNet is 84x84)."
+                f"{list(x.shape)}. {fix}"
             )
         for i in range(4):
             x = getattr(self, f"block{i}")(x)
