@@ -68,3 +68,20 @@ def test_sinusoid_reference_meta_gradient_equals_fmamls():
     torch.testing.assert_close(loss, their_loss, rtol=1e-12, atol=0)
     for mine, other in zip(grads, their_grads, strict=True):
         torch.testing.assert_close(mine, other, rtol=1e-10, atol=1e-12)
+
+
+def test_resnet12_memory_script_runs_and_strategies_agree():
+    """Each setting in its own process; kept and recomputed inner steps give the same step."""
+    script = load("resnet12_memory")
+    rows = script.run(
+        widths=(2, 2, 2, 2), num_tasks=1, steps=(2,), image_size=16, num_query=2, threads=1
+    )
+    kept, recomputed = rows
+    assert (kept["strategy"], recomputed["strategy"]) == ("kept", "recomputed")
+    assert kept["num_steps"] == recomputed["num_steps"] == 2
+    assert kept["peak_mb"] > 0 and recomputed["peak_mb"] > 0
+    assert kept["loss"] == pytest.approx(recomputed["loss"], rel=1e-5)
+    assert kept["grad_norm"] == pytest.approx(recomputed["grad_norm"], rel=1e-4)
+    assert kept["grad_norm"] > 0
+    text = script.table(rows)
+    assert "| 2 |" in text and text.rstrip().endswith("| yes |")
