@@ -13,7 +13,14 @@ This module imports nothing: every other module may use it.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "FmamlError", "InputError", "NonFiniteError", "WriteError"]
+__all__ = [
+    "ConfigError",
+    "FmamlError",
+    "InputError",
+    "NonFiniteError",
+    "WriteError",
+    "check_positive_int",
+]
 
 
 class FmamlError(Exception):
@@ -34,3 +41,18 @@ class WriteError(FmamlError, OSError):
 
 class NonFiniteError(FmamlError, FloatingPointError):
     """Training met a NaN or infinite meta-loss or meta-gradient; the step was not taken."""
+
+
+def check_positive_int(value: object, name: str, where: str) -> int:
+    """``value`` if it is an int of at least 1 (not a bool).
+
+    Raises:
+        ConfigError: otherwise, naming ``where`` (the function) and ``name`` (the argument).
+
+    Example:
+        >>> check_positive_int(3, "num_ways", "sampler()")
+        3
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: `{name}` must be a positive int, got {value!r}.")
+    return value

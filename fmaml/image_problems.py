@@ -11,7 +11,8 @@ import torch
 from fmaml.config import TrainConfig
 from fmaml.errors import ConfigError
 from fmaml.problems import EmptySplit, Problem, classification_problem, dtype_of, image_model
-from fmaml.tasks.images import EpisodeSampler, fixed_episodes, load_splits
+from fmaml.tasks.datasets import load_splits
+from fmaml.tasks.images import EpisodeSampler, fixed_episodes
 from fmaml.types import Task
 
 DEFAULT_ROOTS = {"omniglot": "data/omniglot", "miniimagenet": "data/miniimagenet"}

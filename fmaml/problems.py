@@ -1,7 +1,8 @@
 """A meta-learning problem: a model, its losses and where its tasks come from.
 
-The training loop and the evaluation command see only a :class:`Problem`; this module is the
-one place that knows each dataset.
+The training loop and the evaluation command see only a :class:`Problem`. This module holds
+what every problem shares and the sinusoid problem; :mod:`fmaml.image_problems` builds on it
+for image data, and :func:`fmaml.train.build_problem` picks one per config.
 """
 
 from __future__ import annotations
@@ -92,23 +93,8 @@ def dtype_of(config: TrainConfig) -> torch.dtype:
         raise ConfigError(f"--dtype must be float32 or float64, got {config.dtype!r}.") from None
 
 
-def build_problem(config: TrainConfig, *, check_train: bool = True) -> Problem:
-    """The :class:`Problem` for a resolved config (see :func:`fmaml.config.resolve`).
-
-    Args:
-        config: the run's settings.
-        check_train: check now that the training split can serve the config's tasks (a new
-            run fails before it starts); ``False`` for evaluation only, which may ask for
-            tasks (more ways, one alphabet) that the training split can't serve.
-    """
-    if config.dataset == "sinusoid":
-        return _sinusoid(config)
-    from fmaml.image_problems import image_problem  # imports the data loaders only when needed
-
-    return image_problem(config, check_train=check_train)
-
-
-def _sinusoid(config: TrainConfig) -> Problem:
+def sinusoid_problem(config: TrainConfig) -> Problem:
+    """The sinusoid regression :class:`Problem` of a resolved config: the MLP, MSE, tasks."""
     dtype, device = dtype_of(config), torch.device(config.device)
     model = _init_model(lambda: mlp(hidden=(config.hidden, config.hidden)), config.seed)
     model = model.to(device=device, dtype=dtype)
@@ -173,3 +159,11 @@ def image_model(config: TrainConfig, in_channels: int) -> nn.Module:
         lambda: conv4(config.ways, in_channels, config.hidden, config.image_size), config.seed
     )
     return model.to(device=device, dtype=dtype)
+
+
+def __getattr__(name: str):
+    if name == "build_problem":  # moved so that this module and image_problems don't import
+        raise ImportError(  # each other
+            "fmaml.problems.build_problem moved to fmaml.train.build_problem: import it from there."
+        )
+    raise AttributeError(f"module 'fmaml.problems' has no attribute {name!r}")

@@ -38,7 +38,7 @@ from fmaml.errors import ConfigError, NonFiniteError, WriteError
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.module import params_of, per_step
 from fmaml.objectives import meta_loss
-from fmaml.problems import EmptySplit, Problem, build_problem
+from fmaml.problems import EmptySplit, Problem, sinusoid_problem
 from fmaml.schedules import cosine_lr, first_order_at, msl_weights
 from fmaml.strategy import Strategy, auto_strategy, refuse_batchnorm
 from fmaml.tree import tree_clone
@@ -81,6 +81,23 @@ class TrainState:
         """Every meta-learned tensor, in a fixed order (the optimizer's)."""
         rates = _rate_dicts(self.rates)
         return list(self.params.values()) + [v for r in rates for v in r.values()]
+
+
+def build_problem(config: TrainConfig, *, check_train: bool = True) -> Problem:
+    """The :class:`Problem` for a resolved config (see :func:`fmaml.config.resolve`): the one
+    place that knows each dataset.
+
+    Args:
+        config: the run's settings.
+        check_train: check now that the training split can serve the config's tasks (a new
+            run fails before it starts); ``False`` for evaluation only, which may ask for
+            tasks (more ways, one alphabet) that the training split can't serve.
+    """
+    if config.dataset == "sinusoid":
+        return sinusoid_problem(config)
+    from fmaml.image_problems import image_problem  # imports the data loaders only when needed
+
+    return image_problem(config, check_train=check_train)
 
 
 def init_state(config: TrainConfig) -> TrainState:

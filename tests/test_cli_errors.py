@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +125,33 @@ def test_the_error_classes_keep_their_builtin_bases():
     """Code that catches ValueError keeps working: fmaml's input errors are ValueErrors."""
     assert issubclass(ConfigError, InputError) and issubclass(InputError, ValueError)
     assert issubclass(CheckpointError, InputError)
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "new_home"),
+    [
+        ("fmaml.tasks.images", "load_splits", "fmaml.tasks.datasets.load_splits"),
+        ("fmaml.tasks.images", "DATASETS", "fmaml.tasks.datasets.DATASETS"),
+        ("fmaml.problems", "build_problem", "fmaml.train.build_problem"),
+    ],
+)
+def test_moved_names_say_where_they_went(module, name, new_home):
+    with pytest.raises(ImportError, match=rf"{module}\.{name} moved to {new_home}"):
+        exec(f"from {module} import {name}", {})
+    assert importlib.import_module(new_home.rsplit(".", 1)[0]) is not None
+
+
+def test_no_two_modules_of_the_shell_and_data_import_each_other():
+    """The import cycles that remain are listed here, so that none is added unnoticed."""
+    graph = {}
+    for path in (ROOT / "fmaml").rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        graph[name] = {
+            node.module
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fmaml")
+        }
+    pairs = sorted((a, b) for a in graph for b in graph[a] if a < b and a in graph.get(b, set()))
+    # objectives <-> strategy: meta_loss(strategy=...) dispatches to the engine, which runs
+    # task_loss; issue 11's value_and_grad redesign removes it.
+    assert pairs == [("fmaml.objectives", "fmaml.strategy")]

@@ -31,8 +31,14 @@ from fmaml.checkpoint import load_checkpoint
 from fmaml.cli import main
 from fmaml.config import TrainConfig, resolve
 from fmaml.distributed import task_range
-from fmaml.problems import build_problem
-from fmaml.train import evaluate_state, init_state, meta_gradient, restore_state, train
+from fmaml.train import (
+    build_problem,
+    evaluate_state,
+    init_state,
+    meta_gradient,
+    restore_state,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2

@@ -8,8 +8,9 @@ import torch
 from conftest_images import isolated_cache, make_folder
 from PIL import Image
 
+from fmaml.tasks.datasets import load_splits
 from fmaml.tasks.folder import load_folder
-from fmaml.tasks.images import DataError, EpisodeSampler, load_splits
+from fmaml.tasks.images import DataError, EpisodeSampler
 
 _ = isolated_cache
 

@@ -62,7 +62,7 @@ def test_one_way_classification_is_refused():
 
 
 def _test_images(root, **changes) -> torch.Tensor:
-    from fmaml.problems import build_problem
+    from fmaml.train import build_problem
 
     problem = build_problem(resolve(omniglot_config(root, **changes)))
     (task,) = problem.episodes("test", 4, 7, 4)

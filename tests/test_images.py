@@ -20,6 +20,7 @@ from PIL import Image
 import fmaml.tasks.cache as cache_module
 import fmaml.tasks.images as images_module
 from fmaml.tasks.cache import cached_images
+from fmaml.tasks.datasets import load_splits
 from fmaml.tasks.folder import load_folder
 from fmaml.tasks.images import (
     ClassImages,
@@ -30,7 +31,6 @@ from fmaml.tasks.images import (
     decode_image,
     decode_images,
     fixed_episodes,
-    load_splits,
     parse_fractions,
     split_classes,
     split_groups,

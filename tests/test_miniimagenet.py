@@ -11,7 +11,8 @@ from conftest_images import isolated_cache, snapshot
 from PIL import Image
 
 import fmaml.tasks.images as images_module
-from fmaml.tasks.images import DataError, EpisodeSampler, load_splits
+from fmaml.tasks.datasets import load_splits
+from fmaml.tasks.images import DataError, EpisodeSampler
 from fmaml.tasks.miniimagenet import load_miniimagenet, load_miniimagenet_splits
 
 _ = isolated_cache

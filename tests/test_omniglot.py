@@ -15,7 +15,8 @@ from PIL import Image
 
 import fmaml.tasks.images as images_module
 import fmaml.tasks.omniglot as omniglot_module
-from fmaml.tasks.images import ClassImages, DataError, EpisodeSampler, load_splits
+from fmaml.tasks.datasets import load_splits
+from fmaml.tasks.images import ClassImages, DataError, EpisodeSampler
 from fmaml.tasks.omniglot import (
     BACKGROUND_ALPHABETS,
     EVALUATION_ALPHABETS,

@@ -8,14 +8,20 @@ import importlib
 
 from fmaml.tasks.sinusoid import SinusoidTasks
 
-_FROM_IMAGES = ("ClassImages", "DataError", "EpisodeSampler", "load_splits")
+_LAZY = {
+    "ClassImages": "fmaml.tasks.images",
+    "DataError": "fmaml.tasks.images",
+    "EpisodeSampler": "fmaml.tasks.images",
+    "load_splits": "fmaml.tasks.datasets",
+}
+"""Names whose modules import PIL: ``name -> module``, imported on first use."""
 
 __all__ = ["ClassImages", "DataError", "EpisodeSampler", "SinusoidTasks", "load_splits"]
 
 
 def __getattr__(name: str):
-    if name in _FROM_IMAGES:
-        value = getattr(importlib.import_module("fmaml.tasks.images"), name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'fmaml.tasks' has no attribute {name!r}")

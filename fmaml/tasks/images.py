@@ -2,8 +2,9 @@
 
 Everything here works on :class:`ClassImages`, a set of uint8 images ``[N, C, H, W]`` with
 integer class labels. The loaders (:mod:`fmaml.tasks.omniglot`,
-:mod:`fmaml.tasks.miniimagenet`, :mod:`fmaml.tasks.folder`) build one; :func:`load_splits`
-builds the train / val / test sets the command line uses; :class:`EpisodeSampler` turns a set
+:mod:`fmaml.tasks.miniimagenet`, :mod:`fmaml.tasks.folder`) build one;
+:func:`fmaml.tasks.datasets.load_splits` builds the train / val / test sets the command line
+uses; :class:`EpisodeSampler` turns a set
 into meta-batches of N-way K-shot tasks, a whole meta-batch at a time, with no Python loop
 over tasks.
 
@@ -25,7 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fmaml.errors import ConfigError, InputError
+from fmaml.errors import ConfigError, InputError, check_positive_int
 from fmaml.types import Task
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "decode_image",
     "decode_images",
     "fixed_episodes",
-    "load_splits",
     "max_image_pixels",
     "parse_fractions",
     "split_classes",
@@ -586,12 +586,6 @@ class EpisodeSpec(NamedTuple):
         return EpisodeSpec(*(field.to(device) for field in self))
 
 
-def _positive_int(value: object, name: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where}: `{name}` must be a positive int, got {value!r}.")
-    return value
-
-
 class EpisodeSampler:
     """Draws meta-batches of N-way K-shot classification tasks from a :class:`ClassImages`.
 
@@ -655,9 +649,9 @@ class EpisodeSampler:
         within_groups: bool = False,
     ) -> None:
         where = "EpisodeSampler()"
-        self.num_ways = _positive_int(num_ways, "num_ways", where)
-        self.num_shots = _positive_int(num_shots, "num_shots", where)
-        self.num_query = _positive_int(num_query, "num_query", where)
+        self.num_ways = check_positive_int(num_ways, "num_ways", where)
+        self.num_shots = check_positive_int(num_shots, "num_shots", where)
+        self.num_query = check_positive_int(num_query, "num_query", where)
         if not dtype.is_floating_point:
             raise ValueError(f"{where}: `dtype` must be a floating dtype, got {dtype}.")
         _, height, width = data.image_shape
@@ -763,7 +757,7 @@ class EpisodeSampler:
             ValueError: non-positive ``num_tasks``; a generator on another accelerator.
         """
         where = "EpisodeSampler.describe()"
-        num_tasks = _positive_int(num_tasks, "num_tasks", where)
+        num_tasks = check_positive_int(num_tasks, "num_tasks", where)
         draw_on = generator.device
         if draw_on.type != "cpu" and not _same_device(draw_on, self.device):
             raise ValueError(
@@ -900,102 +894,13 @@ def fixed_episodes(sampler: EpisodeSampler, num_episodes: int, seed: int) -> Epi
     return sampler.describe(num_episodes, generator)
 
 
-# --------------------------------------------------------------------------------------------
-# One entry point for the command line
-# --------------------------------------------------------------------------------------------
-
-DATASETS = ("omniglot", "miniimagenet", "folder")
+_MOVED = {"load_splits": "fmaml.tasks.datasets", "DATASETS": "fmaml.tasks.datasets"}
 
 
-def load_splits(
-    dataset: str,
-    data_root: str | os.PathLike[str],
-    *,
-    split: str | None = None,
-    image_size: int | None = None,
-    channels: int | None = None,
-    download: bool = False,
-    seed: int = 0,
-    cache: bool = True,
-) -> dict[str, ClassImages]:
-    """Load a dataset and split it into train / val / test: the entry point the CLI uses.
-
-    Split strings (``split=None`` picks the default shown first):
-
-    * ``"omniglot"`` (root: a folder of alphabets, or one holding ``images_background/`` and/or
-      ``images_evaluation/``):
-
-      - ``"maml"``: the MAML code's split: all 1,623 characters pooled, shuffled (seeded by
-        ``seed``), 1100 train / 100 val / 423 test. Needs the full dataset; the default then.
-      - ``"alphabet:T,V,E"``: alphabets shuffled and cut by proportions; alphabet-disjoint.
-        The default for a partial root is ``"alphabet:0.75,0,0.25"``.
-      - ``"character:T,V,E"``: characters pooled, shuffled and cut by proportions.
-      - ``"alphabet"``: the official archives: background alphabets train, evaluation
-        alphabets test, no val; ``"alphabet:V"`` also moves a proportion ``V`` of the
-        background alphabets to val.
-
-    * ``"miniimagenet"`` (root: ``images/`` + ``train.csv``/``val.csv``/``test.csv``, or the
-      ``mini-imagenet-cache-{train,val,test}.pkl`` files): ``"ravi"``, the only split
-      (Ravi & Larochelle: 64 / 16 / 20 classes); ``seed`` is not used.
-    * ``"folder"`` (root: ``<root>/<class>/<image>``): ``"T,V,E"`` proportions of the classes,
-      default ``"0.7,0.1,0.2"``.
-
-    Args:
-        dataset: ``"omniglot"``, ``"miniimagenet"`` or ``"folder"``.
-        data_root: the dataset's folder.
-        split: a split string as above, or None for the default.
-        image_size: side of the square images; default 28 (Omniglot) or 84.
-        channels: ``folder`` only: 1 (grey) or 3 (RGB, the default).
-        download: ``omniglot`` only: fetch the official archives into ``data_root`` if no
-            Omniglot images are there.
-        seed: seeds the shuffle of the proportional and MAML splits.
-        cache: keep the decoded, resized images in a cache file (see :mod:`fmaml.tasks.cache`).
-
-    Returns:
-        ``{"train": ..., "val": ..., "test": ...}``; ``"val"`` is **absent** when the split
-        has no validation classes (e.g. ``"alphabet:0.75,0,0.25"``).
-
-    Raises:
-        ValueError: an unknown dataset or split string, or an option the dataset doesn't take.
-        DataError: missing or unusable data; the message says what was found and what to do.
-
-    Example:
-        >>> splits = load_splits("omniglot", "data/omniglot", split="alphabet:0.75,0,0.25")
-        ... # doctest: +SKIP
-        >>> sorted(splits)  # doctest: +SKIP
-        ['test', 'train']
-    """
-    where = "load_splits()"
-    if dataset not in DATASETS:
-        raise ConfigError(f"{where}: unknown dataset {dataset!r}; choose one of {DATASETS}.")
-    if image_size is not None:
-        _positive_int(image_size, "image_size", where)
-    if channels is not None and dataset != "folder":
-        raise ConfigError(
-            f"{where}: `channels` applies to dataset='folder' only ({dataset} has fixed "
-            "channels). Leave it unset."
+def __getattr__(name: str):
+    if name in _MOVED:  # moved so that no loader and this module import each other
+        raise ImportError(
+            f"fmaml.tasks.images.{name} moved to {_MOVED[name]}.{name} (also fmaml.tasks.{name} "
+            f"for load_splits): import it from there."
         )
-    if download and dataset != "omniglot":
-        raise ConfigError(
-            f"{where}: download=True is only possible for omniglot; {dataset} must be put in "
-            f"{os.fspath(data_root)!r} by hand (see the README)."
-        )
-    if dataset == "omniglot":
-        from fmaml.tasks.omniglot import load_omniglot, split_omniglot
-
-        data = load_omniglot(data_root, image_size=image_size or 28, download=download, cache=cache)
-        return split_omniglot(data, split, seed=seed)
-    if dataset == "miniimagenet":
-        from fmaml.tasks.miniimagenet import load_miniimagenet_splits
-
-        if split not in (None, "ravi"):
-            raise ConfigError(
-                f"{where}: miniimagenet has one split, 'ravi' (its train/val/test files), got "
-                f"{split!r}. Leave --split unset."
-            )
-        return load_miniimagenet_splits(data_root, image_size=image_size or 84, cache=cache)
-    from fmaml.tasks.folder import load_folder
-
-    data = load_folder(data_root, image_size=image_size or 84, channels=channels or 3, cache=cache)
-    fractions = parse_fractions(split or "0.7,0.1,0.2", where=f"{where} (folder split)")
-    return split_classes(data, fractions, torch.Generator().manual_seed(seed))
+    raise AttributeError(f"module 'fmaml.tasks.images' has no attribute {name!r}")
