@@ -33,7 +33,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -44,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fmaml  # noqa: E402
-from fmaml.bench import describe_device  # noqa: E402
+from fmaml.bench import describe_device, run_json_job  # noqa: E402
 from fmaml.strategy import Strategy  # noqa: E402
 
 STRATEGIES = {
@@ -127,23 +126,12 @@ def measure(job: dict) -> dict:
 
 def run_child(job: dict) -> dict:
     """:func:`measure` in a fresh Python process (glibc returns freed tensors at once)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run(
+    return run_json_job(
         [sys.executable, os.path.abspath(__file__), "--child"],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
+        job,
+        f"resnet12_memory: the setting {job}",
+        env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"),
     )
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"resnet12_memory: the setting {job} failed in its subprocess:\n"
-            f"{done.stderr.strip()[-2000:]}"
-        )
-    return json.loads(lines[-1])
 
 
 def run(

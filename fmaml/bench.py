@@ -490,27 +490,33 @@ def measure(
     }
 
 
-def _measure_in_subprocess(job: dict) -> dict:
-    """:func:`measure` in a fresh Python process (its own peak RSS), same torch threads."""
+def run_json_job(command: list[str], job: dict, what: str, env: dict | None = None) -> dict:
+    """Run ``command`` in a fresh process with ``job`` as JSON on its standard input; return
+    the last line it prints, parsed as JSON. fmaml's folder is put first on ``PYTHONPATH``.
+
+    Raises:
+        RuntimeError: the process failed or printed nothing; names ``what`` and ends with
+            the end of its standard error.
+    """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
+    env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    code = "import fmaml.bench as b; b._worker()"
     done = subprocess.run(
-        [sys.executable, "-c", code],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
+        command, input=json.dumps(job), capture_output=True, text=True, env=env, check=False
     )
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"bench: measuring {job['impl']} on {job['setting']} failed in its subprocess:\n"
-            f"{done.stderr.strip()[-2000:]}"
-        )
+        raise RuntimeError(f"{what} failed in its subprocess:\n{done.stderr.strip()[-2000:]}")
     return json.loads(lines[-1])
+
+
+def _measure_in_subprocess(job: dict) -> dict:
+    """:func:`measure` in a fresh Python process (its own peak RSS), same torch threads."""
+    return run_json_job(
+        [sys.executable, "-c", "import fmaml.bench as b; b._worker()"],
+        job,
+        f"bench: measuring {job['impl']} on {job['setting']}",
+    )
 
 
 def _worker() -> None:
