@@ -8,6 +8,7 @@
 | boil    | ``adapt_keys``: the body only                   | Oh et al., ICLR 2021               |
 | metasgd | ``inner_lr``: a learned per-element dict        | Li et al., arXiv 1707.09835, 2017  |
 | mamlpp  | MAML with all five MAML++ fixes (train loop)    | Antoniou et al., ICLR 2019         |
+| reptile | ``objective="reptile"``: mean of params-adapted | Nichol et al., arXiv 1803.02999    |
 
 MAML++'s fixes are training-loop settings on top of an algorithm (see
 :class:`fmaml.config.TrainConfig`): LSLR (``inner_lr`` a list of per-tensor rate dicts), MSL
@@ -42,12 +43,16 @@ class Algorithm:
         adapt_keys: which parameters the inner loop adapts (``None``: all).
         learned_rates: ``None`` for a fixed inner rate, ``"element"`` for Meta-SGD's
             per-element rates, ``"tensor"`` for one rate per parameter tensor.
+        objective: what the outer step follows: ``"query"``, the gradient of the query loss
+            after adapting (MAML and its variants), or ``"reptile"``, the mean over tasks
+            of ``params - adapted`` (:func:`fmaml.reptile_loss`).
     """
 
     name: str
     first_order: bool = False
     adapt_keys: object = None
     learned_rates: Literal["element", "tensor"] | None = None
+    objective: Literal["query", "reptile"] = "query"
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -57,6 +62,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     "boil": Algorithm("boil", adapt_keys=body_keys),
     "metasgd": Algorithm("metasgd", learned_rates="element"),
     "mamlpp": Algorithm("mamlpp"),
+    "reptile": Algorithm("reptile", first_order=True, objective="reptile"),
 }
 
 

@@ -290,6 +290,24 @@ def check(config: TrainConfig) -> None:
             "--lslr (per-step, per-tensor rates) and --algorithm metasgd (per-element rates) "
             "both learn the inner rate; choose one."
         )
+    if config.algorithm == "reptile":
+        query_only = [
+            option
+            for option, on in (
+                ("--lslr", config.lslr),
+                ("--msl-epochs", config.msl_epochs),
+                ("--da-epochs", config.da_epochs),
+                ("--per-step-bn", config.per_step_bn),
+            )
+            if on
+        ]
+        if query_only:
+            raise ConfigError(
+                f"--algorithm reptile follows params - adapted, not a query loss, so "
+                f"{', '.join(query_only)} (MAML++ settings of the query loss and inner loop) "
+                "would change nothing or never be trained. Drop them, or use --algorithm "
+                "maml/mamlpp."
+            )
     from fmaml.strategy import Strategy
 
     strategy_fields = {f.name for f in dataclasses.fields(Strategy)}

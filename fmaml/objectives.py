@@ -1,17 +1,18 @@
 """Meta-objectives: the query loss of one adapted task, and its mean over a meta-batch.
 
-``task_loss`` and ``task_scores`` see one task; ``meta_loss`` and ``meta_scores`` are the one
-place fmaml vmaps over the task axis.
+``task_loss``, ``reptile_loss`` and ``task_scores`` see one task; ``meta_loss`` and
+``meta_scores`` are the one place fmaml vmaps over the task axis.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from fmaml.adapt import InnerLR, at_step, unroll
+from fmaml.adapt import InnerLR, adapt, at_step, unroll
 from fmaml.strategy import Strategy, run_strategy
 from fmaml.tree import KeySelector
 from fmaml.types import LossFn, Task
@@ -28,6 +29,7 @@ def task_loss(
     first_order: bool = False,
     step_weights: Sequence[float | Tensor] | Tensor | None = None,
     score_fn: LossFn | None = None,
+    objective: Literal["query", "reptile"] = "query",
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Adapt on ``task.support``, return the loss on ``task.query``; one task.
 
@@ -46,14 +48,34 @@ def task_loss(
             tensors (each tensor differentiated, as in a stacked tensor); ``None`` scores
             only the last step.
         score_fn: if given, also return ``score_fn(adapted, query)`` (detached), e.g. accuracy.
+        objective: ``"query"`` (above), or ``"reptile"``: :func:`reptile_loss` instead, whose
+            gradient is ``params - adapted`` (``first_order`` then has no effect: Reptile is
+            first-order whatever it says).
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
 
     Raises:
-        ValueError: ``step_weights`` of the wrong length, and everything :func:`fmaml.unroll`
-            raises.
+        ValueError: ``step_weights`` of the wrong length, or given with
+            ``objective="reptile"``; an unknown ``objective``; everything
+            :func:`fmaml.unroll` and :func:`reptile_loss` raise.
     """
+    if _check_objective(objective, "task_loss") == "reptile":
+        if step_weights is not None:
+            raise ValueError(
+                "task_loss(): `step_weights` weight the query loss after each inner step, but "
+                "objective='reptile' has no query loss (its gradient is params - adapted). "
+                "Leave step_weights=None with Reptile."
+            )
+        return reptile_loss(
+            loss_fn,
+            params,
+            task,
+            inner_lr=inner_lr,
+            num_steps=num_steps,
+            adapt_keys=adapt_keys,
+            score_fn=score_fn,
+        )
     weights = _check_step_weights(step_weights, num_steps)
     trajectory = unroll(
         loss_fn,
@@ -80,6 +102,125 @@ def task_loss(
         adapted = {k: v.detach() for k, v in trajectory[-1].items()}
         score = at_step(score_fn, num_steps, task.support[0])(adapted, task.query)
     return loss, score
+
+
+def reptile_loss(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    task: Task,
+    *,
+    inner_lr: InnerLR,
+    num_steps: int = 1,
+    adapt_keys: KeySelector = None,
+    score_fn: LossFn | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Reptile for one task: a loss whose gradient with respect to ``params`` is
+    ``params - adapted``.
+
+    .. math:: \ell(\theta) = \tfrac12 \sum_k \lVert \theta_k - \operatorname{sg}(
+       \tilde\theta_k) \rVert^2, \qquad \nabla_\theta \ell = \theta - \tilde\theta
+
+    where :math:`\tilde\theta` = :func:`fmaml.adapt` (``params``, ``task.support``) after
+    ``num_steps`` SGD steps, and :math:`\operatorname{sg}` stops the gradient. The inner
+    loop trains on the task's **support set** only (the paper's inner loop trains on the
+    task's training examples; here those are the support set); the query set is used only
+    for ``score_fn``. Keys
+    outside ``adapt_keys`` don't move, so their gradient is exactly zero.
+
+    Averaged over tasks (:func:`fmaml.meta_loss` with ``objective="reptile"``, the one
+    vmap), the gradient is Reptile's update direction
+    :math:`\frac1T\sum_t (\theta - \tilde\theta_t)`, and every
+    :class:`fmaml.Strategy` gives it unchanged, because it is the gradient of a loss. With
+    one step it is ``inner_lr`` times the gradient of the mean support loss at ``params``
+    (joint training); with two SGD steps at rate :math:`a` on the same loss it is
+    :math:`a g_1 + a g(\theta - a g_1)`, which expands to :math:`2a\bar g - a^2 \bar H \bar g
+    + O(a^3)` (the paper's section 5; exact on a quadratic).
+
+    The paper's outer step interpolates, :math:`\theta \leftarrow \theta + \epsilon
+    (\tilde\theta - \theta)`, i.e. SGD on this gradient at rate :math:`\epsilon`, and its
+    few-shot runs used Adam in the inner loop. fmaml's inner loop is SGD at ``inner_lr``
+    (the same as every algorithm's), and ``python cli.py train --algorithm reptile`` feeds
+    this gradient to Adam at ``outer_lr``, as it does for every algorithm.
+
+    Pure. The value is half the squared distance the inner loop moved. First-order: the
+    inner gradients are constants (as with ``first_order=True``) and ``adapted`` is
+    detached, so no inner step's graph is kept for the backward, whatever ``num_steps``.
+
+    Args:
+        loss_fn: ``loss_fn(params, (x, y)) -> scalar``, the inner-loop loss.
+        params: ``{name: tensor}``, the meta-parameters.
+        task: one :class:`fmaml.Task`, no task axis: ``support = (x [n_s, *feature],
+            y [n_s, *target])`` trains the inner loop; ``query`` likewise, for ``score_fn``.
+        inner_lr, num_steps, adapt_keys: as in :func:`fmaml.unroll`; ``inner_lr`` must not
+            require grad.
+        score_fn: if given, also return ``score_fn(adapted, query)`` (detached).
+
+    Returns:
+        A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
+
+    Raises:
+        ValueError: ``inner_lr`` holds a tensor that requires grad (Reptile's update has
+            no term for it), and everything :func:`fmaml.unroll` raises.
+
+    Example:
+        >>> import torch
+        >>> loss = lambda p, b: ((p["w"] - b[0]) ** 2).sum() / 2
+        >>> params = {"w": torch.zeros(2, requires_grad=True)}
+        >>> task = Task(support=(torch.ones(2), None), query=(torch.ones(2), None))
+        >>> ell = reptile_loss(loss, params, task, inner_lr=0.5, num_steps=2)
+        >>> torch.autograd.grad(ell, params["w"])[0]  # params - adapted = 0 - 0.75
+        tensor([-0.7500, -0.7500])
+
+    References:
+        Nichol, Achiam & Schulman, "On First-Order Meta-Learning Algorithms",
+        arXiv 1803.02999, 2018.
+    """
+    _refuse_learned_rates(inner_lr)
+    adapted = adapt(
+        loss_fn,
+        params,
+        task.support,
+        inner_lr=inner_lr,
+        num_steps=num_steps,
+        adapt_keys=adapt_keys,
+        first_order=True,
+    )
+    adapted = {k: v.detach() for k, v in adapted.items()}
+    loss = sum(0.5 * (params[k] - adapted[k]).square().sum() for k in params)
+    if score_fn is None:
+        return loss
+    with torch.no_grad():
+        score = at_step(score_fn, num_steps, task.support[0])(adapted, task.query)
+    return loss, score
+
+
+def _refuse_learned_rates(inner_lr) -> None:
+    """Raise if a tensor of ``inner_lr`` requires grad (checked on entry; safe under vmap)."""
+    pending, found = [inner_lr], []
+    while pending:
+        value = pending.pop()
+        if isinstance(value, Tensor):
+            found.append(value)
+        elif isinstance(value, Mapping):
+            pending.extend(value.values())
+        elif isinstance(value, Sequence) and not isinstance(value, str):
+            pending.extend(value)
+    if any(t.requires_grad for t in found):
+        raise ValueError(
+            "reptile_loss(): `inner_lr` holds a tensor that requires grad, but Reptile's "
+            "update (params - adapted) has no term for the inner rate: it would never be "
+            "trained. Pass a number or detached rates, or learn the rates with a query-loss "
+            "algorithm (metasgd, or --lslr)."
+        )
+
+
+def _check_objective(objective, caller: str) -> str:
+    if objective not in ("query", "reptile"):
+        raise ValueError(
+            f"{caller}(): `objective` must be 'query' (MAML and its variants) or 'reptile', "
+            f"got {objective!r}."
+        )
+    return objective
 
 
 def task_scores(
@@ -128,6 +269,7 @@ def meta_loss(
     step_weights: Sequence[float | Tensor] | Tensor | None = None,
     score_fn: LossFn | None = None,
     strategy: Strategy | None = None,
+    objective: Literal["query", "reptile"] = "query",
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The mean query loss over a meta-batch of tasks, each adapted on its own support.
 
@@ -137,7 +279,8 @@ def meta_loss(
     ``torch.autograd.grad(meta_loss(...), params.values())`` is the exact second-order
     meta-gradient (Finn, Abbeel & Levine, ICML 2017); ``first_order=True`` gives FOMAML,
     ``adapt_keys`` ANIL/BOIL, a learned dict ``inner_lr`` Meta-SGD, a sequence of them and
-    ``step_weights`` MAML++.
+    ``step_weights`` MAML++; ``objective="reptile"`` averages :func:`reptile_loss`
+    instead, whose gradient is Reptile's direction, the mean of ``params - adapted``.
 
     Args:
         loss_fn: ``loss_fn(params, (x, y)) -> scalar`` for one task's batch.
@@ -151,6 +294,7 @@ def meta_loss(
             :func:`fmaml.auto_strategy` picks one per device). ``None``: one vmap over all
             tasks. The value and meta-gradient are the same; see :class:`fmaml.Strategy` for
             what the returned loss can then be differentiated with respect to.
+        objective: ``"query"`` or ``"reptile"``, as in :func:`task_loss`.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
@@ -169,6 +313,7 @@ def meta_loss(
         >>> loss = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.01)
         >>> grads = torch.autograd.grad(loss, list(params.values()))
     """
+    _check_objective(objective, "meta_loss")
     if strategy is not None and not strategy.is_plain:
         return run_strategy(
             strategy,
@@ -181,6 +326,7 @@ def meta_loss(
             first_order=first_order,
             step_weights=step_weights,
             score_fn=score_fn,
+            objective=objective,
         )
     per_task = _over_tasks(
         lambda task: task_loss(
@@ -193,6 +339,7 @@ def meta_loss(
             first_order=first_order,
             step_weights=step_weights,
             score_fn=score_fn,
+            objective=objective,
         ),
         tasks,
     )

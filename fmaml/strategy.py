@@ -97,6 +97,9 @@ class Strategy:
       each gets its total gradient, so the one upstream would count the other's twice.
       Also refused: ``tasks`` that require grad, and running inside ``torch.func``
       transforms.
+    - ``objective="reptile"`` (:func:`fmaml.reptile_loss`): its gradient goes through no
+      inner step, so ``checkpoint`` has nothing to recompute and runs each chunk as without
+      it (no inner step's graph is kept either way); the other fields apply as they are.
     - Differentiable once: the handed-out gradients carry no graph, so a backward with
       ``create_graph=True`` (a Hessian-vector product, a second derivative) raises
       ``RuntimeError``. :func:`fmaml.meta_loss` with ``strategy=None`` is differentiable any
@@ -248,6 +251,7 @@ def run_strategy(
     first_order: bool,
     step_weights,
     score_fn: LossFn | None,
+    objective: str = "query",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`fmaml.meta_loss` under a non-default ``strategy``; same arguments and result."""
     from fmaml.adapt import step_rates
@@ -274,7 +278,7 @@ def run_strategy(
     # grad: a tensor the loss captures may.
     want_grad = torch.is_grad_enabled()
     if strategy.compile and want_grad and inputs:
-        step = _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys)
+        step = _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys, objective)
         with _intra_op_threads(strategy.threads), warnings.catch_warnings():
             # dynamo reads `.grad` of every tensor it wraps, non-leaves too, and torch
             # warns about that; it is dynamo's own access, not the user's
@@ -303,6 +307,7 @@ def run_strategy(
         inner_lr=inner_lr,
         adapt_keys=adapt_keys,
         step_weights=step_weights,
+        objective=objective,
     )
     chunks = [
         _slice(tasks, start, min(start + size, num_tasks), job.unbatched, strategy.channels_last)
@@ -332,14 +337,14 @@ def _hand_out(value, grads, captured, strategy, labels, inputs) -> Tensor:
 _COMPILED: dict[tuple, tuple] = {}
 
 
-def _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys) -> Callable:
+def _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys, objective) -> Callable:
     """``(params, inner_lr, step_weights, tasks, inputs) -> (loss, grads, captured, score)``
     compiled (``grads`` for ``inputs`` and then for the ``captured`` leaves),
     made once per loss and setting, so that later calls hit torch.compile's cache. Kept for
     the life of the process (as torch.compile keeps its compiled code)."""
     from fmaml.objectives import meta_loss
 
-    key = (id(loss_fn), id(score_fn), num_steps, first_order, id(adapt_keys))
+    key = (id(loss_fn), id(score_fn), num_steps, first_order, id(adapt_keys), objective)
     if key not in _COMPILED:
         refuse_batchnorm(loss_fn, score_fn)  # once per loss and setting, not every step
         captured_by = torch._dynamo.disable(_captured_by)  # imports dynamo: only here
@@ -355,6 +360,7 @@ def _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys) -> Cal
                 first_order=first_order,
                 step_weights=step_weights,
                 score_fn=score_fn,
+                objective=objective,
             )
             loss, score = (out, None) if score_fn is None else out
             captured = captured_by(loss, inputs)
@@ -406,6 +412,7 @@ class _Job:
     inner_lr: object
     adapt_keys: KeySelector
     step_weights: object
+    objective: str = "query"
 
     def on_own_module(self) -> _Job:
         """This job with losses whose modules are private copies (for another thread)."""
@@ -440,7 +447,10 @@ class _Job:
         captures), its summed score)."""
         from fmaml.adapt import PLAIN_AUTOGRAD, STAND_INS
 
-        if self.checkpoint:
+        if self.checkpoint and self.objective == "query":
+            # Reptile's gradient goes through no inner step (the adapted parameters are
+            # constants of it): there is nothing to recompute, and the plain path already
+            # keeps no inner step's graph.
             return self._run_checkpointed(chunk)
         token = PLAIN_AUTOGRAD.set(self.unbatched)  # no transform is active: plain autograd
         stand_ins = STAND_INS.set([])
@@ -468,6 +478,7 @@ class _Job:
             first_order=self.first_order,
             step_weights=self.step_weights,
             score_fn=self.score_fn,
+            objective=self.objective,
         )
 
     def _over(self, per_task: Callable, chunk: Task, fast=None, batched: bool = False):

@@ -299,6 +299,7 @@ def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, fl
         step_weights=msl_weights(config.inner_steps, epoch, config.msl_epochs),
         score_fn=state.problem.score_fn,
         strategy=state.strategy,
+        objective=algorithm.objective,
     )
     if ranks is None:
         if not torch.isfinite(loss):
