@@ -278,8 +278,18 @@ def run_strategy(
     # grad: a tensor the loss captures may.
     want_grad = torch.is_grad_enabled()
     if strategy.compile and want_grad and inputs:
+        import torch._functorch.config as functorch_config
+
         step = _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys, objective)
-        with _intra_op_threads(strategy.threads), warnings.catch_warnings():
+        with (
+            _intra_op_threads(strategy.threads),
+            warnings.catch_warnings(),
+            # the step differentiates with retain_graph=True when the loss captures a tensor
+            # (its graph outside the step must outlive it), which compiled backward functions
+            # with donated buffers refuse; depending on what this process compiled before,
+            # AOTAutograd may donate (a test failed only after other compiled tests)
+            functorch_config.patch(donated_buffer=False),
+        ):
             # dynamo reads `.grad` of every tensor it wraps, non-leaves too, and torch
             # warns about that; it is dynamo's own access, not the user's
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor")
