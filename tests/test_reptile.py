@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from conftest_images import make_omniglot
 from hypothesis import given, settings
+from test_core import setup as core_setup
 
 import fmaml
 from fmaml.algorithms import get_algorithm, head_keys
@@ -34,16 +35,9 @@ def sinusoid_setup(num_tasks=4, seed=0):
 
 
 def conv_setup(num_tasks=3, seed=0):
-    torch.manual_seed(seed)
-    model = fmaml.nn.conv4(3, hidden=4, image_size=12).to(DTYPE)
-    params = fmaml.params_of(model)
-    g = torch.Generator().manual_seed(seed)
-    xs = torch.randn(num_tasks, 6, 1, 12, 12, generator=g, dtype=DTYPE)
-    xq = torch.randn(num_tasks, 9, 1, 12, 12, generator=g, dtype=DTYPE)
-    ys = torch.arange(3).repeat(2).expand(num_tasks, -1)
-    yq = torch.arange(3).repeat(3).expand(num_tasks, -1)
-    tasks = fmaml.Task(support=(xs, ys), query=(xq, yq))
-    return params, fmaml.supervised_loss(model, F.cross_entropy), tasks
+    """test_core's conv4 meta-batch (3-way, 2 support and 3 query per class, float64)."""
+    _, params, loss_fn, tasks = core_setup(num_tasks, seed)
+    return params, loss_fn, tasks
 
 
 def task_at(tasks, t):
