@@ -143,6 +143,13 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
 )
 @click.option("--hidden", type=int, default=None, help="Filters / hidden units [paper].")
 @click.option(
+    "--max-pool/--stride",
+    "max_pool",
+    default=None,
+    help="conv4 downsamples with 2x2 max-pools or with stride-2 convolutions [paper: stride "
+    "for images of 28 pixels or less, max-pool above].",
+)
+@click.option(
     "--image-size",
     type=int,
     default=None,

@@ -41,6 +41,9 @@ class TrainConfig:
     within_alphabet: bool = False
     hidden: int | None = None
     image_size: int | None = None
+    # conv4's downsampling: 2x2 max-pools (True) or stride-2 convolutions (False); None: the
+    # paper's choice for the image size (stride up to 28 pixels, pooling above).
+    max_pool: bool | None = None
     val_every: int = 500
     val_episodes: int = 100
     # Write best.pt, the checkpoint with the best validation score. None: yes for image data

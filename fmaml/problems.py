@@ -156,7 +156,14 @@ def image_model(config: TrainConfig, in_channels: int) -> nn.Module:
     """conv4 for an image config, initialised from the run's seed."""
     dtype, device = dtype_of(config), torch.device(config.device)
     model = _init_model(
-        lambda: conv4(config.ways, in_channels, config.hidden, config.image_size), config.seed
+        lambda: conv4(
+            config.ways,
+            in_channels,
+            config.hidden,
+            config.image_size,
+            max_pool=config.max_pool,
+        ),
+        config.seed,
     )
     return model.to(device=device, dtype=dtype)
 
