@@ -49,7 +49,12 @@ def main(argv: list[str]) -> int:
         return 2
     budget = float(argv[0])
     start = time.monotonic()
-    process = subprocess.Popen(argv[2:])
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that: give the
+    # command the default handler so that Ctrl-C reaches it (Python then raises
+    # KeyboardInterrupt; fmaml's train saves and stops).
+    process = subprocess.Popen(
+        argv[2:], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    )
     used, stopped = 0.0, False
     while process.poll() is None:
         used = max(used, _cpu_seconds(process.pid))

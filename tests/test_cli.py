@@ -256,6 +256,22 @@ def test_training_within_one_alphabet(tmp_path, isolated_cache):
     assert last_json(result.output)["protocol"] == "within-alphabet", "the run's protocol"
 
 
+@pytest.mark.parametrize("flag, pooled", [("--max-pool", True), ("--stride", False)])
+def test_max_pool_or_stride_reaches_the_model_and_the_checkpoint(
+    tmp_path, isolated_cache, flag, pooled
+):
+    from fmaml.train import restore_state
+
+    run, _, _ = train_small_omniglot(tmp_path, flag)
+    state = restore_state(run / "latest.pt")
+    assert state.config.max_pool is pooled
+    block = state.problem.model.body.block0
+    assert hasattr(block, "pool") is pooled
+    assert block.conv.stride == ((1, 1) if pooled else (2, 2))
+    result = invoke("test", "--checkpoint", run / "latest.pt", "--episodes", "4")
+    assert result.exit_code == 0, result.output
+
+
 def test_train_logs_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
     import fmaml.cli
 
