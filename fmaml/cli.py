@@ -635,7 +635,7 @@ def _checkpoint_line(path: Path, state) -> str:
         f"checkpoint {path}: {which}; trained {config.algorithm} "
         + ("" if config.dataset == "sinusoid" else f"{config.ways}-way ")
         + f"{config.shots}-shot, {config.inner_steps} inner step"
-        + ("s" if config.inner_steps > 1 else "")
+        + ("s" if config.inner_steps != 1 else "")
         + (
             f" at {config.inner_lr}"
             if state.rates is None

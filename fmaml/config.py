@@ -228,6 +228,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         defaults.update(MAMLPP_DEFAULTS[config.dataset])
     else:
         defaults.update(PLAIN_FIXES)
+    if config.algorithm == "protonet":  # ProtoNet: no inner step, in training or at test
+        defaults.update(inner_steps=0, eval_inner_steps=0)
     values = config.to_dict()
     for key, value in defaults.items():
         if values.get(key) is None:
@@ -245,13 +247,13 @@ def resolve(config: TrainConfig) -> TrainConfig:
 
 def check(config: TrainConfig) -> None:
     """Raise :class:`~fmaml.errors.ConfigError` naming the first option that cannot work."""
+    prototypes = config.algorithm in ("protonet", "protomaml")
     positive_ints = (
         "ways",
         "shots",
         "query",
         "meta_batch",
-        "inner_steps",
-        "eval_inner_steps",
+        *(() if prototypes else ("inner_steps", "eval_inner_steps")),
         "iterations",
         "val_every",
         "val_episodes",
@@ -311,6 +313,8 @@ def check(config: TrainConfig) -> None:
                 "would change nothing or never be trained. Drop them, or use --algorithm "
                 "maml/mamlpp."
             )
+    if prototypes:
+        _check_prototypes(config)
     from fmaml.strategy import Strategy
 
     strategy_fields = {f.name for f in dataclasses.fields(Strategy)}
@@ -332,3 +336,48 @@ def check(config: TrainConfig) -> None:
         )
     if config.dataset != "sinusoid" and config.ways < 2:
         raise ConfigError(f"--ways must be at least 2 for classification, got {config.ways}.")
+
+
+def _check_prototypes(config: TrainConfig) -> None:
+    """The settings ProtoNet and ProtoMAML (a head from class prototypes) can't work with."""
+    name = config.algorithm
+    if config.dataset == "sinusoid":
+        raise ConfigError(
+            f"--algorithm {name} starts each task's head from class prototypes, but a "
+            "sinusoid task is a regression with no classes. Use a classification dataset "
+            "(omniglot, miniimagenet, folder) or another algorithm."
+        )
+    for option in ("inner_steps", "eval_inner_steps"):
+        value = getattr(config, option)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(
+                f"--{option.replace('_', '-')} must be 0 or more with --algorithm {name}, "
+                f"got {value!r}."
+            )
+    if name == "protonet" and config.inner_steps != 0:
+        raise ConfigError(
+            f"--algorithm protonet takes no inner step in training, got --inner-steps "
+            f"{config.inner_steps}. Drop --inner-steps, or use --algorithm protomaml (inner "
+            "steps from the prototype head)."
+        )
+    if name == "protomaml" and config.inner_steps < 1:
+        raise ConfigError(
+            "--algorithm protomaml adapts the prototype head with inner steps, got "
+            "--inner-steps 0. Use --inner-steps 1 or more, or --algorithm protonet."
+        )
+    inner = [
+        option
+        for option, on in (
+            ("--lslr", config.lslr),
+            ("--msl-epochs", config.msl_epochs),
+            ("--da-epochs", config.da_epochs),
+            ("--per-step-bn", config.per_step_bn),
+        )
+        if on
+    ]
+    if name == "protonet" and inner:
+        raise ConfigError(
+            f"--algorithm protonet takes no inner step, so {', '.join(inner)} (MAML++ "
+            "settings of the inner loop) would change nothing. Drop them, or use --algorithm "
+            "protomaml."
+        )

@@ -300,6 +300,7 @@ def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, fl
         score_fn=state.problem.score_fn,
         strategy=state.strategy,
         objective=algorithm.objective,
+        head_init=algorithm.head_init,
     )
     if ranks is None:
         if not torch.isfinite(loss):
@@ -420,6 +421,7 @@ def _episode_scores(
             inner_lr=state.inner_lr_for(num_steps),
             num_steps=num_steps,
             adapt_keys=state.adapt_keys,
+            head_init=get_algorithm(state.config.algorithm).head_init,
         )
 
     if ranks is None:
