@@ -55,7 +55,10 @@ def task_loss(
             first-order whatever it says).
         head_init: ``None``, or ``"prototypes"``: before the inner loop, set the linear head
             from the support set's class prototypes (:func:`fmaml.prototype_head`;
-            ProtoMAML, Triantafillou et al. 2020), differentiably. ``num_steps=0`` is then
+            ProtoMAML, Triantafillou et al. 2020), differentiably; the inner loop then
+            descends from ``(params, prototype head)``, the head a starting point of its own
+            (each step's gradient is the support loss's partial derivative in the body and
+            in the head, as in Meta-Dataset's code). ``num_steps=0`` is then
             allowed and gives ProtoNet's loss (Snell et al. 2017). Needs a
             :func:`fmaml.supervised_loss` of a model with ``body`` and a linear ``head``,
             integer support labels ``y [n_s]`` covering ``0..num_ways-1``; not with

@@ -161,7 +161,7 @@ def check_support_labels(y: Tensor, num_ways: int, caller: str) -> None:
     (where it can't branch on data); :func:`fmaml.meta_loss` runs it on the whole meta-batch
     before it vmaps.
     """
-    if torch._C._functorch.is_functorch_wrapped_tensor(y) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(y):
         return
     if y.is_floating_point() or y.is_complex():
         raise ValueError(
