@@ -730,7 +730,12 @@ def _test_classification(state, path, split, result, echo) -> dict:
             f"  skipped {len(skipped)} {split} alphabet(s) with fewer than {result['ways']} "
             "characters: " + ", ".join(f"{name} ({n})" for name, n in skipped.items())
         )
-    if result["ways"] != config.ways:
+    if result["ways"] != config.ways and ALGORITHMS[config.algorithm].head_init is not None:
+        echo(
+            f"  trained {config.ways}-way: the head starts from each task's {result['ways']} "
+            "class prototypes"
+        )
+    elif result["ways"] != config.ways:
         echo(
             f"  trained {config.ways}-way: each of the {result['ways']} head rows starts at "
             f"the mean of the {config.ways} trained rows"

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from fmaml.algorithms import ALGORITHMS
 from fmaml.errors import ConfigError
 
 DATASETS = ("sinusoid", "omniglot", "miniimagenet", "folder")
@@ -228,8 +229,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
         defaults.update(MAMLPP_DEFAULTS[config.dataset])
     else:
         defaults.update(PLAIN_FIXES)
-    if config.algorithm == "protonet":  # ProtoNet: no inner step, in training or at test
-        defaults.update(inner_steps=0, eval_inner_steps=0)
+    fixed = _algorithm_field(config.algorithm, "inner_steps")
+    if fixed is not None:  # ProtoNet: no inner step, in training or (by default) at test
+        defaults.update(inner_steps=fixed, eval_inner_steps=fixed)
     values = config.to_dict()
     for key, value in defaults.items():
         if values.get(key) is None:
@@ -247,7 +249,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
 
 def check(config: TrainConfig) -> None:
     """Raise :class:`~fmaml.errors.ConfigError` naming the first option that cannot work."""
-    prototypes = config.algorithm in ("protonet", "protomaml")
+    prototypes = _algorithm_field(config.algorithm, "head_init") is not None
     positive_ints = (
         "ways",
         "shots",
@@ -354,15 +356,16 @@ def _check_prototypes(config: TrainConfig) -> None:
                 f"--{option.replace('_', '-')} must be 0 or more with --algorithm {name}, "
                 f"got {value!r}."
             )
-    if name == "protonet" and config.inner_steps != 0:
+    fixed = _algorithm_field(name, "inner_steps")
+    if fixed == 0 and config.inner_steps != 0:
         raise ConfigError(
-            f"--algorithm protonet takes no inner step in training, got --inner-steps "
+            f"--algorithm {name} takes no inner step in training, got --inner-steps "
             f"{config.inner_steps}. Drop --inner-steps, or use --algorithm protomaml (inner "
             "steps from the prototype head)."
         )
-    if name == "protomaml" and config.inner_steps < 1:
+    if fixed is None and config.inner_steps < 1:
         raise ConfigError(
-            "--algorithm protomaml adapts the prototype head with inner steps, got "
+            f"--algorithm {name} adapts the prototype head with inner steps, got "
             "--inner-steps 0. Use --inner-steps 1 or more, or --algorithm protonet."
         )
     inner = [
@@ -375,9 +378,16 @@ def _check_prototypes(config: TrainConfig) -> None:
         )
         if on
     ]
-    if name == "protonet" and inner:
+    if fixed == 0 and inner:
         raise ConfigError(
-            f"--algorithm protonet takes no inner step, so {', '.join(inner)} (MAML++ "
+            f"--algorithm {name} takes no inner step, so {', '.join(inner)} (MAML++ "
             "settings of the inner loop) would change nothing. Drop them, or use --algorithm "
             "protomaml."
         )
+
+
+def _algorithm_field(name: str, field: str):
+    """A field of the named algorithm (:data:`fmaml.algorithms.ALGORITHMS`); ``None`` for an
+    unknown name (the command line offers only known ones)."""
+    algorithm = ALGORITHMS.get(name)
+    return None if algorithm is None else getattr(algorithm, field)

@@ -740,7 +740,9 @@ def evaluate_state(
     A model tested with other ``ways`` than it was trained with starts every task from a head
     whose rows (and bias entries, and learned per-element rates) all equal the mean of the
     trained ones: the classes of a MAML task come in random order, so the trained rows are
-    interchangeable and their mean is the one start that treats every class alike.
+    interchangeable and their mean is the one start that treats every class alike. (With a
+    prototype head, ``protonet`` and ``protomaml``, each task's head comes from its own
+    support set whatever the ways.)
 
     Args:
         state: a trained run (:func:`train` or :func:`restore_state`).

@@ -401,6 +401,12 @@ def test_cli_trains_and_tests_on_omniglot(tmp_path, isolated_cache, algorithm):
     assert report["inner_steps"] == (0 if algorithm == "protonet" else 3)
     assert len(report["accuracy_per_step"]) == report["inner_steps"] + 1
     assert 0 <= report["accuracy"] <= 100
+    # more ways at test: the head has a row per prototype
+    args = ["test", "--checkpoint", run / "latest.pt", "--episodes", "4", "--ways", "3"]
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    assert "trained 2-way: the head starts from each task's 3 class prototypes" in result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["ways"] == 3
 
 
 def test_protonet_training_leaves_the_head_unchanged(tmp_path, isolated_cache):
