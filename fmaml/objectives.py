@@ -85,11 +85,7 @@ def task_loss(
         >>> protonet.shape
         torch.Size([])
     """
-    if head_init is not None:
-        _check_head_init(head_init, objective, "task_loss")
-        num_ways, _ = check_head(loss_fn, params, "task_loss")
-        check_support_labels(task.support[1], num_ways, "task_loss")
-        params = prototype_head(loss_fn, params, task.support)
+    params = _with_head(loss_fn, params, task.support, head_init, objective, "task_loss")
     if _check_objective(objective, "task_loss") == "reptile":
         if step_weights is not None:
             raise ValueError(
@@ -269,6 +265,28 @@ def _check_head_init(head_init, objective: str, caller: str) -> None:
         )
 
 
+def _with_head(loss_fn, params, support, head_init, objective: str, caller: str):
+    """``params``; with ``head_init="prototypes"``, the prototype head in place of the
+    meta-learned one (:func:`fmaml.prototype_head`), after checking the settings."""
+    if head_init is None:
+        return params
+    _check_head_init(head_init, objective, caller)
+    num_ways, _ = check_head(loss_fn, params, caller)
+    check_support_labels(support[1], num_ways, caller)
+    return prototype_head(loss_fn, params, support)
+
+
+def _check_meta_head(loss_fn, params, tasks, head_init, objective: str, caller: str) -> None:
+    """With ``head_init``, check the settings and every task's support labels at once
+    (before the vmap, inside which values can't be checked)."""
+    if head_init is None:
+        return
+    _check_head_init(head_init, objective, caller)
+    num_ways, _ = check_head(loss_fn, params, caller)
+    check_tasks(tasks)
+    check_support_labels(tasks.support[1], num_ways, caller)
+
+
 def _trajectory(loss_fn, params, support, *, num_steps, head_init, **inner) -> list:
     """:func:`fmaml.unroll`, or with a prototype head and ``num_steps=0``, ``[params]``
     (ProtoNet: no inner step; :func:`fmaml.unroll` refuses 0 steps)."""
@@ -297,11 +315,7 @@ def task_scores(
     Returns:
         ``[num_steps + 1]``: the score before adapting and after each inner step.
     """
-    if head_init is not None:
-        _check_head_init(head_init, "query", "task_scores")
-        num_ways, _ = check_head(loss_fn, params, "task_scores")
-        check_support_labels(task.support[1], num_ways, "task_scores")
-        params = prototype_head(loss_fn, params, task.support)
+    params = _with_head(loss_fn, params, task.support, head_init, "query", "task_scores")
     trajectory = _trajectory(
         loss_fn,
         params,
@@ -380,11 +394,7 @@ def meta_loss(
         >>> grads = torch.autograd.grad(loss, list(params.values()))
     """
     _check_objective(objective, "meta_loss")
-    if head_init is not None:
-        _check_head_init(head_init, objective, "meta_loss")
-        num_ways, _ = check_head(loss_fn, params, "meta_loss")
-        check_tasks(tasks)
-        check_support_labels(tasks.support[1], num_ways, "meta_loss")
+    _check_meta_head(loss_fn, params, tasks, head_init, objective, "meta_loss")
     if strategy is not None and not strategy.is_plain:
         return run_strategy(
             strategy,
@@ -438,11 +448,7 @@ def meta_scores(
     Returns:
         ``[T, num_steps + 1]``: each task's query score before adapting and after each step.
     """
-    if head_init is not None:
-        _check_head_init(head_init, "query", "meta_scores")
-        num_ways, _ = check_head(loss_fn, params, "meta_scores")
-        check_tasks(tasks)
-        check_support_labels(tasks.support[1], num_ways, "meta_scores")
+    _check_meta_head(loss_fn, params, tasks, head_init, "query", "meta_scores")
     return _over_tasks(
         lambda task: task_scores(
             score_fn,
