@@ -12,6 +12,7 @@ from fmaml.adapt import adapt, init_rates, step_rates, unroll
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.module import SupervisedLoss, accuracy, params_of, per_step, supervised_loss
 from fmaml.objectives import meta_loss, meta_scores, reptile_loss, task_loss, task_scores
+from fmaml.proto import prototype_head, prototypes
 from fmaml.strategy import Strategy, auto_strategy
 from fmaml.tree import combine, partition, tree_map
 from fmaml.types import Batch, LossFn, Params, Task
@@ -65,6 +66,8 @@ __all__ = [
     "params_of",
     "partition",
     "per_step",
+    "prototype_head",
+    "prototypes",
     "reptile_loss",
     "restore_state",
     "schedules",

@@ -1,14 +1,16 @@
 """Named MAML-family algorithms, each a setting of the same functions.
 
-| name    | setting                                         | paper                              |
-| ------- | ----------------------------------------------- | ---------------------------------- |
-| maml    | second-order, adapt every parameter             | Finn, Abbeel & Levine, ICML 2017   |
-| fomaml  | ``first_order=True``                            | same paper, section 5.2            |
-| anil    | ``adapt_keys``: the head only                   | Raghu et al., ICLR 2020            |
-| boil    | ``adapt_keys``: the body only                   | Oh et al., ICLR 2021               |
-| metasgd | ``inner_lr``: a learned per-element dict        | Li et al., arXiv 1707.09835, 2017  |
-| mamlpp  | MAML with all five MAML++ fixes (train loop)    | Antoniou et al., ICLR 2019         |
-| reptile | ``objective="reptile"``: mean of params-adapted | Nichol et al., arXiv 1803.02999    |
+| name      | setting                                         | paper                             |
+| --------- | ----------------------------------------------- | --------------------------------- |
+| maml      | second-order, adapt every parameter             | Finn, Abbeel & Levine, ICML 2017  |
+| fomaml    | ``first_order=True``                            | same paper, section 5.2           |
+| anil      | ``adapt_keys``: the head only                   | Raghu et al., ICLR 2020           |
+| boil      | ``adapt_keys``: the body only                   | Oh et al., ICLR 2021              |
+| metasgd   | ``inner_lr``: a learned per-element dict        | Li et al., arXiv 1707.09835, 2017 |
+| mamlpp    | MAML with all five MAML++ fixes (train loop)    | Antoniou et al., ICLR 2019        |
+| reptile   | ``objective="reptile"``: mean of params-adapted | Nichol et al., arXiv 1803.02999   |
+| protonet  | ``head_init="prototypes"``, ``num_steps=0``     | Snell et al., NeurIPS 2017        |
+| protomaml | ``head_init="prototypes"``, then inner steps    | Triantafillou et al., ICLR 2020   |
 
 MAML++'s fixes are training-loop settings on top of an algorithm (see
 :class:`fmaml.config.TrainConfig`): LSLR (``inner_lr`` a list of per-tensor rate dicts), MSL
@@ -46,6 +48,10 @@ class Algorithm:
         objective: what the outer step follows: ``"query"``, the gradient of the query loss
             after adapting (MAML and its variants), or ``"reptile"``, the mean over tasks
             of ``params - adapted`` (:func:`fmaml.reptile_loss`).
+        head_init: ``None``, or ``"prototypes"``: each task's linear head starts from its
+            support set's class prototypes (:func:`fmaml.prototype_head`).
+        inner_steps: a fixed number of inner steps in training (``0`` for ProtoNet);
+            ``None``: the dataset's default or the user's choice.
     """
 
     name: str
@@ -53,6 +59,8 @@ class Algorithm:
     adapt_keys: object = None
     learned_rates: Literal["element", "tensor"] | None = None
     objective: Literal["query", "reptile"] = "query"
+    head_init: Literal["prototypes"] | None = None
+    inner_steps: int | None = None
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -63,6 +71,8 @@ ALGORITHMS: dict[str, Algorithm] = {
     "metasgd": Algorithm("metasgd", learned_rates="element"),
     "mamlpp": Algorithm("mamlpp"),
     "reptile": Algorithm("reptile", first_order=True, objective="reptile"),
+    "protonet": Algorithm("protonet", head_init="prototypes", inner_steps=0),
+    "protomaml": Algorithm("protomaml", head_init="prototypes"),
 }
 
 

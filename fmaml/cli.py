@@ -635,7 +635,7 @@ def _checkpoint_line(path: Path, state) -> str:
         f"checkpoint {path}: {which}; trained {config.algorithm} "
         + ("" if config.dataset == "sinusoid" else f"{config.ways}-way ")
         + f"{config.shots}-shot, {config.inner_steps} inner step"
-        + ("s" if config.inner_steps > 1 else "")
+        + ("s" if config.inner_steps != 1 else "")
         + (
             f" at {config.inner_lr}"
             if state.rates is None
@@ -730,7 +730,12 @@ def _test_classification(state, path, split, result, echo) -> dict:
             f"  skipped {len(skipped)} {split} alphabet(s) with fewer than {result['ways']} "
             "characters: " + ", ".join(f"{name} ({n})" for name, n in skipped.items())
         )
-    if result["ways"] != config.ways:
+    if result["ways"] != config.ways and ALGORITHMS[config.algorithm].head_init is not None:
+        echo(
+            f"  trained {config.ways}-way: the head starts from each task's {result['ways']} "
+            "class prototypes"
+        )
+    elif result["ways"] != config.ways:
         echo(
             f"  trained {config.ways}-way: each of the {result['ways']} head rows starts at "
             f"the mean of the {config.ways} trained rows"

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from fmaml.algorithms import ALGORITHMS
 from fmaml.errors import ConfigError
 
 DATASETS = ("sinusoid", "omniglot", "miniimagenet", "folder")
@@ -228,6 +229,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
         defaults.update(MAMLPP_DEFAULTS[config.dataset])
     else:
         defaults.update(PLAIN_FIXES)
+    fixed = _algorithm_field(config.algorithm, "inner_steps")
+    if fixed is not None:  # ProtoNet: no inner step, in training or (by default) at test
+        defaults.update(inner_steps=fixed, eval_inner_steps=fixed)
     values = config.to_dict()
     for key, value in defaults.items():
         if values.get(key) is None:
@@ -245,13 +249,13 @@ def resolve(config: TrainConfig) -> TrainConfig:
 
 def check(config: TrainConfig) -> None:
     """Raise :class:`~fmaml.errors.ConfigError` naming the first option that cannot work."""
+    prototypes = _algorithm_field(config.algorithm, "head_init") is not None
     positive_ints = (
         "ways",
         "shots",
         "query",
         "meta_batch",
-        "inner_steps",
-        "eval_inner_steps",
+        *(() if prototypes else ("inner_steps", "eval_inner_steps")),
         "iterations",
         "val_every",
         "val_episodes",
@@ -311,6 +315,8 @@ def check(config: TrainConfig) -> None:
                 "would change nothing or never be trained. Drop them, or use --algorithm "
                 "maml/mamlpp."
             )
+    if prototypes:
+        _check_prototypes(config)
     from fmaml.strategy import Strategy
 
     strategy_fields = {f.name for f in dataclasses.fields(Strategy)}
@@ -332,3 +338,56 @@ def check(config: TrainConfig) -> None:
         )
     if config.dataset != "sinusoid" and config.ways < 2:
         raise ConfigError(f"--ways must be at least 2 for classification, got {config.ways}.")
+
+
+def _check_prototypes(config: TrainConfig) -> None:
+    """The settings ProtoNet and ProtoMAML (a head from class prototypes) can't work with."""
+    name = config.algorithm
+    if config.dataset == "sinusoid":
+        raise ConfigError(
+            f"--algorithm {name} starts each task's head from class prototypes, but a "
+            "sinusoid task is a regression with no classes. Use a classification dataset "
+            "(omniglot, miniimagenet, folder) or another algorithm."
+        )
+    for option in ("inner_steps", "eval_inner_steps"):
+        value = getattr(config, option)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(
+                f"--{option.replace('_', '-')} must be 0 or more with --algorithm {name}, "
+                f"got {value!r}."
+            )
+    fixed = _algorithm_field(name, "inner_steps")
+    if fixed == 0 and config.inner_steps != 0:
+        raise ConfigError(
+            f"--algorithm {name} takes no inner step in training, got --inner-steps "
+            f"{config.inner_steps}. Drop --inner-steps, or use --algorithm protomaml (inner "
+            "steps from the prototype head)."
+        )
+    if fixed is None and config.inner_steps < 1:
+        raise ConfigError(
+            f"--algorithm {name} adapts the prototype head with inner steps, got "
+            "--inner-steps 0. Use --inner-steps 1 or more, or --algorithm protonet."
+        )
+    inner = [
+        option
+        for option, on in (
+            ("--lslr", config.lslr),
+            ("--msl-epochs", config.msl_epochs),
+            ("--da-epochs", config.da_epochs),
+            ("--per-step-bn", config.per_step_bn),
+        )
+        if on
+    ]
+    if fixed == 0 and inner:
+        raise ConfigError(
+            f"--algorithm {name} takes no inner step, so {', '.join(inner)} (MAML++ "
+            "settings of the inner loop) would change nothing. Drop them, or use --algorithm "
+            "protomaml."
+        )
+
+
+def _algorithm_field(name: str, field: str):
+    """A field of the named algorithm (:data:`fmaml.algorithms.ALGORITHMS`); ``None`` for an
+    unknown name (the command line offers only known ones)."""
+    algorithm = ALGORITHMS.get(name)
+    return None if algorithm is None else getattr(algorithm, field)

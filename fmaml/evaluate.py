@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -45,6 +46,7 @@ def evaluate(
     inner_lr: InnerLR,
     num_steps: int,
     adapt_keys: KeySelector = None,
+    head_init: Literal["prototypes"] | None = None,
 ) -> Tensor:
     """Adapt on each episode's support and score its query after every inner step.
 
@@ -59,6 +61,7 @@ def evaluate(
         inner_lr: as in :func:`fmaml.adapt`; tensors are detached too.
         num_steps: inner steps.
         adapt_keys: as in :func:`fmaml.adapt`.
+        head_init: as in :func:`fmaml.task_loss` (``"prototypes"``: ProtoNet/ProtoMAML).
 
     Returns:
         ``[num_episodes, num_steps + 1]``: scores before adapting and after each step.
@@ -74,6 +77,7 @@ def evaluate(
             inner_lr=inner_lr,
             num_steps=num_steps,
             adapt_keys=adapt_keys,
+            head_init=head_init,
         ).detach()
         for tasks in episodes
     ]

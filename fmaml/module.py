@@ -78,17 +78,73 @@ class SupervisedLoss:
         set), BatchNorm normalises ``x`` with the statistics of ``stats_from`` alone: the rows
         of ``x`` do not influence each other.
         """
+        return self._call(self.module, self._values(params, step), x, stats_from)
+
+    def embed(
+        self,
+        params: Mapping[str, Tensor],
+        x: Tensor,
+        step: int = 0,
+        stats_from: Tensor | None = None,
+    ) -> Tensor:
+        """The output of the model's ``body`` for ``x: [n, *feature]``: ``[n, features]``.
+
+        The features the ``head`` sees (ProtoNet's embeddings; see
+        :func:`fmaml.prototype_head`). ``step`` and ``stats_from`` as in :meth:`predict`.
+
+        Raises:
+            ValueError: the model has no ``body`` and ``head`` submodules.
+        """
+        self.linear_head()  # checks that there are a body and a linear head
+        body = self.module.body
+        values = {
+            k.removeprefix("body."): v
+            for k, v in self._values(params, step).items()
+            if k.startswith("body.")
+        }
+        return self._call(body, values, x, stats_from)
+
+    def linear_head(self) -> nn.Linear:
+        """The model's ``head``, checked to be an ``nn.Linear`` with a bias.
+
+        Raises:
+            ValueError: the model has no ``body`` and ``head`` submodules, or its head is not
+                linear with a bias.
+        """
+        body, head = getattr(self.module, "body", None), getattr(self.module, "head", None)
+        if not isinstance(body, nn.Module) or not isinstance(head, nn.Module):
+            raise ValueError(
+                "supervised_loss(): prototype heads need a model with `body` and `head` "
+                f"submodules (head(body(x))), got {type(self.module).__name__} without them. "
+                "Build it as fmaml.nn.models.Classifier(body, nn.Linear(features, num_ways)) "
+                "(fmaml.nn.conv4 and fmaml.nn.mlp are)."
+            )
+        if not isinstance(head, nn.Linear) or head.bias is None:
+            bias = "" if not isinstance(head, nn.Linear) else " without a bias"
+            raise ValueError(
+                "supervised_loss(): prototype heads replace a linear head, W = 2 c_k and "
+                f"b = -|c_k|^2, but the model's `head` is {type(head).__name__}{bias}. Use "
+                "head=nn.Linear(features, num_ways) (with its bias)."
+            )
+        return head
+
+    def _values(self, params: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
+        """The tensors ``functional_call`` gets: ``params`` (per-step ones at ``step``) and
+        the fixed buffers and frozen parameters."""
         self._check_keys(params)
         if self.per_step_keys:
             params = {
                 k: v[min(step, v.shape[0] - 1)] if k in self.per_step_keys else v
                 for k, v in params.items()
             }
-        values = {**self.fixed, **params}
+        return {**self.fixed, **params}
+
+    @staticmethod
+    def _call(module: nn.Module, values: dict, x: Tensor, stats_from: Tensor | None) -> Tensor:
         if stats_from is None:
-            return torch.func.functional_call(self.module, values, (x,), strict=True)
+            return torch.func.functional_call(module, values, (x,), strict=True)
         rows = stats_from.shape[0]
-        module = with_stat_rows(self.module, rows)
+        module = with_stat_rows(module, rows)
         both = torch.cat([stats_from, x])
         return torch.func.functional_call(module, values, (both,), strict=True)[rows:]
 

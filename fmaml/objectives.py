@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fmaml.adapt import InnerLR, adapt, at_step, unroll
+from fmaml.proto import check_head, check_support_labels, prototype_head
 from fmaml.strategy import Strategy, run_strategy
 from fmaml.tree import KeySelector
 from fmaml.types import LossFn, Task
@@ -30,6 +31,7 @@ def task_loss(
     step_weights: Sequence[float | Tensor] | Tensor | None = None,
     score_fn: LossFn | None = None,
     objective: Literal["query", "reptile"] = "query",
+    head_init: Literal["prototypes"] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Adapt on ``task.support``, return the loss on ``task.query``; one task.
 
@@ -51,15 +53,39 @@ def task_loss(
         objective: ``"query"`` (above), or ``"reptile"``: :func:`reptile_loss` instead, whose
             gradient is ``params - adapted`` (``first_order`` then has no effect: Reptile is
             first-order whatever it says).
+        head_init: ``None``, or ``"prototypes"``: before the inner loop, set the linear head
+            from the support set's class prototypes (:func:`fmaml.prototype_head`;
+            ProtoMAML, Triantafillou et al. 2020), differentiably; the inner loop then
+            descends from ``(params, prototype head)``, the head a starting point of its own
+            (each step's gradient is the support loss's partial derivative in the body and
+            in the head, as in Meta-Dataset's code). ``num_steps=0`` is then
+            allowed and gives ProtoNet's loss (Snell et al. 2017). Needs a
+            :func:`fmaml.supervised_loss` of a model with ``body`` and a linear ``head``,
+            integer support labels ``y [n_s]`` covering ``0..num_ways-1``; not with
+            ``objective="reptile"``.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
 
     Raises:
         ValueError: ``step_weights`` of the wrong length, or given with
-            ``objective="reptile"``; an unknown ``objective``; everything
-            :func:`fmaml.unroll` and :func:`reptile_loss` raise.
+            ``objective="reptile"``; an unknown ``objective`` or ``head_init``; support
+            labels outside ``0..num_ways-1`` or missing a class (checked outside ``vmap``);
+            everything :func:`fmaml.unroll`, :func:`reptile_loss` and
+            :func:`fmaml.prototype_head` raise.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fmaml
+        >>> model = fmaml.nn.mlp(in_features=2, hidden=(8,), out_features=3)
+        >>> loss_fn = fmaml.supervised_loss(model, F.cross_entropy)
+        >>> y = torch.arange(3).repeat(2)
+        >>> task = fmaml.Task((torch.randn(6, 2), y), (torch.randn(6, 2), y))
+        >>> protonet = task_loss(loss_fn, fmaml.params_of(model), task, inner_lr=0.1,
+        ...                      num_steps=0, head_init="prototypes")
+        >>> protonet.shape
+        torch.Size([])
     """
+    params = _with_head(loss_fn, params, task.support, head_init, objective, "task_loss")
     if _check_objective(objective, "task_loss") == "reptile":
         if step_weights is not None:
             raise ValueError(
@@ -77,7 +103,7 @@ def task_loss(
             score_fn=score_fn,
         )
     weights = _check_step_weights(step_weights, num_steps)
-    trajectory = unroll(
+    trajectory = _trajectory(
         loss_fn,
         params,
         task.support,
@@ -85,6 +111,7 @@ def task_loss(
         num_steps=num_steps,
         adapt_keys=adapt_keys,
         first_order=first_order,
+        head_init=head_init,
     )
     if weights is None:
         loss = at_step(loss_fn, num_steps, task.support[0])(trajectory[-1], task.query)
@@ -223,6 +250,51 @@ def _check_objective(objective, caller: str) -> str:
     return objective
 
 
+def _check_head_init(head_init, objective: str, caller: str) -> None:
+    if head_init not in (None, "prototypes"):
+        raise ValueError(
+            f"{caller}(): `head_init` must be None (the meta-learned head) or 'prototypes' "
+            f"(ProtoMAML/ProtoNet), got {head_init!r}."
+        )
+    if head_init is not None and objective == "reptile":
+        raise ValueError(
+            f"{caller}(): head_init='prototypes' replaces the meta-learned head with one "
+            "computed from each task's support set, but objective='reptile' follows "
+            "params - adapted, which has no term for it. Use objective='query' (ProtoMAML), "
+            "or head_init=None with Reptile."
+        )
+
+
+def _with_head(loss_fn, params, support, head_init, objective: str, caller: str):
+    """``params``; with ``head_init="prototypes"``, the prototype head in place of the
+    meta-learned one (:func:`fmaml.prototype_head`), after checking the settings."""
+    if head_init is None:
+        return params
+    _check_head_init(head_init, objective, caller)
+    num_ways, _ = check_head(loss_fn, params, caller)
+    check_support_labels(support[1], num_ways, caller)
+    return prototype_head(loss_fn, params, support)
+
+
+def _check_meta_head(loss_fn, params, tasks, head_init, objective: str, caller: str) -> None:
+    """With ``head_init``, check the settings and every task's support labels at once
+    (before the vmap, inside which values can't be checked)."""
+    if head_init is None:
+        return
+    _check_head_init(head_init, objective, caller)
+    num_ways, _ = check_head(loss_fn, params, caller)
+    check_tasks(tasks)
+    check_support_labels(tasks.support[1], num_ways, caller)
+
+
+def _trajectory(loss_fn, params, support, *, num_steps, head_init, **inner) -> list:
+    """:func:`fmaml.unroll`, or with a prototype head and ``num_steps=0``, ``[params]``
+    (ProtoNet: no inner step; :func:`fmaml.unroll` refuses 0 steps)."""
+    if head_init is not None and num_steps == 0:
+        return [dict(params)]
+    return unroll(loss_fn, params, support, num_steps=num_steps, **inner)
+
+
 def task_scores(
     score_fn: LossFn,
     loss_fn: LossFn,
@@ -232,22 +304,26 @@ def task_scores(
     inner_lr: InnerLR,
     num_steps: int,
     adapt_keys: KeySelector = None,
+    head_init: Literal["prototypes"] | None = None,
 ) -> Tensor:
     """Adapt on the support with ``loss_fn``; score the query after every step; one task.
 
     Used for evaluation: ``score_fn`` may be the loss itself (regression MSE) or a metric
-    such as :func:`fmaml.accuracy` wrapped by :func:`fmaml.supervised_loss`.
+    such as :func:`fmaml.accuracy` wrapped by :func:`fmaml.supervised_loss`. ``head_init``
+    as in :func:`task_loss` (the scores then start from the prototype head).
 
     Returns:
         ``[num_steps + 1]``: the score before adapting and after each inner step.
     """
-    trajectory = unroll(
+    params = _with_head(loss_fn, params, task.support, head_init, "query", "task_scores")
+    trajectory = _trajectory(
         loss_fn,
         params,
         task.support,
         inner_lr=inner_lr,
         num_steps=num_steps,
         adapt_keys=adapt_keys,
+        head_init=head_init,
     )
     return torch.stack(
         [
@@ -270,6 +346,7 @@ def meta_loss(
     score_fn: LossFn | None = None,
     strategy: Strategy | None = None,
     objective: Literal["query", "reptile"] = "query",
+    head_init: Literal["prototypes"] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The mean query loss over a meta-batch of tasks, each adapted on its own support.
 
@@ -295,6 +372,9 @@ def meta_loss(
             tasks. The value and meta-gradient are the same; see :class:`fmaml.Strategy` for
             what the returned loss can then be differentiated with respect to.
         objective: ``"query"`` or ``"reptile"``, as in :func:`task_loss`.
+        head_init: ``"prototypes"``: each task's linear head starts from its support set's
+            class prototypes (ProtoMAML; ProtoNet with ``num_steps=0``), as in
+            :func:`task_loss`; the support labels are checked here, for every task at once.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
@@ -314,6 +394,7 @@ def meta_loss(
         >>> grads = torch.autograd.grad(loss, list(params.values()))
     """
     _check_objective(objective, "meta_loss")
+    _check_meta_head(loss_fn, params, tasks, head_init, objective, "meta_loss")
     if strategy is not None and not strategy.is_plain:
         return run_strategy(
             strategy,
@@ -327,6 +408,7 @@ def meta_loss(
             step_weights=step_weights,
             score_fn=score_fn,
             objective=objective,
+            head_init=head_init,
         )
     per_task = _over_tasks(
         lambda task: task_loss(
@@ -340,6 +422,7 @@ def meta_loss(
             step_weights=step_weights,
             score_fn=score_fn,
             objective=objective,
+            head_init=head_init,
         ),
         tasks,
     )
@@ -358,12 +441,14 @@ def meta_scores(
     inner_lr: InnerLR,
     num_steps: int,
     adapt_keys: KeySelector = None,
+    head_init: Literal["prototypes"] | None = None,
 ) -> Tensor:
     """:func:`task_scores` for every task of a meta-batch.
 
     Returns:
         ``[T, num_steps + 1]``: each task's query score before adapting and after each step.
     """
+    _check_meta_head(loss_fn, params, tasks, head_init, "query", "meta_scores")
     return _over_tasks(
         lambda task: task_scores(
             score_fn,
@@ -373,6 +458,7 @@ def meta_scores(
             inner_lr=inner_lr,
             num_steps=num_steps,
             adapt_keys=adapt_keys,
+            head_init=head_init,
         ),
         tasks,
     )
@@ -418,6 +504,11 @@ def _stack_weights(weights: Sequence[float | Tensor] | Tensor, like: Tensor) -> 
 def _check_step_weights(step_weights, num_steps: int):
     if step_weights is None:
         return None
+    if num_steps == 0:
+        raise ValueError(
+            "task_loss(): `step_weights` weight the query loss after each inner step, but "
+            "num_steps=0 has none. Leave step_weights=None without inner steps."
+        )
     length = len(step_weights)
     if length != num_steps:
         raise ValueError(

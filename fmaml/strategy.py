@@ -100,6 +100,10 @@ class Strategy:
     - ``objective="reptile"`` (:func:`fmaml.reptile_loss`): its gradient goes through no
       inner step, so ``checkpoint`` has nothing to recompute and runs each chunk as without
       it (no inner step's graph is kept either way); the other fields apply as they are.
+    - ``head_init="prototypes"`` (ProtoMAML): exact on every path; ``checkpoint``
+      recomputes the prototype head with the first inner step (so it needs the head among
+      the adapted keys, else refused), and with ``num_steps=0`` (ProtoNet) has nothing to
+      recompute and runs each chunk as without it.
     - Differentiable once: the handed-out gradients carry no graph, so a backward with
       ``create_graph=True`` (a Hessian-vector product, a second derivative) raises
       ``RuntimeError``. :func:`fmaml.meta_loss` with ``strategy=None`` is differentiable any
@@ -252,6 +256,7 @@ def run_strategy(
     step_weights,
     score_fn: LossFn | None,
     objective: str = "query",
+    head_init: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`fmaml.meta_loss` under a non-default ``strategy``; same arguments and result."""
     from fmaml.adapt import step_rates
@@ -262,6 +267,17 @@ def run_strategy(
     names = select(params.keys(), adapt_keys, caller="meta_loss")
     rates = step_rates(inner_lr, params, names, num_steps, caller="meta_loss")
     _refuse_transforms()
+    if strategy.checkpoint and head_init is not None and num_steps > 0:
+        from fmaml.proto import HEAD_KEYS
+
+        if not set(HEAD_KEYS) <= set(names):
+            raise ValueError(
+                f"meta_loss(): strategy '{strategy}' recomputes the prototype head inside "
+                "the first inner step, so with head_init='prototypes' it needs the head "
+                "adapted, but `adapt_keys` leaves out "
+                f"{sorted(set(HEAD_KEYS) - set(names))}. Use checkpoint=False, or "
+                "strategy=None."
+            )
     if any(t.requires_grad for pair in tasks for t in pair):
         raise ValueError(
             f"meta_loss(): strategy {strategy} differentiates with respect to params, "
@@ -280,7 +296,9 @@ def run_strategy(
     if strategy.compile and want_grad and inputs:
         import torch._functorch.config as functorch_config
 
-        step = _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys, objective)
+        step = _compiled_step(
+            loss_fn, score_fn, num_steps, first_order, adapt_keys, objective, head_init
+        )
         with (
             _intra_op_threads(strategy.threads),
             warnings.catch_warnings(),
@@ -318,6 +336,7 @@ def run_strategy(
         adapt_keys=adapt_keys,
         step_weights=step_weights,
         objective=objective,
+        head_init=head_init,
     )
     chunks = [
         _slice(tasks, start, min(start + size, num_tasks), job.unbatched, strategy.channels_last)
@@ -347,14 +366,16 @@ def _hand_out(value, grads, captured, strategy, labels, inputs) -> Tensor:
 _COMPILED: dict[tuple, tuple] = {}
 
 
-def _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys, objective) -> Callable:
+def _compiled_step(
+    loss_fn, score_fn, num_steps, first_order, adapt_keys, objective, head_init=None
+) -> Callable:
     """``(params, inner_lr, step_weights, tasks, inputs) -> (loss, grads, captured, score)``
     compiled (``grads`` for ``inputs`` and then for the ``captured`` leaves),
     made once per loss and setting, so that later calls hit torch.compile's cache. Kept for
     the life of the process (as torch.compile keeps its compiled code)."""
     from fmaml.objectives import meta_loss
 
-    key = (id(loss_fn), id(score_fn), num_steps, first_order, id(adapt_keys), objective)
+    key = (id(loss_fn), id(score_fn), num_steps, first_order, id(adapt_keys), objective, head_init)
     if key not in _COMPILED:
         refuse_batchnorm(loss_fn, score_fn)  # once per loss and setting, not every step
         captured_by = torch._dynamo.disable(_captured_by)  # imports dynamo: only here
@@ -371,6 +392,7 @@ def _compiled_step(loss_fn, score_fn, num_steps, first_order, adapt_keys, object
                 step_weights=step_weights,
                 score_fn=score_fn,
                 objective=objective,
+                head_init=head_init,
             )
             loss, score = (out, None) if score_fn is None else out
             captured = captured_by(loss, inputs)
@@ -423,6 +445,7 @@ class _Job:
     adapt_keys: KeySelector
     step_weights: object
     objective: str = "query"
+    head_init: str | None = None
 
     def on_own_module(self) -> _Job:
         """This job with losses whose modules are private copies (for another thread)."""
@@ -457,10 +480,10 @@ class _Job:
         captures), its summed score)."""
         from fmaml.adapt import PLAIN_AUTOGRAD, STAND_INS
 
-        if self.checkpoint and self.objective == "query":
+        if self.checkpoint and self.objective == "query" and self.num_steps > 0:
             # Reptile's gradient goes through no inner step (the adapted parameters are
             # constants of it): there is nothing to recompute, and the plain path already
-            # keeps no inner step's graph.
+            # keeps no inner step's graph; nor is there without inner steps (ProtoNet).
             return self._run_checkpointed(chunk)
         token = PLAIN_AUTOGRAD.set(self.unbatched)  # no transform is active: plain autograd
         stand_ins = STAND_INS.set([])
@@ -489,6 +512,7 @@ class _Job:
             step_weights=self.step_weights,
             score_fn=self.score_fn,
             objective=self.objective,
+            head_init=self.head_init,
         )
 
     def _over(self, per_task: Callable, chunk: Task, fast=None, batched: bool = False):
@@ -554,8 +578,16 @@ class _Job:
         from fmaml.adapt import _support_loss, at_step
 
         frozen, rate, first_order = self._frozen(), self.rates[s], self.first_order
+        head_init = self.head_init if s == 0 else None
 
         def step(fast: dict, task: Task) -> dict:
+            if head_init is not None:
+                # ProtoMAML: the head starts from this task's prototypes; recomputed with the
+                # first step in the backward, so the meta-gradient flows through it too
+                from fmaml.proto import prototype_head
+
+                start = prototype_head(self.loss_fn, {**frozen, **fast}, task.support)
+                fast = {k: start[k] for k in fast}
             grads = torch.func.grad(_support_loss)(
                 fast, at_step(self.loss_fn, s), frozen, task.support
             )

@@ -300,6 +300,7 @@ def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, fl
         score_fn=state.problem.score_fn,
         strategy=state.strategy,
         objective=algorithm.objective,
+        head_init=algorithm.head_init,
     )
     if ranks is None:
         if not torch.isfinite(loss):
@@ -420,6 +421,7 @@ def _episode_scores(
             inner_lr=state.inner_lr_for(num_steps),
             num_steps=num_steps,
             adapt_keys=state.adapt_keys,
+            head_init=get_algorithm(state.config.algorithm).head_init,
         )
 
     if ranks is None:
@@ -738,7 +740,9 @@ def evaluate_state(
     A model tested with other ``ways`` than it was trained with starts every task from a head
     whose rows (and bias entries, and learned per-element rates) all equal the mean of the
     trained ones: the classes of a MAML task come in random order, so the trained rows are
-    interchangeable and their mean is the one start that treats every class alike.
+    interchangeable and their mean is the one start that treats every class alike. (With a
+    prototype head, ``protonet`` and ``protomaml``, each task's head comes from its own
+    support set whatever the ways.)
 
     Args:
         state: a trained run (:func:`train` or :func:`restore_state`).

@@ -39,6 +39,9 @@ VARIANTS = {
     "boil": {"adapt_keys": body_keys},
     "metasgd": {"learned_rates": True},
     "lslr-3-steps-msl": {"num_steps": 3, "per_step_rates": True, "step_weights": [0.2, 0.3, 0.5]},
+    "protonet": {"head_init": "prototypes", "num_steps": 0},
+    "protomaml-2-steps": {"head_init": "prototypes", "num_steps": 2},
+    "protomaml-metasgd": {"head_init": "prototypes", "learned_rates": True},
 }
 
 
