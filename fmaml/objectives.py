@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fmaml.adapt import InnerLR, adapt, at_step, unroll
+from fmaml.inner_optim import InnerOptimizer
 from fmaml.strategy import Strategy, run_strategy
 from fmaml.tree import KeySelector
 from fmaml.types import LossFn, Task
@@ -30,6 +31,7 @@ def task_loss(
     step_weights: Sequence[float | Tensor] | Tensor | None = None,
     score_fn: LossFn | None = None,
     objective: Literal["query", "reptile"] = "query",
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Adapt on ``task.support``, return the loss on ``task.query``; one task.
 
@@ -51,6 +53,8 @@ def task_loss(
         objective: ``"query"`` (above), or ``"reptile"``: :func:`reptile_loss` instead, whose
             gradient is ``params - adapted`` (``first_order`` then has no effect: Reptile is
             first-order whatever it says).
+        inner_optimizer: the inner step (:mod:`fmaml.inner_optim`), as in
+            :func:`fmaml.unroll`; ``None``: plain SGD.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
@@ -75,6 +79,7 @@ def task_loss(
             num_steps=num_steps,
             adapt_keys=adapt_keys,
             score_fn=score_fn,
+            inner_optimizer=inner_optimizer,
         )
     weights = _check_step_weights(step_weights, num_steps)
     trajectory = unroll(
@@ -85,6 +90,7 @@ def task_loss(
         num_steps=num_steps,
         adapt_keys=adapt_keys,
         first_order=first_order,
+        inner_optimizer=inner_optimizer,
     )
     if weights is None:
         loss = at_step(loss_fn, num_steps, task.support[0])(trajectory[-1], task.query)
@@ -113,6 +119,7 @@ def reptile_loss(
     num_steps: int = 1,
     adapt_keys: KeySelector = None,
     score_fn: LossFn | None = None,
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Reptile for one task: a loss whose gradient with respect to ``params`` is
     ``params - adapted``.
@@ -154,13 +161,17 @@ def reptile_loss(
         inner_lr, num_steps, adapt_keys: as in :func:`fmaml.unroll`; ``inner_lr`` must not
             require grad.
         score_fn: if given, also return ``score_fn(adapted, query)`` (detached).
+        inner_optimizer: the inner step, as in :func:`fmaml.unroll` (the paper's few-shot
+            runs: ``fmaml.inner_optim.adam(beta1=0.0)``); its hyper-parameters must not
+            require grad either.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
 
     Raises:
-        ValueError: ``inner_lr`` holds a tensor that requires grad (Reptile's update has
-            no term for it), and everything :func:`fmaml.unroll` raises.
+        ValueError: ``inner_lr`` or the hyper-parameters of ``inner_optimizer`` hold a
+            tensor that requires grad (Reptile's update has no term for it), and everything
+            :func:`fmaml.unroll` raises.
 
     Example:
         >>> import torch
@@ -176,6 +187,7 @@ def reptile_loss(
         arXiv 1803.02999, 2018.
     """
     _refuse_learned_rates(inner_lr)
+    _refuse_learned_hyper(inner_optimizer)
     adapted = adapt(
         loss_fn,
         params,
@@ -184,6 +196,7 @@ def reptile_loss(
         num_steps=num_steps,
         adapt_keys=adapt_keys,
         first_order=True,
+        inner_optimizer=inner_optimizer,
     )
     adapted = {k: v.detach() for k, v in adapted.items()}
     loss = sum(0.5 * (params[k] - adapted[k]).square().sum() for k in params)
@@ -214,6 +227,19 @@ def _refuse_learned_rates(inner_lr) -> None:
         )
 
 
+def _refuse_learned_hyper(inner_optimizer) -> None:
+    """Raise if a hyper-parameter of ``inner_optimizer`` requires grad (Reptile)."""
+    hyper = getattr(inner_optimizer, "hyper", None) or {}
+    learned = [k for k, v in hyper.items() if isinstance(v, Tensor) and v.requires_grad]
+    if learned:
+        raise ValueError(
+            f"reptile_loss(): the inner optimiser's {', '.join(map(repr, learned))} requires "
+            "grad, but Reptile's update (params - adapted) has no term for it: it would never "
+            "be trained. Pass numbers or detached tensors, or learn the hyper-parameters with "
+            "a query-loss algorithm (maml, metasgd)."
+        )
+
+
 def _check_objective(objective, caller: str) -> str:
     if objective not in ("query", "reptile"):
         raise ValueError(
@@ -232,6 +258,7 @@ def task_scores(
     inner_lr: InnerLR,
     num_steps: int,
     adapt_keys: KeySelector = None,
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor:
     """Adapt on the support with ``loss_fn``; score the query after every step; one task.
 
@@ -248,6 +275,7 @@ def task_scores(
         inner_lr=inner_lr,
         num_steps=num_steps,
         adapt_keys=adapt_keys,
+        inner_optimizer=inner_optimizer,
     )
     return torch.stack(
         [
@@ -270,6 +298,7 @@ def meta_loss(
     score_fn: LossFn | None = None,
     strategy: Strategy | None = None,
     objective: Literal["query", "reptile"] = "query",
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The mean query loss over a meta-batch of tasks, each adapted on its own support.
 
@@ -295,6 +324,9 @@ def meta_loss(
             tasks. The value and meta-gradient are the same; see :class:`fmaml.Strategy` for
             what the returned loss can then be differentiated with respect to.
         objective: ``"query"`` or ``"reptile"``, as in :func:`task_loss`.
+        inner_optimizer: the inner step (:mod:`fmaml.inner_optim`; ``None``: plain SGD);
+            hyper-parameter tensors that require grad get their meta-gradient on every
+            strategy.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
@@ -327,6 +359,7 @@ def meta_loss(
             step_weights=step_weights,
             score_fn=score_fn,
             objective=objective,
+            inner_optimizer=inner_optimizer,
         )
     per_task = _over_tasks(
         lambda task: task_loss(
@@ -340,6 +373,7 @@ def meta_loss(
             step_weights=step_weights,
             score_fn=score_fn,
             objective=objective,
+            inner_optimizer=inner_optimizer,
         ),
         tasks,
     )
@@ -358,6 +392,7 @@ def meta_scores(
     inner_lr: InnerLR,
     num_steps: int,
     adapt_keys: KeySelector = None,
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor:
     """:func:`task_scores` for every task of a meta-batch.
 
@@ -373,6 +408,7 @@ def meta_scores(
             inner_lr=inner_lr,
             num_steps=num_steps,
             adapt_keys=adapt_keys,
+            inner_optimizer=inner_optimizer,
         ),
         tasks,
     )
