@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fmaml.adapt import InnerLR
+from fmaml.inner_optim import InnerOptimizer
 from fmaml.objectives import meta_scores
 from fmaml.tree import KeySelector, tree_detach
 from fmaml.types import LossFn, Task
@@ -45,6 +46,7 @@ def evaluate(
     inner_lr: InnerLR,
     num_steps: int,
     adapt_keys: KeySelector = None,
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor:
     """Adapt on each episode's support and score its query after every inner step.
 
@@ -59,12 +61,16 @@ def evaluate(
         inner_lr: as in :func:`fmaml.adapt`; tensors are detached too.
         num_steps: inner steps.
         adapt_keys: as in :func:`fmaml.adapt`.
+        inner_optimizer: as in :func:`fmaml.adapt`; its hyper-parameter tensors are detached.
 
     Returns:
         ``[num_episodes, num_steps + 1]``: scores before adapting and after each step.
     """
     params = tree_detach(params)
     inner_lr = _detach_rates(inner_lr)
+    if inner_optimizer is not None:
+        hyper = {k: _detach_rates(v) for k, v in inner_optimizer.hyper.items()}
+        inner_optimizer = inner_optimizer._replace(hyper=hyper)
     chunks = [
         meta_scores(
             score_fn,
@@ -74,6 +80,7 @@ def evaluate(
             inner_lr=inner_lr,
             num_steps=num_steps,
             adapt_keys=adapt_keys,
+            inner_optimizer=inner_optimizer,
         ).detach()
         for tasks in episodes
     ]
