@@ -590,7 +590,16 @@ class _Job:
             if first_order:
                 grads = {k: g.detach() for k, g in grads.items()}
             fast, state = inner_step(grads, state or None, fast, rate, inner_optimizer)
-            return fast, {} if state is None else state
+            state = {} if state is None else state
+            kinds = {type(t).__name__ for t in tree_flatten(state)[0] if not isinstance(t, Tensor)}
+            if kinds:
+                raise ValueError(
+                    "meta_loss(): Strategy(checkpoint=True) keeps the inner optimiser's state "
+                    "between steps and vmaps it, so it must hold tensors only, but it holds "
+                    f"{sorted(kinds)}. Keep a step counter as a 0-d tensor (as "
+                    "fmaml.inner_optim.adam does), or use checkpoint=False."
+                )
+            return fast, state
 
         return step
 

@@ -381,6 +381,22 @@ def test_every_strategy_gives_the_same_loss_and_meta_gradient(strategy_name, kin
         torch.testing.assert_close(leaf.grad, b, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("strategy_name", list(STRATEGIES))
+def test_sgd_on_every_strategy_is_todays_meta_gradient(strategy_name):
+    """sgd() (no state, no hyper-parameters) through each path, Meta-SGD rates, 2 steps."""
+    loss_fn, params, tasks, kwargs = conv_build("metasgd")
+    kwargs["num_steps"] = 2
+    leaves = [*params.values(), *kwargs["inner_lr"].values()]
+    reference = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+    expected = torch.autograd.grad(reference, leaves)
+    loss = fmaml.meta_loss(
+        loss_fn, params, tasks, inner_optimizer=sgd(), strategy=STRATEGIES[strategy_name], **kwargs
+    )
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(loss, leaves), expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize(
     "strategy_name", ["one-at-a-time", "checkpoint", "one-at-a-time-checkpoint-workers"]
 )
@@ -716,6 +732,45 @@ def test_error_a_name_or_a_bad_value_as_inner_optimizer():
     with pytest.raises(ValueError, match=r"adapt\(\): the hyper-parameter `beta` must be"):
         fmaml.adapt(tanh_loss, params, task_at(tasks, 0).support, inner_lr=0.1, inner_optimizer=bad)
     assert isinstance(bad, InnerOptimizer)
+
+
+def counting_sgd() -> InnerOptimizer:
+    """A user's optimiser whose state holds a Python int: SGD whose steps shrink as 1/t."""
+
+    def init(params):
+        return {"count": 0}
+
+    def update(grads, state, params, rate, hyper):
+        t = state["count"] + 1
+        return {k: params[k] - rate[k] * grads[k] / t for k in params}, {"count": t}
+
+    return InnerOptimizer(init, update, {})
+
+
+def test_a_users_optimizer_runs_and_a_state_of_numbers_is_refused_when_recomputed():
+    """Any InnerOptimizer runs on the plain paths; the recomputing strategy vmaps the state
+    between steps, so it names the Python number it can't carry and the two fixes."""
+    loss_fn, params, tasks, kwargs = conv_build("maml")
+    kwargs["num_steps"] = 2
+    opt = counting_sgd()
+    reference = fmaml.meta_loss(loss_fn, params, tasks, inner_optimizer=opt, **kwargs)
+    loss = fmaml.meta_loss(
+        loss_fn, params, tasks, inner_optimizer=opt, strategy=ONE_AT_A_TIME, **kwargs
+    )
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
+    with pytest.raises(
+        ValueError,
+        match=r"Strategy\(checkpoint=True\) keeps the inner optimiser's state .* holds \['int'\]\. "
+        r"Keep a step counter as a 0-d tensor .* or use checkpoint=False",
+    ):
+        fmaml.meta_loss(
+            loss_fn,
+            params,
+            tasks,
+            inner_optimizer=opt,
+            strategy=STRATEGIES["checkpoint"],
+            **kwargs,
+        )
 
 
 def test_error_reptile_with_learned_hyper_parameters():
