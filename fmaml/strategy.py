@@ -84,11 +84,12 @@ class Strategy:
 
     - Exact for every tensor requiring grad the meta-loss depends on: ``params``, the
       tensors of ``inner_lr`` and of ``step_weights`` (one tensor, or a list of 0-d tensors
-      and numbers), and the tensors a ``loss_fn`` captures (a learned temperature in the
-      criterion). Each chunk's graph is walked to the leaves requiring grad it reaches
-      besides those arguments (``fmaml.graph.reached_leaves``, about a millisecond per
-      thousand graph nodes), and their gradients are accumulated with the others, through
-      the inner loop too. A captured non-leaf computed outside the loss
+      and numbers), the hyper-parameter tensors of ``inner_optimizer`` (learned betas), and
+      the tensors a ``loss_fn`` captures (a learned temperature in the criterion). Each
+      chunk's graph is walked to the leaves requiring grad it reaches besides those
+      arguments (``fmaml.graph.reached_leaves``, about a millisecond per thousand graph
+      nodes), and their gradients are accumulated with the others, through the inner loop
+      too. A captured non-leaf computed outside the loss
       (``temp = log_temp.exp()``) passes its gradient on to its leaves (``log_temp``); the
       returned loss's graph goes to those leaves, not through the non-leaf, so ask for the
       leaves' gradients (``backward()`` fills their ``.grad``). Exact rather than refused
@@ -98,6 +99,9 @@ class Strategy:
       each gets its total gradient, so the one upstream would count the other's twice.
       Also refused: ``tasks`` that require grad, and running inside ``torch.func``
       transforms.
+    - ``inner_optimizer`` (:mod:`fmaml.inner_optim`): ``checkpoint`` keeps each step's
+      optimiser state (momentum, Adam's moments) with its parameters and pulls the adjoint
+      back through both; the state must hold tensors only (else ``ValueError``).
     - ``objective="reptile"`` (:func:`fmaml.reptile_loss`): its gradient goes through no
       inner step, so ``checkpoint`` has nothing to recompute and runs each chunk as without
       it (no inner step's graph is kept either way); the other fields apply as they are.

@@ -123,6 +123,10 @@ def init_state(config: TrainConfig) -> TrainState:
     keeps them out of the inner loop, as MAML++ does; ``bn_statistics="support"`` normalises
     each query with the statistics of its own support set at the same step (BNRS, leak-free).
 
+    ``inner_optimizer`` other than ``"sgd"`` adapts with momentum or Adam
+    (:mod:`fmaml.inner_optim`, with ``inner_hyper``); ``learn_inner_hyper`` adds a logit leaf
+    per beta (``state.hyper_logits``, after the params and rates in :meth:`TrainState.leaves`).
+
     The meta-batch runs with :func:`fmaml.auto_strategy`'s choice for the device and model,
     with ``config.strategy``'s fields replacing its own (``state.strategy``); strategies
     change the speed and memory, not the result (beyond float rounding).
