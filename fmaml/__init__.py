@@ -7,9 +7,10 @@ loaders (PIL) load when one of their names is first used.
 
 import importlib
 
-from fmaml import nn, schedules, tasks
+from fmaml import inner_optim, nn, schedules, tasks
 from fmaml.adapt import adapt, init_rates, step_rates, unroll
 from fmaml.evaluate import evaluate, mean_ci95
+from fmaml.inner_optim import InnerOptimizer
 from fmaml.module import SupervisedLoss, accuracy, params_of, per_step, supervised_loss
 from fmaml.objectives import meta_loss, meta_scores, reptile_loss, task_loss, task_scores
 from fmaml.proto import prototype_head, prototypes
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Batch",
+    "InnerOptimizer",
     "LossFn",
     "Params",
     "Strategy",
@@ -59,6 +61,7 @@ __all__ = [
     "evaluate_state",
     "fit",
     "init_rates",
+    "inner_optim",
     "mean_ci95",
     "meta_loss",
     "meta_scores",

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fmaml.graph import reached_leaves
+from fmaml.inner_optim import InnerOptimizer, State, check_inner_optimizer
 from fmaml.tree import KeySelector, select
 from fmaml.types import Batch, LossFn, Params
 
@@ -35,10 +36,13 @@ def unroll(
     num_steps: int = 1,
     adapt_keys: KeySelector = None,
     first_order: bool = False,
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> list[Params]:
     r"""Run ``num_steps`` of gradient descent on the support loss; return every iterate.
 
     .. math:: \theta_{s+1} = \theta_s - \alpha_s \odot \nabla_\theta L(\theta_s; \text{support})
+
+    (or another optimiser's step on the same gradient, with ``inner_optimizer``)
 
     Pure: builds new dicts, never changes ``params``. Differentiable with respect to
     ``params`` and to any tensor in ``inner_lr``: the result carries the full second-order
@@ -58,6 +62,10 @@ def unroll(
         adapt_keys: which parameters to adapt: a predicate on the name, a collection of
             names, or ``None`` for all.
         first_order: stop gradients through the inner gradients (FOMAML).
+        inner_optimizer: the inner step (:mod:`fmaml.inner_optim`: ``sgd()``,
+            ``momentum(beta)``, ``adam(beta1, beta2, eps)``), at the rates ``inner_lr``;
+            its hyper-parameter tensors are differentiated like ``inner_lr``'s. ``None``:
+            plain SGD.
 
     Returns:
         ``[params, adapted_1, ..., adapted_num_steps]``: ``num_steps + 1`` dicts with the keys of
@@ -66,7 +74,9 @@ def unroll(
     Raises:
         ValueError: ``num_steps`` below 1; ``adapt_keys`` empty or naming unknown parameters;
             rate dicts whose keys or shapes do not match the adapted parameters; a rate
-            sequence whose length is not ``num_steps``.
+            sequence whose length is not ``num_steps``; a hyper-parameter tensor of
+            ``inner_optimizer`` that is not 0-d.
+        TypeError: ``inner_optimizer`` not an :class:`fmaml.inner_optim.InnerOptimizer`.
 
     Example:
         >>> import torch
@@ -77,16 +87,41 @@ def unroll(
         [[0.0, 0.0], [0.5, 0.5], [0.75, 0.75]]
     """
     _check_num_steps(num_steps, "unroll")
+    check_inner_optimizer(inner_optimizer, "adapt")
     names = select(params.keys(), adapt_keys, caller="adapt")
     rates = step_rates(inner_lr, params, names, num_steps, caller="adapt")
     frozen = {k: v for k, v in params.items() if k not in set(names)}
     fast = {k: params[k] for k in names}
+    state = None
     trajectory = [dict(params)]
     for step, rate in enumerate(rates):
         grads = _inner_grads(fast, at_step(loss_fn, step), frozen, support, first_order)
-        fast = {k: fast[k] - rate[k] * grads[k] for k in names}
+        fast, state = inner_step(grads, state, fast, rate, inner_optimizer)
         trajectory.append({k: fast.get(k, v) for k, v in params.items()})
     return trajectory
+
+
+def inner_step(
+    grads: Params,
+    state: State | None,
+    fast: Params,
+    rate: Mapping[str, float | Tensor],
+    inner_optimizer: InnerOptimizer | None,
+) -> tuple[Params, State | None]:
+    """One inner step from ``fast`` along ``grads``: the one step every path takes
+    (:func:`unroll` and the recomputing strategy, :mod:`fmaml.strategy`).
+
+    ``inner_optimizer=None`` is plain SGD, ``fast - rate * grads``, with no state; otherwise
+    ``state=None`` before the first step (the optimiser's ``init(fast)`` is used).
+
+    Returns:
+        ``(fast, state)`` after the step, new dicts.
+    """
+    if inner_optimizer is None:
+        return {k: fast[k] - rate[k] * grads[k] for k in fast}, None
+    if state is None:
+        state = inner_optimizer.init(fast)
+    return inner_optimizer.update(grads, state, fast, rate, inner_optimizer.hyper)
 
 
 def _support_loss(fast: Params, loss_fn: LossFn, frozen: Params, support: Batch) -> Tensor:
@@ -158,6 +193,7 @@ def adapt(
     num_steps: int = 1,
     adapt_keys: KeySelector = None,
     first_order: bool = False,
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> Params:
     """Adapt ``params`` to one task's support set; the last iterate of :func:`unroll`.
 
@@ -180,6 +216,7 @@ def adapt(
         num_steps=num_steps,
         adapt_keys=adapt_keys,
         first_order=first_order,
+        inner_optimizer=inner_optimizer,
     )[-1]
 
 

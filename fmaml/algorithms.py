@@ -17,6 +17,10 @@ MAML++'s fixes are training-loop settings on top of an algorithm (see
 (``step_weights`` from :func:`fmaml.schedules.msl_weights`), DA (``first_order`` from
 :func:`fmaml.schedules.first_order_at`), BNWB (:func:`fmaml.per_step` over the BatchNorm
 parameters) and CA (:func:`fmaml.schedules.cosine_lr`).
+
+The inner optimiser is a setting of every algorithm too (``inner_optimizer=``, from
+:mod:`fmaml.inner_optim`; ``TrainConfig.inner_optimizer``): plain SGD by default, momentum or
+Adam, their betas optionally meta-learned (``TrainConfig.learn_inner_hyper``).
 """
 
 from __future__ import annotations

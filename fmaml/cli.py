@@ -18,6 +18,7 @@ from fmaml.checkpoint import CheckpointError, find_checkpoint
 from fmaml.config import DATASETS, PAPER_DEFAULTS, TrainConfig
 from fmaml.distributed import RankFailure
 from fmaml.errors import FmamlError, NonFiniteError
+from fmaml.inner_optim import INNER_OPTIMIZERS
 
 DEFAULTS_HELP = "\n".join(
     f"  {ds:<13} {'' if ways is None else f'{ways}-way':<7} "
@@ -111,6 +112,26 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
     "--eval-inner-steps", type=int, default=None, help="Inner steps at validation and test [paper]."
 )
 @click.option("--inner-lr", type=float, default=None, help="Inner learning rate [paper].")
+@click.option(
+    "--inner-optimizer",
+    type=click.Choice(sorted(INNER_OPTIMIZERS)),
+    default="sgd",
+    show_default=True,
+    help="The inner loop's optimiser, at --inner-lr (sgd: MAML's; fmaml.inner_optim).",
+)
+@click.option(
+    "--inner-hyper",
+    multiple=True,
+    callback=lambda ctx, param, values: _hyper_values(values),
+    metavar="NAME=VALUE",
+    help="A hyper-parameter of the inner optimiser (momentum: beta; adam: beta1, beta2, eps), "
+    "e.g. --inner-hyper beta=0.5; repeat for more [the optimiser's defaults].",
+)
+@click.option(
+    "--learn-inner-hyper",
+    is_flag=True,
+    help="Meta-learn the inner optimiser's betas (as sigmoid(logit), from their set values).",
+)
 @click.option("--outer-lr", type=float, default=1e-3, show_default=True, help="Adam rate.")
 @click.option(
     "--grad-clip",
@@ -393,6 +414,23 @@ def _stop_rank(signum, frame) -> None:
     )
 
 
+def _hyper_values(values: tuple[str, ...]) -> dict[str, float]:
+    """``("beta=0.5", ...)`` as ``{"beta": 0.5}`` (``--inner-hyper``)."""
+    parsed = {}
+    for item in values:
+        name, equals, value = item.partition("=")
+        try:
+            if not equals or not name.strip():
+                raise ValueError
+            parsed[name.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(
+                f"expected NAME=VALUE with a number, e.g. beta=0.5; got {item!r}",
+                param_hint="--inner-hyper",
+            ) from None
+    return parsed
+
+
 def _strategy_overrides(chunk_size: str | None, workers: int | None, recompute) -> dict:
     """The fields of fmaml.Strategy the options set (``None``: left to auto_strategy)."""
     overrides: dict = {}
@@ -641,7 +679,17 @@ def _checkpoint_line(path: Path, state) -> str:
             if state.rates is None
             else f", rates learned from {config.inner_lr}"
         )
+        + _inner_optimizer_words(config)
     )
+
+
+def _inner_optimizer_words(config) -> str:
+    """``, inner adam (beta1=0.5, betas learned)`` for ``_checkpoint_line`` ('' for sgd)."""
+    if config.inner_optimizer == "sgd":
+        return ""
+    settings = [f"{k}={v}" for k, v in config.inner_hyper.items()]
+    settings += ["betas learned"] if config.learn_inner_hyper else []
+    return f", inner {config.inner_optimizer}" + (f" ({', '.join(settings)})" if settings else "")
 
 
 def _test_sinusoid(state, path, split, episodes, inner_steps, shots, inner_lr, seed, echo) -> dict:

@@ -65,6 +65,12 @@ class TrainConfig:
     min_outer_lr: float = 1e-5
     iterations_per_epoch: int = 500
     loss_reduction: str | None = None
+    # The inner loop's optimiser (fmaml.inner_optim): "sgd" (MAML's), "momentum" or "adam";
+    # its hyper-parameters, e.g. {"beta": 0.5} ({}: the optimiser's defaults); and whether the
+    # betas are meta-learned (as sigmoid(logit), from the values set; eps is never learned).
+    inner_optimizer: str = "sgd"
+    inner_hyper: dict[str, float] = field(default_factory=dict)
+    learn_inner_hyper: bool = False
     # How meta-batches run (never what they compute): fields of fmaml.Strategy that replace
     # fmaml.auto_strategy's choice for the device and model, e.g. {"chunk_size": 8}.
     strategy: dict[str, Any] = field(default_factory=dict)
@@ -317,6 +323,7 @@ def check(config: TrainConfig) -> None:
             )
     if prototypes:
         _check_prototypes(config)
+    _check_inner_optimizer(config)
     from fmaml.strategy import Strategy
 
     strategy_fields = {f.name for f in dataclasses.fields(Strategy)}
@@ -391,3 +398,47 @@ def _algorithm_field(name: str, field: str):
     unknown name (the command line offers only known ones)."""
     algorithm = ALGORITHMS.get(name)
     return None if algorithm is None else getattr(algorithm, field)
+
+
+def _check_inner_optimizer(config: TrainConfig) -> None:
+    """--inner-optimizer, --inner-hyper and --learn-inner-hyper (see :func:`check`)."""
+    from fmaml.inner_optim import INNER_OPTIMIZERS, get_inner_optimizer, hyper_names
+
+    name = config.inner_optimizer
+    if name not in INNER_OPTIMIZERS:
+        raise ConfigError(
+            f"--inner-optimizer must be one of {sorted(INNER_OPTIMIZERS)}, got {name!r}."
+        )
+    try:
+        get_inner_optimizer(name, **config.inner_hyper)
+    except (TypeError, ValueError) as error:  # names the hyper-parameter and the value
+        raise ConfigError(f"--inner-hyper: {error}") from None
+    if not config.learn_inner_hyper:
+        return
+    if name == "sgd":
+        raise ConfigError(
+            "--learn-inner-hyper learns the inner optimiser's betas, but --inner-optimizer sgd "
+            "has none. Use --inner-optimizer momentum or adam (or learn the rates with "
+            "--algorithm metasgd or --lslr)."
+        )
+    if config.algorithm == "reptile":
+        raise ConfigError(
+            "--learn-inner-hyper with --algorithm reptile: Reptile's update (params - adapted) "
+            "has no term for the inner optimiser's hyper-parameters, so they would never be "
+            "trained. Drop --learn-inner-hyper, or use a query-loss algorithm (maml, metasgd)."
+        )
+    values = {**hyper_names(name), **config.inner_hyper}
+    for key in LEARNED_HYPER[name]:
+        if not 0 < values[key] < 1:
+            raise ConfigError(
+                f"--learn-inner-hyper learns {key} as sigmoid(logit), which never reaches 0 or "
+                f"1; start it inside (0, 1), e.g. --inner-hyper {key}=0.5 (got {values[key]!r})."
+            )
+
+
+LEARNED_HYPER: dict[str, tuple[str, ...]] = {
+    "sgd": (),
+    "momentum": ("beta",),
+    "adam": ("beta1", "beta2"),
+}
+"""The hyper-parameters ``--learn-inner-hyper`` meta-learns, per inner optimiser."""

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fmaml.adapt import InnerLR
+from fmaml.inner_optim import InnerOptimizer
 from fmaml.objectives import meta_scores
 from fmaml.tree import KeySelector, tree_detach
 from fmaml.types import LossFn, Task
@@ -47,6 +48,7 @@ def evaluate(
     num_steps: int,
     adapt_keys: KeySelector = None,
     head_init: Literal["prototypes"] | None = None,
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor:
     """Adapt on each episode's support and score its query after every inner step.
 
@@ -62,12 +64,16 @@ def evaluate(
         num_steps: inner steps.
         adapt_keys: as in :func:`fmaml.adapt`.
         head_init: as in :func:`fmaml.task_loss` (``"prototypes"``: ProtoNet/ProtoMAML).
+        inner_optimizer: as in :func:`fmaml.adapt`; its hyper-parameter tensors are detached.
 
     Returns:
         ``[num_episodes, num_steps + 1]``: scores before adapting and after each step.
     """
     params = tree_detach(params)
     inner_lr = _detach_rates(inner_lr)
+    if inner_optimizer is not None:
+        hyper = {k: _detach_rates(v) for k, v in inner_optimizer.hyper.items()}
+        inner_optimizer = inner_optimizer._replace(hyper=hyper)
     chunks = [
         meta_scores(
             score_fn,
@@ -78,6 +84,7 @@ def evaluate(
             num_steps=num_steps,
             adapt_keys=adapt_keys,
             head_init=head_init,
+            inner_optimizer=inner_optimizer,
         ).detach()
         for tasks in episodes
     ]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fmaml.adapt import InnerLR, adapt, at_step, unroll
+from fmaml.inner_optim import InnerOptimizer
 from fmaml.proto import check_head, check_support_labels, prototype_head
 from fmaml.strategy import Strategy, run_strategy
 from fmaml.tree import KeySelector
@@ -32,6 +33,7 @@ def task_loss(
     score_fn: LossFn | None = None,
     objective: Literal["query", "reptile"] = "query",
     head_init: Literal["prototypes"] | None = None,
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Adapt on ``task.support``, return the loss on ``task.query``; one task.
 
@@ -63,6 +65,8 @@ def task_loss(
             :func:`fmaml.supervised_loss` of a model with ``body`` and a linear ``head``,
             integer support labels ``y [n_s]`` covering ``0..num_ways-1``; not with
             ``objective="reptile"``.
+        inner_optimizer: the inner step (:mod:`fmaml.inner_optim`), as in
+            :func:`fmaml.unroll`; ``None``: plain SGD.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
@@ -101,6 +105,7 @@ def task_loss(
             num_steps=num_steps,
             adapt_keys=adapt_keys,
             score_fn=score_fn,
+            inner_optimizer=inner_optimizer,
         )
     weights = _check_step_weights(step_weights, num_steps)
     trajectory = _trajectory(
@@ -112,6 +117,7 @@ def task_loss(
         adapt_keys=adapt_keys,
         first_order=first_order,
         head_init=head_init,
+        inner_optimizer=inner_optimizer,
     )
     if weights is None:
         loss = at_step(loss_fn, num_steps, task.support[0])(trajectory[-1], task.query)
@@ -140,6 +146,7 @@ def reptile_loss(
     num_steps: int = 1,
     adapt_keys: KeySelector = None,
     score_fn: LossFn | None = None,
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Reptile for one task: a loss whose gradient with respect to ``params`` is
     ``params - adapted``.
@@ -181,13 +188,17 @@ def reptile_loss(
         inner_lr, num_steps, adapt_keys: as in :func:`fmaml.unroll`; ``inner_lr`` must not
             require grad.
         score_fn: if given, also return ``score_fn(adapted, query)`` (detached).
+        inner_optimizer: the inner step, as in :func:`fmaml.unroll` (the paper's few-shot
+            runs: ``fmaml.inner_optim.adam(beta1=0.0)``); its hyper-parameters must not
+            require grad either.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
 
     Raises:
-        ValueError: ``inner_lr`` holds a tensor that requires grad (Reptile's update has
-            no term for it), and everything :func:`fmaml.unroll` raises.
+        ValueError: ``inner_lr`` or the hyper-parameters of ``inner_optimizer`` hold a
+            tensor that requires grad (Reptile's update has no term for it), and everything
+            :func:`fmaml.unroll` raises.
 
     Example:
         >>> import torch
@@ -203,6 +214,7 @@ def reptile_loss(
         arXiv 1803.02999, 2018.
     """
     _refuse_learned_rates(inner_lr)
+    _refuse_learned_hyper(inner_optimizer)
     adapted = adapt(
         loss_fn,
         params,
@@ -211,6 +223,7 @@ def reptile_loss(
         num_steps=num_steps,
         adapt_keys=adapt_keys,
         first_order=True,
+        inner_optimizer=inner_optimizer,
     )
     adapted = {k: v.detach() for k, v in adapted.items()}
     loss = sum(0.5 * (params[k] - adapted[k]).square().sum() for k in params)
@@ -238,6 +251,19 @@ def _refuse_learned_rates(inner_lr) -> None:
             "update (params - adapted) has no term for the inner rate: it would never be "
             "trained. Pass a number or detached rates, or learn the rates with a query-loss "
             "algorithm (metasgd, or --lslr)."
+        )
+
+
+def _refuse_learned_hyper(inner_optimizer) -> None:
+    """Raise if a hyper-parameter of ``inner_optimizer`` requires grad (Reptile)."""
+    hyper = getattr(inner_optimizer, "hyper", None) or {}
+    learned = [k for k, v in hyper.items() if isinstance(v, Tensor) and v.requires_grad]
+    if learned:
+        raise ValueError(
+            f"reptile_loss(): the inner optimiser's {', '.join(map(repr, learned))} requires "
+            "grad, but Reptile's update (params - adapted) has no term for it: it would never "
+            "be trained. Pass numbers or detached tensors, or learn the hyper-parameters with "
+            "a query-loss algorithm (maml, metasgd)."
         )
 
 
@@ -305,6 +331,7 @@ def task_scores(
     num_steps: int,
     adapt_keys: KeySelector = None,
     head_init: Literal["prototypes"] | None = None,
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor:
     """Adapt on the support with ``loss_fn``; score the query after every step; one task.
 
@@ -324,6 +351,7 @@ def task_scores(
         num_steps=num_steps,
         adapt_keys=adapt_keys,
         head_init=head_init,
+        inner_optimizer=inner_optimizer,
     )
     return torch.stack(
         [
@@ -347,6 +375,7 @@ def meta_loss(
     strategy: Strategy | None = None,
     objective: Literal["query", "reptile"] = "query",
     head_init: Literal["prototypes"] | None = None,
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The mean query loss over a meta-batch of tasks, each adapted on its own support.
 
@@ -375,6 +404,9 @@ def meta_loss(
         head_init: ``"prototypes"``: each task's linear head starts from its support set's
             class prototypes (ProtoMAML; ProtoNet with ``num_steps=0``), as in
             :func:`task_loss`; the support labels are checked here, for every task at once.
+        inner_optimizer: the inner step (:mod:`fmaml.inner_optim`; ``None``: plain SGD);
+            hyper-parameter tensors that require grad get their meta-gradient on every
+            strategy.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
@@ -409,6 +441,7 @@ def meta_loss(
             score_fn=score_fn,
             objective=objective,
             head_init=head_init,
+            inner_optimizer=inner_optimizer,
         )
     per_task = _over_tasks(
         lambda task: task_loss(
@@ -423,6 +456,7 @@ def meta_loss(
             score_fn=score_fn,
             objective=objective,
             head_init=head_init,
+            inner_optimizer=inner_optimizer,
         ),
         tasks,
     )
@@ -442,6 +476,7 @@ def meta_scores(
     num_steps: int,
     adapt_keys: KeySelector = None,
     head_init: Literal["prototypes"] | None = None,
+    inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor:
     """:func:`task_scores` for every task of a meta-batch.
 
@@ -459,6 +494,7 @@ def meta_scores(
             num_steps=num_steps,
             adapt_keys=adapt_keys,
             head_init=head_init,
+            inner_optimizer=inner_optimizer,
         ),
         tasks,
     )

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
 
 from fmaml.graph import depends_on, reached_leaves
 from fmaml.tree import KeySelector, select
@@ -83,11 +84,12 @@ class Strategy:
 
     - Exact for every tensor requiring grad the meta-loss depends on: ``params``, the
       tensors of ``inner_lr`` and of ``step_weights`` (one tensor, or a list of 0-d tensors
-      and numbers), and the tensors a ``loss_fn`` captures (a learned temperature in the
-      criterion). Each chunk's graph is walked to the leaves requiring grad it reaches
-      besides those arguments (``fmaml.graph.reached_leaves``, about a millisecond per
-      thousand graph nodes), and their gradients are accumulated with the others, through
-      the inner loop too. A captured non-leaf computed outside the loss
+      and numbers), the hyper-parameter tensors of ``inner_optimizer`` (learned betas), and
+      the tensors a ``loss_fn`` captures (a learned temperature in the criterion). Each
+      chunk's graph is walked to the leaves requiring grad it reaches besides those
+      arguments (``fmaml.graph.reached_leaves``, about a millisecond per thousand graph
+      nodes), and their gradients are accumulated with the others, through the inner loop
+      too. A captured non-leaf computed outside the loss
       (``temp = log_temp.exp()``) passes its gradient on to its leaves (``log_temp``); the
       returned loss's graph goes to those leaves, not through the non-leaf, so ask for the
       leaves' gradients (``backward()`` fills their ``.grad``). Exact rather than refused
@@ -97,6 +99,9 @@ class Strategy:
       each gets its total gradient, so the one upstream would count the other's twice.
       Also refused: ``tasks`` that require grad, and running inside ``torch.func``
       transforms.
+    - ``inner_optimizer`` (:mod:`fmaml.inner_optim`): ``checkpoint`` keeps each step's
+      optimiser state (momentum, Adam's moments) with its parameters and pulls the adjoint
+      back through both; the state must hold tensors only (else ``ValueError``).
     - ``objective="reptile"`` (:func:`fmaml.reptile_loss`): its gradient goes through no
       inner step, so ``checkpoint`` has nothing to recompute and runs each chunk as without
       it (no inner step's graph is kept either way); the other fields apply as they are.
@@ -257,12 +262,16 @@ def run_strategy(
     score_fn: LossFn | None,
     objective: str = "query",
     head_init: str | None = None,
+    inner_optimizer=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`fmaml.meta_loss` under a non-default ``strategy``; same arguments and result."""
     from fmaml.adapt import step_rates
+    from fmaml.inner_optim import check_inner_optimizer
     from fmaml.objectives import _check_step_weights, check_tasks
 
     num_tasks = check_tasks(tasks)
+    check_inner_optimizer(inner_optimizer, "meta_loss")
+    hyper = None if inner_optimizer is None else dict(inner_optimizer.hyper)
     weights = _check_step_weights(step_weights, num_steps)
     names = select(params.keys(), adapt_keys, caller="meta_loss")
     rates = step_rates(inner_lr, params, names, num_steps, caller="meta_loss")
@@ -284,8 +293,13 @@ def run_strategy(
             "inner_lr and step_weights only, but a tensor of `tasks` requires grad. Detach "
             "the tasks, or use strategy=None."
         )
-    inputs = _differentiable_inputs(params, inner_lr, step_weights)
+    inputs = _differentiable_inputs(params, inner_lr, step_weights, hyper)
     labels = {
+        **{
+            id(t): f"the inner optimiser's hyper-parameter {k!r}"
+            for k, t in (hyper or {}).items()
+            if isinstance(t, Tensor)
+        },
         **{id(t): "a tensor of `step_weights`" for t in _tensors_in(step_weights)},
         **{id(t): "a tensor of `inner_lr`" for t in _tensors_in(inner_lr)},
         **{id(t): f"params[{k!r}]" for k, t in params.items()},
@@ -297,7 +311,14 @@ def run_strategy(
         import torch._functorch.config as functorch_config
 
         step = _compiled_step(
-            loss_fn, score_fn, num_steps, first_order, adapt_keys, objective, head_init
+            loss_fn,
+            score_fn,
+            num_steps,
+            first_order,
+            adapt_keys,
+            objective,
+            head_init,
+            inner_optimizer,
         )
         with (
             _intra_op_threads(strategy.threads),
@@ -312,7 +333,7 @@ def run_strategy(
             # warns about that; it is dynamo's own access, not the user's
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor")
             value, grads, captured, score = step(
-                dict(params), inner_lr, step_weights, tasks, inputs
+                dict(params), inner_lr, step_weights, tasks, inputs, hyper
             )
         captured = {id(t): (t, g) for t, g in zip(captured, grads[len(inputs) :], strict=True)}
         value = _hand_out(value, grads[: len(inputs)], captured, strategy, labels, inputs)
@@ -337,6 +358,7 @@ def run_strategy(
         step_weights=step_weights,
         objective=objective,
         head_init=head_init,
+        inner_optimizer=inner_optimizer,
     )
     chunks = [
         _slice(tasks, start, min(start + size, num_tasks), job.unbatched, strategy.channels_last)
@@ -367,20 +389,40 @@ _COMPILED: dict[tuple, tuple] = {}
 
 
 def _compiled_step(
-    loss_fn, score_fn, num_steps, first_order, adapt_keys, objective, head_init=None
+    loss_fn,
+    score_fn,
+    num_steps,
+    first_order,
+    adapt_keys,
+    objective,
+    head_init=None,
+    inner_optimizer=None,
 ) -> Callable:
-    """``(params, inner_lr, step_weights, tasks, inputs) -> (loss, grads, captured, score)``
-    compiled (``grads`` for ``inputs`` and then for the ``captured`` leaves),
+    """``(params, inner_lr, step_weights, tasks, inputs, hyper) -> (loss, grads, captured,
+    score)`` compiled (``grads`` for ``inputs`` and then for the ``captured`` leaves),
     made once per loss and setting, so that later calls hit torch.compile's cache. Kept for
-    the life of the process (as torch.compile keeps its compiled code)."""
+    the life of the process (as torch.compile keeps its compiled code). The inner
+    optimiser's hyper-parameters come in as ``hyper``: a learned one is a new tensor every
+    step (``sigmoid(logit)``), so only its functions are part of the setting."""
+    from fmaml.inner_optim import InnerOptimizer
     from fmaml.objectives import meta_loss
 
-    key = (id(loss_fn), id(score_fn), num_steps, first_order, id(adapt_keys), objective, head_init)
+    kind = None if inner_optimizer is None else (inner_optimizer.init, inner_optimizer.update)
+    key = (
+        id(loss_fn),
+        id(score_fn),
+        num_steps,
+        first_order,
+        id(adapt_keys),
+        objective,
+        head_init,
+        kind,
+    )
     if key not in _COMPILED:
         refuse_batchnorm(loss_fn, score_fn)  # once per loss and setting, not every step
         captured_by = torch._dynamo.disable(_captured_by)  # imports dynamo: only here
 
-        def step(params, inner_lr, step_weights, tasks, inputs):
+        def step(params, inner_lr, step_weights, tasks, inputs, hyper):
             out = meta_loss(
                 loss_fn,
                 params,
@@ -393,6 +435,7 @@ def _compiled_step(
                 score_fn=score_fn,
                 objective=objective,
                 head_init=head_init,
+                inner_optimizer=None if kind is None else InnerOptimizer(*kind, hyper),
             )
             loss, score = (out, None) if score_fn is None else out
             captured = captured_by(loss, inputs)
@@ -446,6 +489,7 @@ class _Job:
     step_weights: object
     objective: str = "query"
     head_init: str | None = None
+    inner_optimizer: object = None
 
     def on_own_module(self) -> _Job:
         """This job with losses whose modules are private copies (for another thread)."""
@@ -513,6 +557,7 @@ class _Job:
             score_fn=self.score_fn,
             objective=self.objective,
             head_init=self.head_init,
+            inner_optimizer=self.inner_optimizer,
         )
 
     def _over(self, per_task: Callable, chunk: Task, fast=None, batched: bool = False):
@@ -575,12 +620,18 @@ class _Job:
         return {k: v for k, v in self.params.items() if k not in set(self.names)}
 
     def _step(self, s: int):
-        from fmaml.adapt import _support_loss, at_step
+        """Inner step ``s`` of one task, ``((fast, state), task) -> (fast, state)``, through
+        :func:`fmaml.adapt.inner_step` (the step :func:`fmaml.unroll` takes). ``state`` is
+        the inner optimiser's: ``None`` before the first step, ``{}`` for plain SGD (vmap
+        carries no ``None``)."""
+        from fmaml.adapt import _support_loss, at_step, inner_step
 
         frozen, rate, first_order = self._frozen(), self.rates[s], self.first_order
         head_init = self.head_init if s == 0 else None
+        inner_optimizer = self.inner_optimizer
 
-        def step(fast: dict, task: Task) -> dict:
+        def step(carry: tuple, task: Task) -> tuple:
+            fast, state = carry
             if head_init is not None:
                 # ProtoMAML: the head starts from this task's prototypes; recomputed with the
                 # first step in the backward, so the meta-gradient flows through it too
@@ -593,7 +644,17 @@ class _Job:
             )
             if first_order:
                 grads = {k: g.detach() for k, g in grads.items()}
-            return {k: fast[k] - rate[k] * grads[k] for k in fast}
+            fast, state = inner_step(grads, state or None, fast, rate, inner_optimizer)
+            state = {} if state is None else state
+            kinds = {type(t).__name__ for t in tree_flatten(state)[0] if not isinstance(t, Tensor)}
+            if kinds:
+                raise ValueError(
+                    "meta_loss(): Strategy(checkpoint=True) keeps the inner optimiser's state "
+                    "between steps and vmaps it, so it must hold tensors only, but it holds "
+                    f"{sorted(kinds)}. Keep a step counter as a 0-d tensor (as "
+                    "fmaml.inner_optim.adam does), or use checkpoint=False."
+                )
+            return fast, state
 
         return step
 
@@ -634,11 +695,14 @@ class _Job:
                 else:
                     captured[key] = (t, g if key not in captured else captured[key][1] + g)
 
-        # Forward: every inner step without a graph; keep each step's adapted parameters.
-        fasts = [{k: self.params[k] for k in names}]
+        # Forward: every inner step without a graph; keep each step's adapted parameters
+        # and inner-optimiser state (momentum, Adam's moments; {} for plain SGD).
+        fasts, states = [{k: self.params[k] for k in names}], [None]
         with torch.no_grad():
             for s in range(steps):
-                fasts.append(self._over(self._step(s), chunk, fasts[s], batched=s > 0))
+                fast, state = self._over(self._step(s), chunk, (fasts[s], states[s]), s > 0)
+                fasts.append(fast)
+                states.append(state)
         # The query losses, each differentiated at once with respect to its step's params.
         value = None
         query_grads: dict[int, dict] = {}
@@ -667,27 +731,40 @@ class _Job:
                 ).sum()
         if not self.want_grad:
             return value, total, captured, score
-        # Backward: recompute each step with a graph, pull the adjoint back through it.
+        # Backward: recompute each step with a graph, pull the adjoint back through it. The
+        # adjoint is the parameters' and the optimiser state's (each state tensor's, in
+        # tree_flatten's order); the last state feeds no loss.
+        hyper = _tensors_in(None if self.inner_optimizer is None else self.inner_optimizer.hyper)
         adjoint = query_grads.get(steps, dict.fromkeys(names))
+        state_adjoint: list = []
         for s in reversed(range(steps)):
             if s == 0:
-                start = {k: self.params[k] for k in names}
+                start, state = {k: self.params[k] for k in names}, None
             else:
                 start = {k: v.detach().requires_grad_() for k, v in fasts[s].items()}
+                state = tree_map(lambda t: t.detach().requires_grad_(), states[s])
+            state_leaves = [] if state is None else tree_flatten(state)[0]
             with torch.enable_grad():
-                after = self._over(self._step(s), chunk, start, batched=s > 0)
-            rate_tensors = _tensors_in(self.rates[s])
-            wrt = [*start.values(), *frozen_live, *rate_tensors]
-            grads, others = self._grad([after[k] for k in names], wrt, [adjoint[k] for k in names])
+                after, after_state = self._over(self._step(s), chunk, (start, state), s > 0)
+            after_leaves = tree_flatten(after_state)[0]
+            n, m = len(names), len(state_leaves)
+            wrt = [*start.values(), *state_leaves, *frozen_live, *_tensors_in(self.rates[s])]
+            wrt += [t for t in hyper if all(t is not w for w in wrt)]
+            grads, others = self._grad(
+                [*(after[k] for k in names), *after_leaves],
+                wrt,
+                [*(adjoint[k] for k in names), *(state_adjoint or [None] * len(after_leaves))],
+            )
             if s == 0:
                 add(wrt, grads, others)
             else:
-                add(wrt[len(names) :], grads[len(names) :], others)
+                add(wrt[n + m :], grads[n + m :], others)
                 below = query_grads.get(s, {})
                 adjoint = {
                     k: _sum_or_none([g, below.get(k)])
-                    for k, g in zip(names, grads[: len(names)], strict=True)
+                    for k, g in zip(names, grads[:n], strict=True)
                 }
+                state_adjoint = grads[n : n + m]
         return value, total, captured, score
 
 
@@ -826,10 +903,11 @@ def _tensors_in(value) -> list[Tensor]:
     return list({id(t): t for t in found}.values())
 
 
-def _differentiable_inputs(params, inner_lr, step_weights) -> list[Tensor]:
+def _differentiable_inputs(params, inner_lr, step_weights, hyper=None) -> list[Tensor]:
     """The distinct tensors the meta-loss is differentiated with respect to."""
     found, seen = [], set()
-    for t in [*params.values(), *_tensors_in(inner_lr), *_tensors_in(step_weights)]:
+    tensors = [*params.values(), *_tensors_in(inner_lr), *_tensors_in(step_weights)]
+    for t in [*tensors, *_tensors_in(hyper)]:
         if t.requires_grad and id(t) not in seen:
             seen.add(id(t))
             found.append(t)

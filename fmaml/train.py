@@ -32,10 +32,11 @@ from fmaml.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fmaml.config import TrainConfig, resolve
+from fmaml.config import LEARNED_HYPER, TrainConfig, resolve
 from fmaml.distributed import RankFailure, Ranks
 from fmaml.errors import ConfigError, NonFiniteError, WriteError
 from fmaml.evaluate import evaluate, mean_ci95
+from fmaml.inner_optim import InnerOptimizer, get_inner_optimizer, hyper_names
 from fmaml.module import params_of, per_step
 from fmaml.objectives import meta_loss
 from fmaml.problems import EmptySplit, Problem, sinusoid_problem
@@ -64,6 +65,19 @@ class TrainState:
     best: dict[str, Any] = field(default_factory=dict)
     adapt_keys: Any = None
     strategy: Strategy = field(default_factory=Strategy)
+    # ``--learn-inner-hyper``: the logits of the inner optimiser's learned betas.
+    hyper_logits: dict[str, torch.Tensor] | None = None
+
+    @property
+    def inner_optimizer(self) -> InnerOptimizer | None:
+        """The inner optimiser (``None``: plain SGD), its learned betas ``sigmoid(logit)``."""
+        config = self.config
+        if config.inner_optimizer == "sgd":
+            return None
+        hyper = dict(config.inner_hyper)
+        for name, logit in (self.hyper_logits or {}).items():
+            hyper[name] = torch.sigmoid(logit)
+        return get_inner_optimizer(config.inner_optimizer, **hyper)
 
     @property
     def inner_lr(self) -> InnerLR:
@@ -80,7 +94,8 @@ class TrainState:
     def leaves(self) -> list[torch.Tensor]:
         """Every meta-learned tensor, in a fixed order (the optimizer's)."""
         rates = _rate_dicts(self.rates)
-        return list(self.params.values()) + [v for r in rates for v in r.values()]
+        hyper = list((self.hyper_logits or {}).values())
+        return list(self.params.values()) + [v for r in rates for v in r.values()] + hyper
 
 
 def build_problem(config: TrainConfig, *, check_train: bool = True) -> Problem:
@@ -107,6 +122,10 @@ def init_state(config: TrainConfig) -> TrainState:
     step; ``per_step_bn`` gives the BatchNorm weights and biases one copy per step (BNWB) and
     keeps them out of the inner loop, as MAML++ does; ``bn_statistics="support"`` normalises
     each query with the statistics of its own support set at the same step (BNRS, leak-free).
+
+    ``inner_optimizer`` other than ``"sgd"`` adapts with momentum or Adam
+    (:mod:`fmaml.inner_optim`, with ``inner_hyper``); ``learn_inner_hyper`` adds a logit leaf
+    per beta (``state.hyper_logits``, after the params and rates in :meth:`TrainState.leaves`).
 
     The meta-batch runs with :func:`fmaml.auto_strategy`'s choice for the device and model,
     with ``config.strategy``'s fields replacing its own (``state.strategy``); strategies
@@ -163,9 +182,24 @@ def init_state(config: TrainConfig) -> TrainState:
         generator,
         adapt_keys=adapt_keys,
         strategy=strategy,
+        hyper_logits=_hyper_logits(config, next(iter(params.values()))),
     )
     state.optimizer = torch.optim.Adam(state.leaves(), lr=config.outer_lr)
     return state
+
+
+def _hyper_logits(config: TrainConfig, like: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """``--learn-inner-hyper``: a logit leaf per learned beta, ``sigmoid(logit)`` = its value
+    (``config.inner_hyper``'s, else the optimiser's default); ``None`` when not learned."""
+    if not config.learn_inner_hyper:
+        return None
+    values = {**hyper_names(config.inner_optimizer), **config.inner_hyper}
+    return {
+        name: torch.logit(torch.tensor(float(values[name]), dtype=torch.float64))
+        .to(dtype=like.dtype, device=like.device)
+        .requires_grad_()
+        for name in LEARNED_HYPER[config.inner_optimizer]
+    }
 
 
 def _stepwise_like(template, fresh):
@@ -209,6 +243,17 @@ def _state_from(saved: dict[str, Any], device: str | None) -> TrainState:
         for mine, theirs in zip(_rate_dicts(state.rates), _rate_dicts(saved["rates"]), strict=True):
             for name, value in theirs.items():
                 mine[name].copy_(value)
+        if state.hyper_logits is not None:
+            saved_logits = saved.get("hyper_logits")
+            if not isinstance(saved_logits, dict) or set(saved_logits) != set(state.hyper_logits):
+                raise CheckpointError(
+                    "restore_state(): the checkpoint's config learns the inner optimiser's "
+                    f"{sorted(state.hyper_logits)} (--learn-inner-hyper) but it holds "
+                    f"{'none' if not saved_logits else sorted(saved_logits)}: it is damaged. "
+                    "Use the run's other checkpoint, or train again."
+                )
+            for name, value in saved_logits.items():
+                state.hyper_logits[name].copy_(value)
     state.optimizer.load_state_dict(saved["optimizer"])
     if not moved:
         state.generator.set_state(saved["generator"])
@@ -224,6 +269,7 @@ def state_dict(state: TrainState) -> dict[str, Any]:
         "iteration": state.iteration,
         "params": tree_clone(state.params),
         "rates": _detach_rates(state.rates),
+        "hyper_logits": None if state.hyper_logits is None else tree_clone(state.hyper_logits),
         "optimizer": state.optimizer.state_dict(),
         "generator": state.generator.get_state(),
         "best": dict(state.best),
@@ -301,6 +347,7 @@ def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, fl
         strategy=state.strategy,
         objective=algorithm.objective,
         head_init=algorithm.head_init,
+        inner_optimizer=state.inner_optimizer,
     )
     if ranks is None:
         if not torch.isfinite(loss):
@@ -367,6 +414,7 @@ def _leaf_names(state: TrainState) -> list[str]:
     for step, rates in enumerate(_rate_dicts(state.rates)):
         where = f" at step {step + 1}" if per_step else ""
         names += [f"the inner rate of {name}{where}" for name in rates]
+    names += [f"the logit of the inner optimiser's {name}" for name in state.hyper_logits or {}]
     return names
 
 
@@ -422,6 +470,7 @@ def _episode_scores(
             num_steps=num_steps,
             adapt_keys=state.adapt_keys,
             head_init=get_algorithm(state.config.algorithm).head_init,
+            inner_optimizer=state.inner_optimizer,
         )
 
     if ranks is None:

@@ -42,6 +42,11 @@ VARIANTS = {
     "protonet": {"head_init": "prototypes", "num_steps": 0},
     "protomaml-2-steps": {"head_init": "prototypes", "num_steps": 2},
     "protomaml-metasgd": {"head_init": "prototypes", "learned_rates": True},
+    "protomaml-adam": {
+        "head_init": "prototypes",
+        "num_steps": 2,
+        "inner_optimizer": fmaml.inner_optim.adam(),
+    },
 }
 
 
