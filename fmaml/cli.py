@@ -19,6 +19,7 @@ from fmaml.config import DATASETS, PAPER_DEFAULTS, TrainConfig
 from fmaml.distributed import RankFailure
 from fmaml.errors import FmamlError, NonFiniteError
 from fmaml.inner_optim import INNER_OPTIMIZERS
+from fmaml.presets import PRESETS
 
 DEFAULTS_HELP = "\n".join(
     f"  {ds:<13} {'' if ways is None else f'{ways}-way':<7} "
@@ -94,6 +95,13 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
     default=True,
     show_default=True,
     help="Download Omniglot into --data-root when it is not there.",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default=None,
+    help="Start from a named configuration (README, 'Named configurations'); options given "
+    "beside it replace its settings.",
 )
 @click.option(
     "--algorithm", type=click.Choice(sorted(ALGORITHMS)), default="maml", show_default=True
@@ -282,6 +290,8 @@ def train(
     """
     from fmaml import distributed
 
+    if options["preset"] is not None:
+        options, iterations = _with_preset(options, iterations)
     options["strategy"] = _strategy_overrides(chunk_size, workers, recompute_steps)
     if compile_step:  # one vmap over all tasks, compiled
         options["strategy"] = {"chunk_size": None, "workers": 1, **options["strategy"]}
@@ -310,6 +320,24 @@ def train(
         raise
 
 
+def _with_preset(options: dict, iterations: int | None) -> tuple[dict, int | None]:
+    """The preset's settings, each replaced by the option given on the command line."""
+    from click.core import ParameterSource
+
+    context = click.get_current_context()
+    preset = PRESETS[options["preset"]]
+    given = {
+        name: value
+        for name, value in options.items()
+        if context.get_parameter_source(name) is not ParameterSource.DEFAULT
+    }
+    settings = {**preset.settings, **given}
+    if iterations is None:
+        iterations = settings.pop("iterations", None)
+    settings.pop("iterations", None)
+    return settings, iterations
+
+
 def _train(out, resume, iterations, download, lead: bool, options: dict) -> None:
     from fmaml import distributed
     from fmaml.config import resolve
@@ -323,6 +351,8 @@ def _train(out, resume, iterations, download, lead: bool, options: dict) -> None
             TrainConfig(**options, iterations=iterations, extra={"download": download})
         )
         iterations = None
+        if config.preset is not None and lead:
+            click.echo(f"preset {config.preset}: {PRESETS[config.preset].summary}")
         if out is None:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
             out = Path("runs") / f"{config.dataset}-{config.algorithm}-{stamp}"

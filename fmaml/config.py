@@ -71,6 +71,9 @@ class TrainConfig:
     inner_optimizer: str = "sgd"
     inner_hyper: dict[str, float] = field(default_factory=dict)
     learn_inner_hyper: bool = False
+    # The named configuration (fmaml.presets) the run started from; its settings are in the
+    # fields above, each replaced by an option given beside it.
+    preset: str | None = None
     # How meta-batches run (never what they compute): fields of fmaml.Strategy that replace
     # fmaml.auto_strategy's choice for the device and model, e.g. {"chunk_size": 8}.
     strategy: dict[str, Any] = field(default_factory=dict)

@@ -272,6 +272,33 @@ def test_max_pool_or_stride_reaches_the_model_and_the_checkpoint(
     assert result.exit_code == 0, result.output
 
 
+def test_a_preset_gives_its_settings_and_the_options_beside_it_win(tmp_path, isolated_cache):
+    from fmaml.presets import PRESETS
+    from fmaml.train import restore_state
+
+    run, _, trained = train_small_omniglot(tmp_path, "--preset", "omniglot-unseen")
+    preset = PRESETS["omniglot-unseen"]
+    assert f"preset omniglot-unseen: {preset.summary}" in trained.output
+    config = restore_state(run / "latest.pt").config
+    assert config.preset == "omniglot-unseen"
+    given = {"ways": 2, "meta_batch": 2, "hidden": 4}  # train_small_omniglot's options
+    for name, value in preset.settings.items():
+        assert getattr(config, name) == given.get(name, value), name
+    assert config.iterations == 5, "--iterations beside the preset"
+    assert "max-pool" in preset.summary and config.max_pool is True
+
+
+def test_an_unknown_preset_is_refused_with_the_known_ones():
+    from fmaml.presets import get_preset, with_preset
+
+    result = invoke("train", "--preset", "nope")
+    assert result.exit_code == 2 and "omniglot-unseen" in result.output
+    with pytest.raises(ValueError, match=r"unknown preset 'nope'; known presets: \['omniglot"):
+        get_preset("nope")
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['wayz'\]"):
+        with_preset("omniglot-unseen", wayz=3)
+
+
 def test_train_logs_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
     import fmaml.cli
 
