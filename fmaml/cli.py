@@ -15,7 +15,7 @@ import click
 
 from fmaml.algorithms import ALGORITHMS
 from fmaml.checkpoint import CheckpointError, find_checkpoint
-from fmaml.config import DATASETS, PAPER_DEFAULTS, TrainConfig
+from fmaml.config import DATASETS, MODELS, PAPER_DEFAULTS, TrainConfig
 from fmaml.distributed import RankFailure
 from fmaml.errors import FmamlError, NonFiniteError
 from fmaml.inner_optim import INNER_OPTIMIZERS
@@ -169,6 +169,14 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
     help="Omniglot: draw all classes of a task from one alphabet (Lake et al.'s harder "
     "protocol; alphabets with fewer characters than --ways are skipped), for training, "
     "validation and test.",
+)
+@click.option(
+    "--model",
+    type=click.Choice(MODELS),
+    default="conv4",
+    show_default=True,
+    help="Image network: the MAML paper's conv4, or MetaOptNet's ResNet-12 (its first block "
+    "--hidden wide, then 2.5x, 5x, 10x; default 64).",
 )
 @click.option("--hidden", type=int, default=None, help="Filters / hidden units [paper].")
 @click.option(

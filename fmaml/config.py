@@ -10,6 +10,8 @@ from fmaml.algorithms import ALGORITHMS
 from fmaml.errors import ConfigError
 
 DATASETS = ("sinusoid", "omniglot", "miniimagenet", "folder")
+MODELS = ("conv4", "resnet12")
+"""Image networks ``--model`` takes (:mod:`fmaml.nn`)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class TrainConfig:
     within_alphabet: bool = False
     hidden: int | None = None
     image_size: int | None = None
+    # The network: "conv4" (the MAML paper's) or "resnet12" (MetaOptNet's; --hidden is its
+    # first block's width, the others 2.5x, 5x and 10x it; default 64).
+    model: str = "conv4"
     # conv4's downsampling: 2x2 max-pools (True) or stride-2 convolutions (False); None: the
     # paper's choice for the image size (stride up to 28 pixels, pooling above).
     max_pool: bool | None = None
@@ -249,6 +254,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         values["query"] = values["shots"]
     if values["eval_inner_steps"] is None:
         values["eval_inner_steps"] = values["inner_steps"]
+    if config.model == "resnet12" and config.hidden is None:
+        values["hidden"] = 64  # MetaOptNet's widths (64, 160, 320, 640), not conv4's
     if values["keep_best"] is None:
         values["keep_best"] = config.dataset != "sinusoid"
     resolved = TrainConfig(**values)
@@ -285,6 +292,17 @@ def check(config: TrainConfig) -> None:
             raise ConfigError(
                 f"--{name.replace('_', '-')} must be a positive integer, got {value!r}."
             )
+    if config.model not in MODELS:
+        raise ConfigError(f"--model must be one of {list(MODELS)}, got {config.model!r}.")
+    if config.model == "resnet12" and config.max_pool is not None:
+        raise ConfigError(
+            "--max-pool/--stride choose conv4's downsampling; ResNet-12 always max-pools. Drop "
+            "them, or use --model conv4."
+        )
+    if config.model == "resnet12" and config.dataset == "sinusoid":
+        raise ConfigError(
+            "--model resnet12 is an image network; the sinusoid uses an MLP. Drop --model."
+        )
     for name in ("inner_lr", "outer_lr"):
         value = getattr(config, name)
         if not value > 0:

@@ -18,7 +18,7 @@ from torch import nn
 from fmaml.config import TrainConfig
 from fmaml.errors import ConfigError, InputError
 from fmaml.module import SupervisedLoss, accuracy, supervised_loss
-from fmaml.nn import conv4, mlp
+from fmaml.nn import conv4, mlp, resnet12
 from fmaml.tasks.sinusoid import SinusoidTasks
 from fmaml.types import Task
 
@@ -153,18 +153,23 @@ def _slice(tasks: Task, start: int, stop: int) -> Task:
 
 
 def image_model(config: TrainConfig, in_channels: int) -> nn.Module:
-    """conv4 for an image config, initialised from the run's seed."""
+    """The image network of a config (conv4 or ResNet-12), initialised from the run's seed."""
     dtype, device = dtype_of(config), torch.device(config.device)
-    model = _init_model(
-        lambda: conv4(
-            config.ways,
-            in_channels,
-            config.hidden,
-            config.image_size,
-            max_pool=config.max_pool,
-        ),
-        config.seed,
-    )
+    if config.model == "resnet12":
+        h = config.hidden
+        widths = (h, round(2.5 * h), 5 * h, 10 * h)
+        model = _init_model(lambda: resnet12(config.ways, in_channels, widths), config.seed)
+    else:
+        model = _init_model(
+            lambda: conv4(
+                config.ways,
+                in_channels,
+                config.hidden,
+                config.image_size,
+                max_pool=config.max_pool,
+            ),
+            config.seed,
+        )
     return model.to(device=device, dtype=dtype)
 
 

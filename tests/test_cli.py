@@ -272,6 +272,26 @@ def test_max_pool_or_stride_reaches_the_model_and_the_checkpoint(
     assert result.exit_code == 0, result.output
 
 
+def test_resnet12_trains_and_tests_from_the_command_line(tmp_path, isolated_cache):
+    from fmaml.config import TrainConfig, resolve
+    from fmaml.train import restore_state
+
+    run, _, _ = train_small_omniglot(tmp_path, "--model", "resnet12")  # --hidden 4
+    state = restore_state(run / "latest.pt")
+    assert state.config.model == "resnet12"
+    widths = [state.params[f"body.block{i}.conv1.weight"].shape[0] for i in range(4)]
+    assert widths == [4, 10, 20, 40]
+    result = invoke("test", "--checkpoint", run / "latest.pt", "--episodes", "4", "--json")
+    assert result.exit_code == 0, result.output
+    assert resolve(TrainConfig(dataset="omniglot", model="resnet12")).hidden == 64
+    refused = invoke("train", "--model", "resnet12", "--max-pool", "--iterations", "1")
+    assert refused.exit_code == 1 and "ResNet-12 always max-pools" in refused.output
+    with pytest.raises(ValueError, match=r"--model must be one of \['conv4', 'resnet12'\]"):
+        resolve(TrainConfig(dataset="omniglot", model="vgg"))
+    with pytest.raises(ValueError, match="the sinusoid uses an MLP"):
+        resolve(TrainConfig(dataset="sinusoid", model="resnet12"))
+
+
 def test_a_preset_gives_its_settings_and_the_options_beside_it_win(tmp_path, isolated_cache):
     from fmaml.presets import PRESETS
     from fmaml.train import restore_state
