@@ -10,6 +10,7 @@ import importlib
 from fmaml import nn, schedules, tasks
 from fmaml.adapt import adapt, init_rates, step_rates, unroll
 from fmaml.evaluate import evaluate, mean_ci95
+from fmaml.implicit import IMAML, imaml_loss
 from fmaml.module import SupervisedLoss, accuracy, params_of, per_step, supervised_loss
 from fmaml.objectives import meta_loss, meta_scores, reptile_loss, task_loss, task_scores
 from fmaml.strategy import Strategy, auto_strategy
@@ -42,6 +43,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMAML",
     "Batch",
     "LossFn",
     "Params",
@@ -57,6 +59,7 @@ __all__ = [
     "evaluate",
     "evaluate_state",
     "fit",
+    "imaml_loss",
     "init_rates",
     "mean_ci95",
     "meta_loss",

@@ -9,6 +9,7 @@
 | metasgd | ``inner_lr``: a learned per-element dict        | Li et al., arXiv 1707.09835, 2017  |
 | mamlpp  | MAML with all five MAML++ fixes (train loop)    | Antoniou et al., ICLR 2019         |
 | reptile | ``objective="reptile"``: mean of params-adapted | Nichol et al., arXiv 1803.02999    |
+| imaml   | ``objective=IMAML(lam, cg_steps)``: implicit    | Rajeswaran et al., NeurIPS 2019    |
 
 MAML++'s fixes are training-loop settings on top of an algorithm (see
 :class:`fmaml.config.TrainConfig`): LSLR (``inner_lr`` a list of per-tensor rate dicts), MSL
@@ -45,14 +46,17 @@ class Algorithm:
             per-element rates, ``"tensor"`` for one rate per parameter tensor.
         objective: what the outer step follows: ``"query"``, the gradient of the query loss
             after adapting (MAML and its variants), or ``"reptile"``, the mean over tasks
-            of ``params - adapted`` (:func:`fmaml.reptile_loss`).
+            of ``params - adapted`` (:func:`fmaml.reptile_loss`), or ``"imaml"``, the
+            implicit gradient of the query loss after a regularised inner problem
+            (:func:`fmaml.imaml_loss`; its ``lam`` and ``cg_steps`` come from the run's
+            config, ``--imaml-lam`` and ``--cg-steps``).
     """
 
     name: str
     first_order: bool = False
     adapt_keys: object = None
     learned_rates: Literal["element", "tensor"] | None = None
-    objective: Literal["query", "reptile"] = "query"
+    objective: Literal["query", "reptile", "imaml"] = "query"
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -63,6 +67,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     "metasgd": Algorithm("metasgd", learned_rates="element"),
     "mamlpp": Algorithm("mamlpp"),
     "reptile": Algorithm("reptile", first_order=True, objective="reptile"),
+    "imaml": Algorithm("imaml", objective="imaml"),
 }
 
 

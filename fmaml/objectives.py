@@ -13,9 +13,14 @@ import torch
 from torch import Tensor
 
 from fmaml.adapt import InnerLR, adapt, at_step, unroll
+from fmaml.implicit import IMAML, imaml_loss
 from fmaml.strategy import Strategy, run_strategy
 from fmaml.tree import KeySelector
 from fmaml.types import LossFn, Task
+
+Objective = Literal["query", "reptile", "imaml"] | IMAML
+"""What the outer step follows: the query loss (MAML and its variants), Reptile's direction,
+or iMAML's implicit gradient (``"imaml"`` is ``IMAML()``)."""
 
 
 def task_loss(
@@ -29,7 +34,7 @@ def task_loss(
     first_order: bool = False,
     step_weights: Sequence[float | Tensor] | Tensor | None = None,
     score_fn: LossFn | None = None,
-    objective: Literal["query", "reptile"] = "query",
+    objective: Objective = "query",
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Adapt on ``task.support``, return the loss on ``task.query``; one task.
 
@@ -50,17 +55,33 @@ def task_loss(
         score_fn: if given, also return ``score_fn(adapted, query)`` (detached), e.g. accuracy.
         objective: ``"query"`` (above), or ``"reptile"``: :func:`reptile_loss` instead, whose
             gradient is ``params - adapted`` (``first_order`` then has no effect: Reptile is
-            first-order whatever it says).
+            first-order whatever it says); or ``"imaml"`` / :class:`fmaml.IMAML` ``(lam,
+            cg_steps)``: :func:`fmaml.imaml_loss` instead, the query loss after the
+            regularised inner problem, whose gradient is the implicit meta-gradient.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
 
     Raises:
         ValueError: ``step_weights`` of the wrong length, or given with
-            ``objective="reptile"``; an unknown ``objective``; everything
-            :func:`fmaml.unroll` and :func:`reptile_loss` raise.
+            ``objective="reptile"`` or iMAML; ``first_order=True`` with iMAML; an unknown
+            ``objective``; everything :func:`fmaml.unroll`, :func:`reptile_loss` and
+            :func:`fmaml.imaml_loss` raise.
     """
-    if _check_objective(objective, "task_loss") == "reptile":
+    objective = _check_objective(objective, "task_loss")
+    if isinstance(objective, IMAML):
+        _refuse_for_imaml(step_weights, first_order)
+        return imaml_loss(
+            loss_fn,
+            params,
+            task,
+            inner_lr=inner_lr,
+            num_steps=num_steps,
+            adapt_keys=adapt_keys,
+            settings=objective,
+            score_fn=score_fn,
+        )
+    if objective == "reptile":
         if step_weights is not None:
             raise ValueError(
                 "task_loss(): `step_weights` weight the query loss after each inner step, but "
@@ -214,13 +235,34 @@ def _refuse_learned_rates(inner_lr) -> None:
         )
 
 
-def _check_objective(objective, caller: str) -> str:
-    if objective not in ("query", "reptile"):
+def _check_objective(objective, caller: str) -> str | IMAML:
+    """``objective`` checked; ``"imaml"`` becomes ``IMAML()``."""
+    if isinstance(objective, IMAML):
+        return objective
+    if isinstance(objective, str) and objective == "imaml":
+        return IMAML()
+    if not isinstance(objective, str) or objective not in ("query", "reptile"):
         raise ValueError(
-            f"{caller}(): `objective` must be 'query' (MAML and its variants) or 'reptile', "
-            f"got {objective!r}."
+            f"{caller}(): `objective` must be 'query' (MAML and its variants), 'reptile', "
+            f"'imaml' or fmaml.IMAML(lam=..., cg_steps=...), got {objective!r}."
         )
     return objective
+
+
+def _refuse_for_imaml(step_weights, first_order: bool) -> None:
+    if step_weights is not None:
+        raise ValueError(
+            "task_loss(): `step_weights` weight the query loss after each inner step, but "
+            "iMAML's meta-gradient is taken at the end of the inner problem only (no inner "
+            "step is differentiated). Leave step_weights=None with iMAML."
+        )
+    if first_order:
+        raise ValueError(
+            "task_loss(): `first_order=True` drops the second-order terms of the gradient "
+            "through the inner steps, but iMAML differentiates no inner step: its implicit "
+            "gradient has no first-order form to switch to. Leave first_order=False with "
+            "iMAML, or use objective='query' with first_order=True for first-order MAML."
+        )
 
 
 def task_scores(
@@ -269,7 +311,7 @@ def meta_loss(
     step_weights: Sequence[float | Tensor] | Tensor | None = None,
     score_fn: LossFn | None = None,
     strategy: Strategy | None = None,
-    objective: Literal["query", "reptile"] = "query",
+    objective: Objective = "query",
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The mean query loss over a meta-batch of tasks, each adapted on its own support.
 
@@ -280,7 +322,9 @@ def meta_loss(
     meta-gradient (Finn, Abbeel & Levine, ICML 2017); ``first_order=True`` gives FOMAML,
     ``adapt_keys`` ANIL/BOIL, a learned dict ``inner_lr`` Meta-SGD, a sequence of them and
     ``step_weights`` MAML++; ``objective="reptile"`` averages :func:`reptile_loss`
-    instead, whose gradient is Reptile's direction, the mean of ``params - adapted``.
+    instead, whose gradient is Reptile's direction, the mean of ``params - adapted``;
+    ``objective=fmaml.IMAML(lam, cg_steps)`` averages :func:`fmaml.imaml_loss`, whose
+    gradient is iMAML's implicit meta-gradient (Rajeswaran et al., NeurIPS 2019).
 
     Args:
         loss_fn: ``loss_fn(params, (x, y)) -> scalar`` for one task's batch.
@@ -294,7 +338,8 @@ def meta_loss(
             :func:`fmaml.auto_strategy` picks one per device). ``None``: one vmap over all
             tasks. The value and meta-gradient are the same; see :class:`fmaml.Strategy` for
             what the returned loss can then be differentiated with respect to.
-        objective: ``"query"`` or ``"reptile"``, as in :func:`task_loss`.
+        objective: ``"query"``, ``"reptile"``, ``"imaml"`` or an :class:`fmaml.IMAML`, as in
+            :func:`task_loss`.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
@@ -313,7 +358,7 @@ def meta_loss(
         >>> loss = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.01)
         >>> grads = torch.autograd.grad(loss, list(params.values()))
     """
-    _check_objective(objective, "meta_loss")
+    objective = _check_objective(objective, "meta_loss")
     if strategy is not None and not strategy.is_plain:
         return run_strategy(
             strategy,

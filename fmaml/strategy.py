@@ -100,6 +100,9 @@ class Strategy:
     - ``objective="reptile"`` (:func:`fmaml.reptile_loss`): its gradient goes through no
       inner step, so ``checkpoint`` has nothing to recompute and runs each chunk as without
       it (no inner step's graph is kept either way); the other fields apply as they are.
+    - ``objective=fmaml.IMAML(...)`` (:func:`fmaml.imaml_loss`): likewise no inner step is
+      differentiated (the implicit gradient is solved per task by conjugate gradient), so
+      ``checkpoint`` runs each chunk as without it; the other fields apply as they are.
     - Differentiable once: the handed-out gradients carry no graph, so a backward with
       ``create_graph=True`` (a Hessian-vector product, a second derivative) raises
       ``RuntimeError``. :func:`fmaml.meta_loss` with ``strategy=None`` is differentiable any
@@ -251,7 +254,7 @@ def run_strategy(
     first_order: bool,
     step_weights,
     score_fn: LossFn | None,
-    objective: str = "query",
+    objective: object = "query",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`fmaml.meta_loss` under a non-default ``strategy``; same arguments and result."""
     from fmaml.adapt import step_rates
@@ -422,7 +425,7 @@ class _Job:
     inner_lr: object
     adapt_keys: KeySelector
     step_weights: object
-    objective: str = "query"
+    objective: object = "query"  # "query", "reptile" or an fmaml.IMAML
 
     def on_own_module(self) -> _Job:
         """This job with losses whose modules are private copies (for another thread)."""
@@ -458,9 +461,9 @@ class _Job:
         from fmaml.adapt import PLAIN_AUTOGRAD, STAND_INS
 
         if self.checkpoint and self.objective == "query":
-            # Reptile's gradient goes through no inner step (the adapted parameters are
-            # constants of it): there is nothing to recompute, and the plain path already
-            # keeps no inner step's graph.
+            # Reptile's and iMAML's gradients go through no inner step (the adapted
+            # parameters are constants of them): there is nothing to recompute, and the
+            # plain path already keeps no inner step's graph.
             return self._run_checkpointed(chunk)
         token = PLAIN_AUTOGRAD.set(self.unbatched)  # no transform is active: plain autograd
         stand_ins = STAND_INS.set([])
