@@ -87,8 +87,9 @@ def imaml_loss(
     .. math:: g = (I + H/\lambda)^{-1}\, \nabla_\phi L_q(\phi)
 
     solved by ``settings.cg_steps`` conjugate-gradient iterations from 0, each one
-    Hessian-vector product (a vjp of ``torch.func.grad`` of the support loss at
-    :math:`\phi`). Memory: one support backward's graph, whatever ``num_steps``.
+    Hessian-vector product (a ``torch.func.vjp`` of ``torch.func.grad`` of the support loss
+    at :math:`\phi`, built once). Memory: the graph of one support gradient and one double
+    backward, whatever ``num_steps`` (``benchmarks/imaml_memory.py``).
 
     With ``adapt_keys`` (ANIL-style) the keys outside it stay at ``params`` in the inner
     loop and receive the exact implicit gradient
@@ -207,12 +208,16 @@ def imaml_loss(
     def support_grad(fast: Params, frozen: Params) -> Params:
         return torch.func.grad(lambda f: loss_fn(merged(f, frozen), task.support))(fast)
 
-    _, hvp = torch.func.vjp(lambda f: support_grad(f, frozen), fast)
-    g_fast = conjugate_gradient(lambda u: hvp(u)[0], g_fast, lam, settings.cg_steps)
-    if frozen:
-        _, mixed = torch.func.vjp(lambda fr: support_grad(fast, fr), frozen)
-        (m,) = mixed(g_fast)
-        g_frozen = {k: g - m[k] / lam for k, g in g_frozen.items()}
+    # Without grad at this level: the products are constants of the meta-loss. With grad,
+    # each vjp's result carries an outer graph that the next iteration would chain onto
+    # (memory growing with cg_steps). torch.func's own transforms still differentiate.
+    with torch.no_grad():
+        _, pull_back = torch.func.vjp(lambda f: support_grad(f, frozen), fast)
+        g_fast = conjugate_gradient(lambda u: pull_back(u)[0], g_fast, lam, settings.cg_steps)
+        if frozen:
+            _, mixed = torch.func.vjp(lambda fr: support_grad(fast, fr), frozen)
+            (m,) = mixed(g_fast)
+            g_frozen = {k: g - m[k] / lam for k, g in g_frozen.items()}
     grads = {**g_frozen, **g_fast}
     loss = _Implicit.apply(
         value.detach(),
