@@ -204,6 +204,10 @@ def imaml_loss(
             "computed for `params` only, so that tensor would get no gradient. Pass it in "
             "`params`, or detach it."
         )
+    # torch.func's results can carry a graph at this level (the query pass's): keep none
+    g_fast = {k: g.detach() for k, g in g_fast.items()}
+    g_frozen = {k: g.detach() for k, g in g_frozen.items()}
+    value = value.detach()
 
     def support_grad(fast: Params, frozen: Params) -> Params:
         return torch.func.grad(lambda f: loss_fn(merged(f, frozen), task.support))(fast)
@@ -220,9 +224,9 @@ def imaml_loss(
             g_frozen = {k: g - m[k] / lam for k, g in g_frozen.items()}
     grads = {**g_frozen, **g_fast}
     loss = _Implicit.apply(
-        value.detach(),
+        value,
         len(order),
-        *(grads[k].detach() for k in order),
+        *(grads[k] for k in order),
         *(params[k] for k in order),
     )
     return loss if score is None else (loss, score)
