@@ -10,6 +10,7 @@ import importlib
 from fmaml import inner_optim, nn, schedules, tasks
 from fmaml.adapt import adapt, init_rates, step_rates, unroll
 from fmaml.evaluate import evaluate, mean_ci95
+from fmaml.implicit import IMAML, imaml_loss
 from fmaml.inner_optim import InnerOptimizer
 from fmaml.module import SupervisedLoss, accuracy, params_of, per_step, supervised_loss
 from fmaml.objectives import meta_loss, meta_scores, reptile_loss, task_loss, task_scores
@@ -44,6 +45,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMAML",
     "Batch",
     "InnerOptimizer",
     "LossFn",
@@ -60,6 +62,7 @@ __all__ = [
     "evaluate",
     "evaluate_state",
     "fit",
+    "imaml_loss",
     "init_rates",
     "inner_optim",
     "mean_ci95",

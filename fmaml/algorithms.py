@@ -11,6 +11,7 @@
 | reptile   | ``objective="reptile"``: mean of params-adapted | Nichol et al., arXiv 1803.02999   |
 | protonet  | ``head_init="prototypes"``, ``num_steps=0``     | Snell et al., NeurIPS 2017        |
 | protomaml | ``head_init="prototypes"``, then inner steps    | Triantafillou et al., ICLR 2020   |
+| imaml     | ``objective=IMAML(lam, cg_steps)``: implicit    | Rajeswaran et al., NeurIPS 2019   |
 
 MAML++'s fixes are training-loop settings on top of an algorithm (see
 :class:`fmaml.config.TrainConfig`): LSLR (``inner_lr`` a list of per-tensor rate dicts), MSL
@@ -51,7 +52,10 @@ class Algorithm:
             per-element rates, ``"tensor"`` for one rate per parameter tensor.
         objective: what the outer step follows: ``"query"``, the gradient of the query loss
             after adapting (MAML and its variants), or ``"reptile"``, the mean over tasks
-            of ``params - adapted`` (:func:`fmaml.reptile_loss`).
+            of ``params - adapted`` (:func:`fmaml.reptile_loss`), or ``"imaml"``, the
+            implicit gradient of the query loss after a regularised inner problem
+            (:func:`fmaml.imaml_loss`; its ``lam`` and ``cg_steps`` come from the run's
+            config, ``--imaml-lam`` and ``--cg-steps``).
         head_init: ``None``, or ``"prototypes"``: each task's linear head starts from its
             support set's class prototypes (:func:`fmaml.prototype_head`).
         inner_steps: a fixed number of inner steps in training (``0`` for ProtoNet);
@@ -62,7 +66,7 @@ class Algorithm:
     first_order: bool = False
     adapt_keys: object = None
     learned_rates: Literal["element", "tensor"] | None = None
-    objective: Literal["query", "reptile"] = "query"
+    objective: Literal["query", "reptile", "imaml"] = "query"
     head_init: Literal["prototypes"] | None = None
     inner_steps: int | None = None
 
@@ -77,6 +81,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     "reptile": Algorithm("reptile", first_order=True, objective="reptile"),
     "protonet": Algorithm("protonet", head_init="prototypes", inner_steps=0),
     "protomaml": Algorithm("protomaml", head_init="prototypes"),
+    "imaml": Algorithm("imaml", objective="imaml"),
 }
 
 

@@ -237,6 +237,18 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
 )
 @click.option("--min-outer-lr", type=float, default=1e-5, show_default=True)
 @click.option(
+    "--imaml-lam",
+    type=float,
+    default=None,
+    help="iMAML: lam of the inner problem's pull lam/2 ||adapted - params||^2 [imaml: 1.0].",
+)
+@click.option(
+    "--cg-steps",
+    type=int,
+    default=None,
+    help="iMAML: conjugate-gradient iterations of the implicit meta-gradient [imaml: 5].",
+)
+@click.option(
     "--iterations-per-epoch",
     type=int,
     default=500,

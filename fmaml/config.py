@@ -79,6 +79,11 @@ class TrainConfig:
     # The named configuration (fmaml.presets) the run started from; its settings are in the
     # fields above, each replaced by an option given beside it.
     preset: str | None = None
+    # iMAML (--algorithm imaml): the inner problem's pull lam/2 ||adapted - params||^2 and the
+    # conjugate-gradient iterations of the implicit meta-gradient; None: IMAML_DEFAULTS for
+    # imaml, unset for every other algorithm.
+    imaml_lam: float | None = None
+    cg_steps: int | None = None
     # How meta-batches run (never what they compute): fields of fmaml.Strategy that replace
     # fmaml.auto_strategy's choice for the device and model, e.g. {"chunk_size": 8}.
     strategy: dict[str, Any] = field(default_factory=dict)
@@ -216,6 +221,11 @@ PLAIN_FIXES = dict(
 )
 
 
+# fmaml.IMAML()'s defaults. The iMAML paper (Rajeswaran et al. 2019) tuned lam per dataset
+# (0.5 to 2 on Omniglot) and used 5 to 25 CG iterations.
+IMAML_DEFAULTS = dict(imaml_lam=1.0, cg_steps=5)
+
+
 def paper_defaults(dataset: str, ways: int | None) -> dict[str, Any]:
     """The MAML paper's setting for ``dataset`` with ``ways`` classes (5 if ``None``)."""
     if dataset not in DATASETS:
@@ -246,6 +256,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     fixed = _algorithm_field(config.algorithm, "inner_steps")
     if fixed is not None:  # ProtoNet: no inner step, in training or (by default) at test
         defaults.update(inner_steps=fixed, eval_inner_steps=fixed)
+    if config.algorithm == "imaml":
+        defaults.update(IMAML_DEFAULTS)
     values = config.to_dict()
     for key, value in defaults.items():
         if values.get(key) is None:
@@ -345,6 +357,7 @@ def check(config: TrainConfig) -> None:
     if prototypes:
         _check_prototypes(config)
     _check_inner_optimizer(config)
+    _check_imaml(config)
     from fmaml.strategy import Strategy
 
     strategy_fields = {f.name for f in dataclasses.fields(Strategy)}
@@ -463,3 +476,47 @@ LEARNED_HYPER: dict[str, tuple[str, ...]] = {
     "adam": ("beta1", "beta2"),
 }
 """The hyper-parameters ``--learn-inner-hyper`` meta-learns, per inner optimiser."""
+
+
+def _check_imaml(config: TrainConfig) -> None:
+    """iMAML's settings only with --algorithm imaml, in range; no MAML++ inner-loop fixes."""
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in ("imaml_lam", "cg_steps")
+        if getattr(config, name) is not None
+    ]
+    if config.algorithm != "imaml":
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} set iMAML's inner problem and conjugate-gradient solve, "
+                f"but --algorithm is {config.algorithm}. Use --algorithm imaml, or drop them."
+            )
+        return
+    lam, steps = config.imaml_lam, config.cg_steps
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
+        raise ConfigError(f"--imaml-lam must be positive, got {lam!r}.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"--cg-steps must be a positive integer, got {steps!r}.")
+    if config.inner_optimizer != "sgd":
+        raise ConfigError(
+            f"--algorithm imaml solves its inner problem by plain gradient descent, got "
+            f"--inner-optimizer {config.inner_optimizer}. Drop --inner-optimizer, or use "
+            "--algorithm maml."
+        )
+    query_only = [
+        option
+        for option, on in (
+            ("--lslr", config.lslr),
+            ("--msl-epochs", config.msl_epochs),
+            ("--da-epochs", config.da_epochs),
+            ("--per-step-bn", config.per_step_bn),
+        )
+        if on
+    ]
+    if query_only:
+        raise ConfigError(
+            f"--algorithm imaml differentiates no inner step (its meta-gradient is the "
+            f"implicit one, at the end of the inner problem), so {', '.join(query_only)} "
+            "(MAML++ settings of the inner loop and its per-step losses) would change nothing "
+            "or never be trained. Drop them, or use --algorithm maml/mamlpp."
+        )

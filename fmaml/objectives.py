@@ -13,11 +13,16 @@ import torch
 from torch import Tensor
 
 from fmaml.adapt import InnerLR, adapt, at_step, unroll
+from fmaml.implicit import IMAML, imaml_loss
 from fmaml.inner_optim import InnerOptimizer
 from fmaml.proto import check_head, check_support_labels, prototype_head
 from fmaml.strategy import Strategy, run_strategy
 from fmaml.tree import KeySelector
 from fmaml.types import LossFn, Task
+
+Objective = Literal["query", "reptile", "imaml"] | IMAML
+"""What the outer step follows: the query loss (MAML and its variants), Reptile's direction,
+or iMAML's implicit gradient (``"imaml"`` is ``IMAML()``)."""
 
 
 def task_loss(
@@ -31,7 +36,7 @@ def task_loss(
     first_order: bool = False,
     step_weights: Sequence[float | Tensor] | Tensor | None = None,
     score_fn: LossFn | None = None,
-    objective: Literal["query", "reptile"] = "query",
+    objective: Objective = "query",
     head_init: Literal["prototypes"] | None = None,
     inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -54,7 +59,9 @@ def task_loss(
         score_fn: if given, also return ``score_fn(adapted, query)`` (detached), e.g. accuracy.
         objective: ``"query"`` (above), or ``"reptile"``: :func:`reptile_loss` instead, whose
             gradient is ``params - adapted`` (``first_order`` then has no effect: Reptile is
-            first-order whatever it says).
+            first-order whatever it says); or ``"imaml"`` / :class:`fmaml.IMAML` ``(lam,
+            cg_steps)``: :func:`fmaml.imaml_loss` instead, the query loss after the
+            regularised inner problem, whose gradient is the implicit meta-gradient.
         head_init: ``None``, or ``"prototypes"``: before the inner loop, set the linear head
             from the support set's class prototypes (:func:`fmaml.prototype_head`;
             ProtoMAML, Triantafillou et al. 2020), differentiably; the inner loop then
@@ -89,8 +96,21 @@ def task_loss(
         >>> protonet.shape
         torch.Size([])
     """
+    objective = _check_objective(objective, "task_loss")
     params = _with_head(loss_fn, params, task.support, head_init, objective, "task_loss")
-    if _check_objective(objective, "task_loss") == "reptile":
+    if isinstance(objective, IMAML):
+        _refuse_for_imaml(step_weights, first_order, inner_optimizer)
+        return imaml_loss(
+            loss_fn,
+            params,
+            task,
+            inner_lr=inner_lr,
+            num_steps=num_steps,
+            adapt_keys=adapt_keys,
+            settings=objective,
+            score_fn=score_fn,
+        )
+    if objective == "reptile":
         if step_weights is not None:
             raise ValueError(
                 "task_loss(): `step_weights` weight the query loss after each inner step, but "
@@ -267,11 +287,16 @@ def _refuse_learned_hyper(inner_optimizer) -> None:
         )
 
 
-def _check_objective(objective, caller: str) -> str:
-    if objective not in ("query", "reptile"):
+def _check_objective(objective, caller: str) -> str | IMAML:
+    """``objective`` checked; ``"imaml"`` becomes ``IMAML()``."""
+    if isinstance(objective, IMAML):
+        return objective
+    if isinstance(objective, str) and objective == "imaml":
+        return IMAML()
+    if not isinstance(objective, str) or objective not in ("query", "reptile"):
         raise ValueError(
-            f"{caller}(): `objective` must be 'query' (MAML and its variants) or 'reptile', "
-            f"got {objective!r}."
+            f"{caller}(): `objective` must be 'query' (MAML and its variants), 'reptile', "
+            f"'imaml' or fmaml.IMAML(lam=..., cg_steps=...), got {objective!r}."
         )
     return objective
 
@@ -288,6 +313,13 @@ def _check_head_init(head_init, objective: str, caller: str) -> None:
             "computed from each task's support set, but objective='reptile' follows "
             "params - adapted, which has no term for it. Use objective='query' (ProtoMAML), "
             "or head_init=None with Reptile."
+        )
+    if head_init is not None and isinstance(objective, IMAML):
+        raise ValueError(
+            f"{caller}(): head_init='prototypes' with iMAML is not supported: the implicit "
+            "meta-gradient is taken at the end of the inner problem, with no term for a "
+            "starting head computed from the support set. Use objective='query' (ProtoMAML), "
+            "or head_init=None with iMAML."
         )
 
 
@@ -319,6 +351,29 @@ def _trajectory(loss_fn, params, support, *, num_steps, head_init, **inner) -> l
     if head_init is not None and num_steps == 0:
         return [dict(params)]
     return unroll(loss_fn, params, support, num_steps=num_steps, **inner)
+
+
+def _refuse_for_imaml(step_weights, first_order: bool, inner_optimizer) -> None:
+    if inner_optimizer is not None:
+        raise ValueError(
+            "task_loss(): iMAML solves its regularised inner problem by plain gradient descent "
+            "(its implicit gradient assumes the inner problem solved, whatever the optimiser), "
+            f"and takes no inner_optimizer; got {inner_optimizer!r}. Leave "
+            "inner_optimizer=None with iMAML."
+        )
+    if step_weights is not None:
+        raise ValueError(
+            "task_loss(): `step_weights` weight the query loss after each inner step, but "
+            "iMAML's meta-gradient is taken at the end of the inner problem only (no inner "
+            "step is differentiated). Leave step_weights=None with iMAML."
+        )
+    if first_order:
+        raise ValueError(
+            "task_loss(): `first_order=True` drops the second-order terms of the gradient "
+            "through the inner steps, but iMAML differentiates no inner step: its implicit "
+            "gradient has no first-order form to switch to. Leave first_order=False with "
+            "iMAML, or use objective='query' with first_order=True for first-order MAML."
+        )
 
 
 def task_scores(
@@ -373,7 +428,7 @@ def meta_loss(
     step_weights: Sequence[float | Tensor] | Tensor | None = None,
     score_fn: LossFn | None = None,
     strategy: Strategy | None = None,
-    objective: Literal["query", "reptile"] = "query",
+    objective: Objective = "query",
     head_init: Literal["prototypes"] | None = None,
     inner_optimizer: InnerOptimizer | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -386,7 +441,9 @@ def meta_loss(
     meta-gradient (Finn, Abbeel & Levine, ICML 2017); ``first_order=True`` gives FOMAML,
     ``adapt_keys`` ANIL/BOIL, a learned dict ``inner_lr`` Meta-SGD, a sequence of them and
     ``step_weights`` MAML++; ``objective="reptile"`` averages :func:`reptile_loss`
-    instead, whose gradient is Reptile's direction, the mean of ``params - adapted``.
+    instead, whose gradient is Reptile's direction, the mean of ``params - adapted``;
+    ``objective=fmaml.IMAML(lam, cg_steps)`` averages :func:`fmaml.imaml_loss`, whose
+    gradient is iMAML's implicit meta-gradient (Rajeswaran et al., NeurIPS 2019).
 
     Args:
         loss_fn: ``loss_fn(params, (x, y)) -> scalar`` for one task's batch.
@@ -400,7 +457,8 @@ def meta_loss(
             :func:`fmaml.auto_strategy` picks one per device). ``None``: one vmap over all
             tasks. The value and meta-gradient are the same; see :class:`fmaml.Strategy` for
             what the returned loss can then be differentiated with respect to.
-        objective: ``"query"`` or ``"reptile"``, as in :func:`task_loss`.
+        objective: ``"query"``, ``"reptile"``, ``"imaml"`` or an :class:`fmaml.IMAML`, as in
+            :func:`task_loss`.
         head_init: ``"prototypes"``: each task's linear head starts from its support set's
             class prototypes (ProtoMAML; ProtoNet with ``num_steps=0``), as in
             :func:`task_loss`; the support labels are checked here, for every task at once.
@@ -425,7 +483,7 @@ def meta_loss(
         >>> loss = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.01)
         >>> grads = torch.autograd.grad(loss, list(params.values()))
     """
-    _check_objective(objective, "meta_loss")
+    objective = _check_objective(objective, "meta_loss")
     _check_meta_head(loss_fn, params, tasks, head_init, objective, "meta_loss")
     if strategy is not None and not strategy.is_plain:
         return run_strategy(

@@ -109,6 +109,9 @@ class Strategy:
       recomputes the prototype head with the first inner step (so it needs the head among
       the adapted keys, else refused), and with ``num_steps=0`` (ProtoNet) has nothing to
       recompute and runs each chunk as without it.
+    - ``objective=fmaml.IMAML(...)`` (:func:`fmaml.imaml_loss`): likewise no inner step is
+      differentiated (the implicit gradient is solved per task by conjugate gradient), so
+      ``checkpoint`` runs each chunk as without it; the other fields apply as they are.
     - Differentiable once: the handed-out gradients carry no graph, so a backward with
       ``create_graph=True`` (a Hessian-vector product, a second derivative) raises
       ``RuntimeError``. :func:`fmaml.meta_loss` with ``strategy=None`` is differentiable any
@@ -260,7 +263,7 @@ def run_strategy(
     first_order: bool,
     step_weights,
     score_fn: LossFn | None,
-    objective: str = "query",
+    objective: object = "query",  # "query", "reptile" or an fmaml.IMAML
     head_init: str | None = None,
     inner_optimizer=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -487,7 +490,7 @@ class _Job:
     inner_lr: object
     adapt_keys: KeySelector
     step_weights: object
-    objective: str = "query"
+    objective: object = "query"  # "query", "reptile" or an fmaml.IMAML
     head_init: str | None = None
     inner_optimizer: object = None
 
@@ -525,9 +528,10 @@ class _Job:
         from fmaml.adapt import PLAIN_AUTOGRAD, STAND_INS
 
         if self.checkpoint and self.objective == "query" and self.num_steps > 0:
-            # Reptile's gradient goes through no inner step (the adapted parameters are
-            # constants of it): there is nothing to recompute, and the plain path already
-            # keeps no inner step's graph; nor is there without inner steps (ProtoNet).
+            # Reptile's and iMAML's gradients go through no inner step (the adapted
+            # parameters are constants of them): there is nothing to recompute, and the
+            # plain path already keeps no inner step's graph; nor is there without inner
+            # steps (ProtoNet).
             return self._run_checkpointed(chunk)
         token = PLAIN_AUTOGRAD.set(self.unbatched)  # no transform is active: plain autograd
         stand_ins = STAND_INS.set([])

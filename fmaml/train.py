@@ -36,6 +36,7 @@ from fmaml.config import LEARNED_HYPER, TrainConfig, resolve
 from fmaml.distributed import RankFailure, Ranks
 from fmaml.errors import ConfigError, NonFiniteError, WriteError
 from fmaml.evaluate import evaluate, mean_ci95
+from fmaml.implicit import IMAML
 from fmaml.inner_optim import InnerOptimizer, get_inner_optimizer, hyper_names
 from fmaml.module import params_of, per_step
 from fmaml.objectives import meta_loss
@@ -304,6 +305,15 @@ def meta_step(state: TrainState, ranks: Ranks | None = None) -> dict[str, float]
     return metrics
 
 
+def objective_of(config: TrainConfig):
+    """What :func:`fmaml.meta_loss` follows for the run's algorithm: ``"query"``,
+    ``"reptile"``, or :class:`fmaml.IMAML` with the config's ``imaml_lam`` and ``cg_steps``."""
+    objective = get_algorithm(config.algorithm).objective
+    if objective == "imaml":
+        return IMAML(lam=config.imaml_lam, cg_steps=config.cg_steps)
+    return objective
+
+
 def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, float]:
     r"""Draw the next meta-batch, adapt, and leave the meta-gradient in every leaf's ``.grad``.
 
@@ -345,7 +355,7 @@ def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, fl
         step_weights=msl_weights(config.inner_steps, epoch, config.msl_epochs),
         score_fn=state.problem.score_fn,
         strategy=state.strategy,
-        objective=algorithm.objective,
+        objective=objective_of(config),
         head_init=algorithm.head_init,
         inner_optimizer=state.inner_optimizer,
     )
