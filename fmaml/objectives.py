@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fmaml.adapt import InnerLR, adapt, at_step, unroll
 from fmaml.inner_optim import InnerOptimizer
+from fmaml.padding import check_padded_tasks, is_padded
 from fmaml.proto import check_head, check_support_labels, prototype_head
 from fmaml.strategy import Strategy, run_strategy
 from fmaml.tree import KeySelector
@@ -297,9 +298,33 @@ def _with_head(loss_fn, params, support, head_init, objective: str, caller: str)
     if head_init is None:
         return params
     _check_head_init(head_init, objective, caller)
+    _refuse_padded_head(support, caller)
     num_ways, _ = check_head(loss_fn, params, caller)
     check_support_labels(support[1], num_ways, caller)
     return prototype_head(loss_fn, params, support)
+
+
+def _refuse_padded_head(support, caller: str) -> None:
+    if is_padded(support):
+        raise ValueError(
+            f"{caller}(): head_init='prototypes' averages every support example of a class, "
+            "but the support set is padded (x, y, mask): padded rows would enter the "
+            "prototypes. Use head_init=None with padded tasks, or tasks of one shape."
+        )
+
+
+def _check_padded_meta_batch(tasks, head_init, strategy, caller: str) -> None:
+    """Check a meta-batch's padded sets (values too: before the vmap) and refuse the
+    settings that don't handle a mask."""
+    if not isinstance(tasks, Task) or not check_padded_tasks(tasks, caller):
+        return
+    if head_init is not None:
+        _refuse_padded_head(tasks.support, caller)
+    if strategy is not None and strategy.compile:
+        raise ValueError(
+            f"{caller}(): Strategy(compile=True) is not tested with padded tasks (a mask), "
+            "so it is refused. Use compile=False."
+        )
 
 
 def _check_meta_head(loss_fn, params, tasks, head_init, objective: str, caller: str) -> None:
@@ -426,6 +451,7 @@ def meta_loss(
         >>> grads = torch.autograd.grad(loss, list(params.values()))
     """
     _check_objective(objective, "meta_loss")
+    _check_padded_meta_batch(tasks, head_init, strategy, "meta_loss")
     _check_meta_head(loss_fn, params, tasks, head_init, objective, "meta_loss")
     if strategy is not None and not strategy.is_plain:
         return run_strategy(
@@ -483,6 +509,7 @@ def meta_scores(
     Returns:
         ``[T, num_steps + 1]``: each task's query score before adapting and after each step.
     """
+    _check_padded_meta_batch(tasks, head_init, None, "meta_scores")
     _check_meta_head(loss_fn, params, tasks, head_init, "query", "meta_scores")
     return _over_tasks(
         lambda task: task_scores(
