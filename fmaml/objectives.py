@@ -121,11 +121,11 @@ def task_loss(
         inner_optimizer=inner_optimizer,
     )
     if weights is None:
-        loss = at_step(loss_fn, num_steps, task.support[0])(trajectory[-1], task.query)
+        loss = at_step(loss_fn, num_steps, task.support)(trajectory[-1], task.query)
     else:
         losses = torch.stack(
             [
-                at_step(loss_fn, s, task.support[0])(trajectory[s], task.query)
+                at_step(loss_fn, s, task.support)(trajectory[s], task.query)
                 for s in range(1, num_steps + 1)
             ]
         )
@@ -134,7 +134,7 @@ def task_loss(
         return loss
     with torch.no_grad():
         adapted = {k: v.detach() for k, v in trajectory[-1].items()}
-        score = at_step(score_fn, num_steps, task.support[0])(adapted, task.query)
+        score = at_step(score_fn, num_steps, task.support)(adapted, task.query)
     return loss, score
 
 
@@ -231,7 +231,7 @@ def reptile_loss(
     if score_fn is None:
         return loss
     with torch.no_grad():
-        score = at_step(score_fn, num_steps, task.support[0])(adapted, task.query)
+        score = at_step(score_fn, num_steps, task.support)(adapted, task.query)
     return loss, score
 
 
@@ -380,7 +380,7 @@ def task_scores(
     )
     return torch.stack(
         [
-            at_step(score_fn, s, task.support[0])(adapted, task.query)
+            at_step(score_fn, s, task.support)(adapted, task.query)
             for s, adapted in enumerate(trajectory)
         ]
     )

@@ -229,6 +229,61 @@ def fill_padding_regression(batch):
     return fmaml.Task(refill(batch.support), refill(batch.query))
 
 
+def mamlpp(loss_fn, params, num_steps=2):
+    """MAML++'s BatchNorm: per-step weights and biases, statistics from the support set."""
+    stepwise, stacked = fmaml.per_step(
+        loss_fn.with_support_statistics(), params, loss_fn.batchnorm_keys(), num_steps
+    )
+    return stepwise, stacked
+
+
+def test_support_statistics_of_padded_tasks_equal_the_tasks_alone():
+    tasks = mixed_tasks()
+    loss_fn, params = mamlpp(
+        fmaml.supervised_loss(conv(), F.cross_entropy), fmaml.params_of(conv())
+    )
+    kwargs = {"inner_lr": 0.3, "num_steps": 2, "step_weights": [0.3, 0.7]}
+    batch = fill_padding(pad_tasks(tasks))
+    loss = fmaml.meta_loss(loss_fn, params, batch, **kwargs)
+    reference = 0
+    for task in tasks:
+        ways = ways_of(task)
+        small, _ = mamlpp(
+            fmaml.supervised_loss(conv(ways), F.cross_entropy), head_rows(params, ways)
+        )
+        reference = reference + fmaml.task_loss(small, head_rows(params, ways), task, **kwargs)
+    reference = reference / len(tasks)
+    expected = grads_of(loss, params)
+    assert_close(loss, reference)
+    assert_close(expected, grads_of(reference, params))
+    for strategy in (Strategy(chunk_size=1), Strategy(chunk_size=2, checkpoint=True)):
+        other = fmaml.meta_loss(loss_fn, params, batch, strategy=strategy, **kwargs)
+        assert_close(other, loss)
+        assert_close(grads_of(other, params), expected)
+
+
+def test_padded_support_statistics_equal_unpadded_and_ignore_the_query():
+    """Leak-free on padded tasks: the query is normalised with the real support rows'
+    statistics, as unpadded; one query example's loss doesn't depend on the others."""
+    tasks = mixed_tasks()
+    batch = fill_padding(pad_tasks(tasks))
+    params = fmaml.params_of(conv())
+    loss_fn = fmaml.supervised_loss(conv(), F.cross_entropy).with_support_statistics()
+    small = fmaml.supervised_loss(conv(3), F.cross_entropy).with_support_statistics()
+    one = fmaml.Task(*(tuple(v[0] for v in pair) for pair in batch))
+    task, mine = tasks[0], head_rows(params, 3)
+    x, y, mask, classes = one.query
+    assert_close(
+        loss_fn(params, one.query, stats_from=one.support),
+        small(mine, task.query, stats_from=task.support[0]),
+    )
+    first = mask & (torch.arange(len(mask)) == 0)
+    assert_close(
+        loss_fn(params, (x, y, first, classes), stats_from=one.support),
+        small(mine, (task.query[0][:1], task.query[1][:1]), stats_from=task.support[0]),
+    )
+
+
 # --- every strategy ------------------------------------------------------------------------
 
 STRATEGIES = {
@@ -328,8 +383,10 @@ def test_meta_loss_errors_name_the_cause():
         run(batch, head_init="prototypes", num_steps=0)
     with pytest.raises(ValueError, match=r"compile=True\) is not tested with padded tasks"):
         run(batch, strategy=Strategy(compile=True))
-    with pytest.raises(ValueError, match="support statistics .* padded rows would enter"):
-        fmaml.meta_loss(loss_fn.with_support_statistics(), params, batch, inner_lr=0.1)
+    one = fmaml.Task(*(tuple(v[0] for v in pair) for pair in batch))
+    leak_free = loss_fn.with_support_statistics()
+    with pytest.raises(ValueError, match="query set is padded but its BatchNorm statistics"):
+        leak_free(params, one.query, stats_from=one.support[0])
     narrow = pad_tasks(mixed_tasks(), num_ways=6)
     with pytest.raises(ValueError, match=r"`classes` marks 6 classes but the model's output is"):
         run(narrow)
