@@ -417,7 +417,11 @@ def meta_loss(
         loss_fn: ``loss_fn(params, (x, y)) -> scalar`` for one task's batch.
         params: ``{name: tensor}``.
         tasks: a :class:`fmaml.Task` whose tensors have a leading task axis:
-            ``support = (x [T, n_s, *feature], y [T, n_s, *target])``, ``query`` likewise.
+            ``support = (x [T, n_s, *feature], y [T, n_s, *target])``, ``query`` likewise;
+            for tasks of different sizes, padded sets ``(x, y, mask [T, n_s] bool[,
+            classes [T, C] bool])`` from :func:`fmaml.tasks.pad_tasks`: each task's loss
+            is then that of the task alone (real rows only, BatchNorm statistics too), on
+            every strategy but ``compile``.
         inner_lr, num_steps, adapt_keys, first_order, step_weights: as in :func:`task_loss`.
         score_fn: if given, also return the mean of ``score_fn(adapted, query)`` over tasks.
         strategy: how to run the meta-batch (:class:`fmaml.Strategy`: chunks of tasks with
@@ -437,8 +441,10 @@ def meta_loss(
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
 
     Raises:
-        ValueError: tasks whose tensors disagree on the number of tasks, and everything
-            :func:`task_loss` raises.
+        ValueError: tasks whose tensors disagree on the number of tasks; padded sets with
+            a mask or ``classes`` of the wrong shape or dtype, a task with no real support
+            or query example or no class, or with ``head_init="prototypes"`` or
+            ``Strategy(compile=True)`` (refused); and everything :func:`task_loss` raises.
 
     Example:
         >>> import torch, torch.nn.functional as F, fmaml
