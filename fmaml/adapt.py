@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fmaml.graph import reached_leaves
 from fmaml.inner_optim import InnerOptimizer, State, check_inner_optimizer
+from fmaml.padding import is_padded
 from fmaml.tree import KeySelector, select
 from fmaml.types import Batch, LossFn, Params
 
@@ -220,19 +221,22 @@ def adapt(
     )[-1]
 
 
-def at_step(loss_fn: LossFn, step: int, support_x: Tensor | None = None) -> LossFn:
+def at_step(loss_fn: LossFn, step: int, support: Batch | Tensor | None = None) -> LossFn:
     """``loss_fn`` for the forward pass after ``step`` inner steps.
 
     A *stepwise* loss (``loss_fn.stepwise``, e.g. per-step BatchNorm from
     :func:`fmaml.per_step`) is given the step; a loss with ``support_statistics`` is given
-    ``support_x`` to take its BatchNorm statistics from (for query batches). Any other loss is
-    returned as it is.
+    the task's support set to take its BatchNorm statistics from (for query batches): its
+    ``x``, or the whole set when it is padded (``(x, y, mask[, classes])``: the mask must
+    reach the statistics). ``support`` is the support set (or, as before, its ``x`` alone,
+    for unpadded tasks). Any other loss is returned as it is.
     """
     kwargs: dict = {}
     if getattr(loss_fn, "stepwise", False):
         kwargs["step"] = step
-    if support_x is not None and getattr(loss_fn, "support_statistics", False):
-        kwargs["stats_from"] = support_x
+    if support is not None and getattr(loss_fn, "support_statistics", False):
+        plain = isinstance(support, (tuple, list)) and not is_padded(support)
+        kwargs["stats_from"] = support[0] if plain else support
     return functools.partial(loss_fn, **kwargs) if kwargs else loss_fn
 
 

@@ -183,7 +183,7 @@ def imaml_loss(
         both = {**frozen, **fast}
         return {k: both[k] for k in order}
 
-    query_fn = at_step(loss_fn, num_steps, task.support[0])
+    query_fn = at_step(loss_fn, num_steps, task.support)
 
     def query_loss(fast: Params, frozen: Params) -> Tensor:
         return query_fn(merged(fast, frozen), task.query)
@@ -191,7 +191,7 @@ def imaml_loss(
     score = None
     if score_fn is not None:
         with torch.no_grad():
-            score = at_step(score_fn, num_steps, task.support[0])(adapted, task.query)
+            score = at_step(score_fn, num_steps, task.support)(adapted, task.query)
     if not torch.is_grad_enabled():  # evaluation: the value only
         value = query_loss(fast, frozen)
         return value if score is None else (value, score)

@@ -8,7 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from fmaml.nn.batchnorm import BatchNorm, with_batch_statistics, with_stat_rows
+from fmaml.nn.batchnorm import BatchNorm, with_batch_statistics, with_stat_mask, with_stat_rows
+from fmaml.padding import is_padded, unpack
 from fmaml.types import Batch, Params
 
 
@@ -44,6 +45,18 @@ class SupervisedLoss:
     uses them; exact second-order gradients under ``vmap``), and the model's buffers and
     frozen parameters, which it passes alongside ``params`` so that
     ``functional_call(..., strict=True)`` never falls back to a module tensor silently.
+
+    A padded set ``(x, y, mask)`` or ``(x, y, mask, classes)`` (:mod:`fmaml.padding`,
+    :func:`fmaml.tasks.pad_tasks`) is scored on its real rows only: their rows of ``x`` go
+    through a copy of the model whose BatchNorm statistics count the real rows only (padded
+    rows of ``x`` are replaced by zeros first, so even NaN padding changes nothing), the
+    logits of classes outside ``classes`` are set to ``-inf``, and the loss is the mean of
+    ``criterion`` over the real rows, each row scored alone
+    (``criterion(out[i:i+1], y[i:i+1])``). This equals ``criterion`` on the real rows for
+    a criterion that is a mean over rows (``F.cross_entropy``, ``F.mse_loss``,
+    :func:`fmaml.accuracy`). With :meth:`with_support_statistics`, the query is normalised
+    with the statistics of the support set's real rows (``stats_from`` is then the whole
+    padded support set, as :func:`fmaml.adapt.at_step` passes it).
     """
 
     stepwise = False
@@ -153,10 +166,57 @@ class SupervisedLoss:
         params: Mapping[str, Tensor],
         batch: Batch,
         step: int = 0,
-        stats_from: Tensor | None = None,
+        stats_from: Tensor | Batch | None = None,
     ) -> Tensor:
+        if is_padded(batch) or is_padded(stats_from):
+            return self._masked(params, batch, step, stats_from)
         x, y = batch
         return self.criterion(self.predict(params, x, step, stats_from), y)
+
+    def _masked(self, params, batch, step: int, stats_from) -> Tensor:
+        """The loss of a padded set (or of a set normalised with a padded support set's
+        statistics): the mean of ``criterion`` over its real rows, with BatchNorm statistics
+        of the real rows (of the support's with ``stats_from``) and absent classes' logits
+        at ``-inf``."""
+        padded = is_padded(batch)
+        if padded:
+            x, y, mask, classes = unpack(batch, "supervised_loss")
+        else:
+            (x, y), classes = batch, None
+            mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        x = _zero_padding(x, mask)
+        if stats_from is None:
+            rows, stat_mask = 0, mask
+        elif is_padded(stats_from):
+            support_x, _, support_mask, _ = unpack(stats_from, "supervised_loss")
+            rows = support_x.shape[0]
+            x = torch.cat([_zero_padding(support_x, support_mask), x])
+            stat_mask = torch.cat([support_mask, torch.zeros_like(mask)])
+        else:
+            raise ValueError(
+                "supervised_loss(): the query set is padded but its BatchNorm statistics come "
+                "from the support set's x alone, without its mask, so padded support rows "
+                "would enter them. Pass the whole support set (x, y, mask): "
+                "fmaml.adapt.at_step(loss_fn, step, task.support)."
+            )
+        module = with_stat_mask(self.module, stat_mask)
+        out = torch.func.functional_call(module, self._values(params, step), (x,), strict=True)
+        out = out[rows:]
+        if not padded:
+            return self.criterion(out, y)
+        if classes is not None:
+            if out.dim() != 2 or out.shape[-1] != classes.shape[0]:
+                raise ValueError(
+                    f"supervised_loss(): a padded set's `classes` marks {classes.shape[0]} "
+                    f"classes but the model's output is {list(out.shape)}; expected "
+                    f"[n, {classes.shape[0]}]. Pad the tasks to the head's outputs "
+                    "(fmaml.tasks.pad_tasks(tasks, num_ways=...))."
+                )
+            out = out.masked_fill(~classes, float("-inf"))
+        criterion = self.criterion
+        per_row = torch.func.vmap(lambda o, t: criterion(o.unsqueeze(0), t.unsqueeze(0)))(out, y)
+        zero = torch.zeros((), dtype=per_row.dtype, device=per_row.device)
+        return torch.where(mask, per_row, zero).sum() / mask.sum().to(per_row.dtype)
 
     def with_support_statistics(self, enabled: bool = True) -> SupervisedLoss:
         """This loss with the query's BatchNorm statistics taken from the support set."""
@@ -191,6 +251,13 @@ class SupervisedLoss:
                 f"  unexpected: {unexpected}\n"
                 "Build params with fmaml.params_of(model) from the same model."
             )
+
+
+def _zero_padding(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` with the rows ``mask`` leaves out set to 0 (padding of any value, NaN too, then
+    changes nothing, not even a gradient)."""
+    keep = mask.reshape(-1, *([1] * (x.dim() - 1)))
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def per_step(

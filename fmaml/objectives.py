@@ -15,6 +15,7 @@ from torch import Tensor
 from fmaml.adapt import InnerLR, adapt, at_step, unroll
 from fmaml.implicit import IMAML, imaml_loss
 from fmaml.inner_optim import InnerOptimizer
+from fmaml.padding import check_padded_tasks, is_padded
 from fmaml.proto import check_head, check_support_labels, prototype_head
 from fmaml.strategy import Strategy, run_strategy
 from fmaml.tree import KeySelector
@@ -140,11 +141,11 @@ def task_loss(
         inner_optimizer=inner_optimizer,
     )
     if weights is None:
-        loss = at_step(loss_fn, num_steps, task.support[0])(trajectory[-1], task.query)
+        loss = at_step(loss_fn, num_steps, task.support)(trajectory[-1], task.query)
     else:
         losses = torch.stack(
             [
-                at_step(loss_fn, s, task.support[0])(trajectory[s], task.query)
+                at_step(loss_fn, s, task.support)(trajectory[s], task.query)
                 for s in range(1, num_steps + 1)
             ]
         )
@@ -153,7 +154,7 @@ def task_loss(
         return loss
     with torch.no_grad():
         adapted = {k: v.detach() for k, v in trajectory[-1].items()}
-        score = at_step(score_fn, num_steps, task.support[0])(adapted, task.query)
+        score = at_step(score_fn, num_steps, task.support)(adapted, task.query)
     return loss, score
 
 
@@ -250,7 +251,7 @@ def reptile_loss(
     if score_fn is None:
         return loss
     with torch.no_grad():
-        score = at_step(score_fn, num_steps, task.support[0])(adapted, task.query)
+        score = at_step(score_fn, num_steps, task.support)(adapted, task.query)
     return loss, score
 
 
@@ -329,9 +330,33 @@ def _with_head(loss_fn, params, support, head_init, objective: str, caller: str)
     if head_init is None:
         return params
     _check_head_init(head_init, objective, caller)
+    _refuse_padded_head(support, caller)
     num_ways, _ = check_head(loss_fn, params, caller)
     check_support_labels(support[1], num_ways, caller)
     return prototype_head(loss_fn, params, support)
+
+
+def _refuse_padded_head(support, caller: str) -> None:
+    if is_padded(support):
+        raise ValueError(
+            f"{caller}(): head_init='prototypes' averages every support example of a class, "
+            "but the support set is padded (x, y, mask): padded rows would enter the "
+            "prototypes. Use head_init=None with padded tasks, or tasks of one shape."
+        )
+
+
+def _check_padded_meta_batch(tasks, head_init, strategy, caller: str) -> None:
+    """Check a meta-batch's padded sets (values too: before the vmap) and refuse the
+    settings that don't handle a mask."""
+    if not isinstance(tasks, Task) or not check_padded_tasks(tasks, caller):
+        return
+    if head_init is not None:
+        _refuse_padded_head(tasks.support, caller)
+    if strategy is not None and strategy.compile:
+        raise ValueError(
+            f"{caller}(): Strategy(compile=True) is not tested with padded tasks (a mask), "
+            "so it is refused. Use compile=False."
+        )
 
 
 def _check_meta_head(loss_fn, params, tasks, head_init, objective: str, caller: str) -> None:
@@ -410,7 +435,7 @@ def task_scores(
     )
     return torch.stack(
         [
-            at_step(score_fn, s, task.support[0])(adapted, task.query)
+            at_step(score_fn, s, task.support)(adapted, task.query)
             for s, adapted in enumerate(trajectory)
         ]
     )
@@ -449,7 +474,11 @@ def meta_loss(
         loss_fn: ``loss_fn(params, (x, y)) -> scalar`` for one task's batch.
         params: ``{name: tensor}``.
         tasks: a :class:`fmaml.Task` whose tensors have a leading task axis:
-            ``support = (x [T, n_s, *feature], y [T, n_s, *target])``, ``query`` likewise.
+            ``support = (x [T, n_s, *feature], y [T, n_s, *target])``, ``query`` likewise;
+            for tasks of different sizes, padded sets ``(x, y, mask [T, n_s] bool[,
+            classes [T, C] bool])`` from :func:`fmaml.tasks.pad_tasks`: each task's loss
+            is then that of the task alone (real rows only, BatchNorm statistics too), on
+            every strategy but ``compile``.
         inner_lr, num_steps, adapt_keys, first_order, step_weights: as in :func:`task_loss`.
         score_fn: if given, also return the mean of ``score_fn(adapted, query)`` over tasks.
         strategy: how to run the meta-batch (:class:`fmaml.Strategy`: chunks of tasks with
@@ -470,8 +499,10 @@ def meta_loss(
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
 
     Raises:
-        ValueError: tasks whose tensors disagree on the number of tasks, and everything
-            :func:`task_loss` raises.
+        ValueError: tasks whose tensors disagree on the number of tasks; padded sets with
+            a mask or ``classes`` of the wrong shape or dtype, a task with no real support
+            or query example or no class, or with ``head_init="prototypes"`` or
+            ``Strategy(compile=True)`` (refused); and everything :func:`task_loss` raises.
 
     Example:
         >>> import torch, torch.nn.functional as F, fmaml
@@ -484,6 +515,7 @@ def meta_loss(
         >>> grads = torch.autograd.grad(loss, list(params.values()))
     """
     objective = _check_objective(objective, "meta_loss")
+    _check_padded_meta_batch(tasks, head_init, strategy, "meta_loss")
     _check_meta_head(loss_fn, params, tasks, head_init, objective, "meta_loss")
     if strategy is not None and not strategy.is_plain:
         return run_strategy(
@@ -541,6 +573,7 @@ def meta_scores(
     Returns:
         ``[T, num_steps + 1]``: each task's query score before adapting and after each step.
     """
+    _check_padded_meta_batch(tasks, head_init, None, "meta_scores")
     _check_meta_head(loss_fn, params, tasks, head_init, "query", "meta_scores")
     return _over_tasks(
         lambda task: task_scores(

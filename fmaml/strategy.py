@@ -668,7 +668,7 @@ class _Job:
         frozen = self._frozen()
 
         def query(fast: dict, task: Task) -> Tensor:
-            return at_step(fn, s, task.support[0])({**frozen, **fast}, task.query)
+            return at_step(fn, s, task.support)({**frozen, **fast}, task.query)
 
         return query
 

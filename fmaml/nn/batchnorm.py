@@ -33,7 +33,15 @@ class BatchNorm(nn.Module):
             only and normalise every row (fmaml puts a task's support set there so that
             its query set is normalised without using the query: see
             :class:`fmaml.SupervisedLoss`).
+
+    A copy made by :func:`with_stat_mask` holds ``stat_mask: [n]`` (bool, one per row of
+    its input): the statistics are then the weighted ones over the rows marked ``True``
+    only, so rows of padding change neither the mean nor the variance (exact under
+    ``vmap`` and in every order of derivative; the fused kernel is not used).
     """
+
+    stat_mask: Tensor | None = None
+    """Rows whose statistics count (padded tasks); set on a per-call copy, never here."""
 
     def __init__(
         self,
@@ -52,11 +60,15 @@ class BatchNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.stat_rows is None and _fused_kernel_is_exact(x):
+        masked = self.stat_mask is not None
+        if self.stat_rows is None and not masked and _fused_kernel_is_exact(x):
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         dims = [0, *range(2, x.dim())]
-        source = x if self.stat_rows is None else x[: self.stat_rows]
-        var, mean = torch.var_mean(source, dim=dims, correction=0, keepdim=True)
+        if masked:
+            var, mean = _masked_var_mean(x, self.stat_mask, dims)
+        else:
+            source = x if self.stat_rows is None else x[: self.stat_rows]
+            var, mean = torch.var_mean(source, dim=dims, correction=0, keepdim=True)
         scale = torch.rsqrt(var + self.eps)
         if self.weight is None:
             return (x - mean) * scale
@@ -104,6 +116,29 @@ def with_stat_rows(model: nn.Module, rows: int) -> nn.Module:
     if isinstance(copied, BatchNorm):
         copied.stat_rows = rows
     return copied
+
+
+def with_stat_mask(model: nn.Module, mask: Tensor) -> nn.Module:
+    """A shallow copy of ``model`` whose :class:`BatchNorm` layers take statistics from the
+    rows ``mask: [n]`` (bool) marks only; parameters and other modules are shared, not
+    copied, and ``model`` is not changed (so threads sharing it are safe). The copy lives
+    for one call: under ``vmap`` it holds that call's per-task mask."""
+    copied = copy.copy(model)
+    copied._modules = {name: with_stat_mask(child, mask) for name, child in model._modules.items()}
+    if isinstance(copied, BatchNorm):
+        copied.stat_mask = mask
+    return copied
+
+
+def _masked_var_mean(x: Tensor, mask: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
+    """``torch.var_mean(x[mask], dims, correction=0)`` without indexing (safe under ``vmap``):
+    weighted sums with weight 1 on the rows ``mask`` marks and 0 elsewhere. A masked row's
+    values enter multiplied by 0 only (finite padding changes nothing, its gradient is 0)."""
+    weight = mask.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    count = weight.sum() * (x[0, 0].numel())  # real rows times spatial positions
+    mean = (x * weight).sum(dim=dims, keepdim=True) / count
+    var = ((x - mean).square() * weight).sum(dim=dims, keepdim=True) / count
+    return var, mean
 
 
 def _fused_kernel_is_exact(x: Tensor) -> bool:

@@ -1,4 +1,5 @@
-"""Task samplers: sinusoid regression and N-way K-shot episodes over class images.
+"""Task samplers: sinusoid regression and N-way K-shot episodes over class images; tasks
+of different shapes padded into one meta-batch (:func:`pad_tasks`).
 
 The image names (:class:`ClassImages`, :class:`EpisodeSampler`, ...) load
 :mod:`fmaml.tasks.images`, and with it PIL and numpy, when first used.
@@ -6,6 +7,7 @@ The image names (:class:`ClassImages`, :class:`EpisodeSampler`, ...) load
 
 import importlib
 
+from fmaml.tasks.padded import pad_tasks
 from fmaml.tasks.sinusoid import SinusoidTasks
 
 _LAZY = {
@@ -16,7 +18,14 @@ _LAZY = {
 }
 """Names whose modules import PIL: ``name -> module``, imported on first use."""
 
-__all__ = ["ClassImages", "DataError", "EpisodeSampler", "SinusoidTasks", "load_splits"]
+__all__ = [
+    "ClassImages",
+    "DataError",
+    "EpisodeSampler",
+    "SinusoidTasks",
+    "load_splits",
+    "pad_tasks",
+]
 
 
 def __getattr__(name: str):
