@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -35,6 +37,23 @@ def params_of(model: nn.Module) -> Params:
         for name, p in model.named_parameters()
         if p.requires_grad
     }
+
+
+_THREAD_COPIES = threading.local()
+"""Per thread: ``{id(module): (weakref to module, this thread's copy)}`` (SupervisedLoss._here)."""
+
+
+def private_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s structure holding the same tensors (parameters, buffers and
+    tensor attributes are shared, not copied), for ``functional_call`` in another thread:
+    it swaps the tensors of the module it is given while it runs."""
+    shared = {
+        id(t): t
+        for m in module.modules()
+        for t in [*vars(m).values(), *m._parameters.values(), *m._buffers.values()]
+        if isinstance(t, Tensor)
+    }
+    return copy.deepcopy(module, shared)
 
 
 class SupervisedLoss:
@@ -70,6 +89,9 @@ class SupervisedLoss:
 
     def __init__(self, model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor]):
         self.module = with_batch_statistics(model)
+        # functional_call swaps a module's tensors while it runs, so a thread other than
+        # this one calls the loss on its own copy of the module (see _here)
+        self.home_thread: int | None = threading.get_ident()
         self.criterion = criterion
         self.fixed = {
             **{k: b.detach() for k, b in self.module.named_buffers()},
@@ -91,7 +113,7 @@ class SupervisedLoss:
         set), BatchNorm normalises ``x`` with the statistics of ``stats_from`` alone: the rows
         of ``x`` do not influence each other.
         """
-        return self._call(self.module, self._values(params, step), x, stats_from)
+        return self._call(self._here(), self._values(params, step), x, stats_from)
 
     def embed(
         self,
@@ -109,7 +131,7 @@ class SupervisedLoss:
             ValueError: the model has no ``body`` and ``head`` submodules.
         """
         self.linear_head()  # checks that there are a body and a linear head
-        body = self.module.body
+        body = self._here().body
         values = {
             k.removeprefix("body."): v
             for k, v in self._values(params, step).items()
@@ -140,6 +162,20 @@ class SupervisedLoss:
                 "head=nn.Linear(features, num_ways) (with its bias)."
             )
         return head
+
+    def _here(self) -> nn.Module:
+        """The module this thread may run ``functional_call`` on: :attr:`module` in the
+        thread that made the loss (or in any, once a strategy gave the loss a private module,
+        ``home_thread = None``), else this thread's own copy of it (same tensors), made once.
+        Under ``torch.compile`` the module itself (compiled meta-steps take turns)."""
+        module = self.module
+        if torch.compiler.is_compiling() or self.home_thread in (None, threading.get_ident()):
+            return module
+        copies = _THREAD_COPIES.__dict__.setdefault("copies", {})
+        entry = copies.get(id(module))
+        if entry is None or entry[0]() is not module:
+            entry = copies[id(module)] = (weakref.ref(module), private_copy(module))
+        return entry[1]
 
     def _values(self, params: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
         """The tensors ``functional_call`` gets: ``params`` (per-step ones at ``step``) and
@@ -199,7 +235,7 @@ class SupervisedLoss:
                 "would enter them. Pass the whole support set (x, y, mask): "
                 "fmaml.adapt.at_step(loss_fn, step, task.support)."
             )
-        module = with_stat_mask(self.module, stat_mask)
+        module = with_stat_mask(self._here(), stat_mask)
         out = torch.func.functional_call(module, self._values(params, step), (x,), strict=True)
         out = out[rows:]
         if not padded:

@@ -36,7 +36,10 @@ computed: every strategy gives the same loss and the same meta-gradient (tested 
 ``strategy`` argument. What the loss a strategy returns can be differentiated with respect
 to, and what is refused, is in :class:`Strategy`'s docstring. A strategy sets torch's thread
 count only while the meta-batch runs (and only if it changes it), and touches neither the
-warning filters nor the random state beyond that scope.
+warning filters nor the random state beyond that scope. Threads may call :func:`fmaml.meta_loss`
+at once: meta-batches that set the thread count (and compiled ones, which filter a warning)
+take turns, since both are process-wide; the others run side by side
+(``tests/test_threads.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import copy
 import dataclasses
 import numbers
 import os
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +60,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fmaml.graph import depends_on, reached_leaves
+from fmaml.module import private_copy
 from fmaml.tree import KeySelector, select
 from fmaml.types import LossFn, Task
 
@@ -325,6 +330,7 @@ def run_strategy(
         )
         with (
             _intra_op_threads(strategy.threads),
+            _COMPILED_CALL,
             warnings.catch_warnings(),
             # the step differentiates with retain_graph=True when the loss captures a tensor
             # (its graph outside the step must outlive it), which compiled backward functions
@@ -511,13 +517,7 @@ class _Job:
             fn = copy.copy(fn)
             # a private module, but the same tensors: one that requires grad (a module
             # attribute the loss uses) must get its gradient, not a copy of it
-            shared = {
-                id(t): t
-                for m in module.modules()
-                for t in [*vars(m).values(), *m._parameters.values(), *m._buffers.values()]
-                if isinstance(t, Tensor)
-            }
-            fn.module = copy.deepcopy(module, shared)
+            fn.module, fn.home_thread = private_copy(module), None
             copies[name] = fn
         return dataclasses.replace(self, **copies)
 
@@ -837,19 +837,57 @@ def _accumulate(results) -> tuple:
     return value, grads, captured, score
 
 
-@contextlib.contextmanager
+class _ThreadCount:
+    """Scopes that set torch's intra-op thread count, one thread's at a time.
+
+    The count is process-wide (``torch.set_num_threads``): if two threads each set it for a
+    meta-batch and set it back, one may restore the other's value and leave it for the rest
+    of the process. A thread that opens a scope waits until no other thread holds one; scopes
+    nest within a thread; the outermost exit restores the count found on entry. Meta-batches
+    with ``Strategy(threads=None)`` don't take part (they run with the count as it is)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._owner: int | None = None
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def scope(self, threads: int | None):
+        if threads is None:
+            yield
+            return
+        me = threading.get_ident()
+        with self._condition:
+            while self._depth and self._owner != me:
+                self._condition.wait()
+            self._owner, self._depth = me, self._depth + 1
+            before = torch.get_num_threads()
+            if threads != before:
+                torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            with self._condition:
+                if torch.get_num_threads() != before:
+                    torch.set_num_threads(before)
+                self._depth -= 1
+                if not self._depth:
+                    self._owner = None
+                    self._condition.notify_all()
+
+
+_THREAD_COUNT = _ThreadCount()
+
+
 def _intra_op_threads(threads: int | None):
     """torch's intra-op threads set to ``threads`` in this scope, then set back (nothing
-    done for ``None`` or the current count)."""
-    before = torch.get_num_threads()
-    if threads is None or threads == before:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    done for ``None``); other threads' scopes wait (see :class:`_ThreadCount`)."""
+    return _THREAD_COUNT.scope(threads)
+
+
+_COMPILED_CALL = threading.Lock()
+"""Held while a compiled meta-step runs: it filters one warning of dynamo's in a
+``warnings.catch_warnings()`` scope, and the warning filters are process-wide."""
 
 
 def _captured_by(loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
