@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -15,7 +16,7 @@ import click
 
 from fmaml.algorithms import ALGORITHMS
 from fmaml.checkpoint import CheckpointError, find_checkpoint
-from fmaml.config import DATASETS, MODELS, PAPER_DEFAULTS, TrainConfig
+from fmaml.config import PAPER_DEFAULTS, TrainConfig
 from fmaml.distributed import RankFailure
 from fmaml.errors import FmamlError, NonFiniteError
 from fmaml.inner_optim import INNER_OPTIMIZERS
@@ -68,6 +69,62 @@ def main(debug: bool) -> None:
     """fmaml: MAML-family meta-learning on torch.func."""
 
 
+# --- options generated from TrainConfig's fields ------------------------------------------------
+
+_CHOICES = {
+    "algorithms": lambda: sorted(ALGORITHMS),
+    "presets": lambda: sorted(PRESETS),
+    "inner_optimizers": lambda: sorted(INNER_OPTIMIZERS),
+}
+"""Choice lists a field's metadata names by key (they live in modules the config can't import)."""
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def config_options(command):
+    """Give ``command`` one option per :class:`TrainConfig` field, built from the field's
+    metadata (:func:`fmaml.config.option`): its help, choices, on/off form and default. A new
+    setting is one field; its option follows."""
+    for spec in reversed(dataclasses.fields(TrainConfig)):
+        if spec.metadata.get("cli", True):
+            command = _field_option(spec)(command)
+    return command
+
+
+def _field_option(spec: dataclasses.Field):
+    meta, name = spec.metadata, spec.name
+    kind = _TYPES.get(str(spec.type).replace(" | None", ""))
+    default = meta.get("cli_default", None if spec.default is dataclasses.MISSING else spec.default)
+    kwargs: dict = {"help": meta.get("help", ""), "default": default}
+    flag = meta.get("flag")
+    if meta.get("pairs"):  # a dict of NAME=VALUE numbers, one option per pair
+        return click.option(
+            f"--{name.replace('_', '-')}",
+            name,
+            multiple=True,
+            callback=lambda ctx, param, values: _hyper_values(values),
+            metavar="NAME=VALUE",
+            **kwargs,
+        )
+    if kind is bool:
+        if spec.default is False:  # off unless given
+            return click.option(flag or f"--{name.replace('_', '-')}", name, is_flag=True, **kwargs)
+        switch = name.replace("_", "-")
+        return click.option(flag or f"--{switch}/--no-{switch}", name, **kwargs)
+    choices = meta.get("choices")
+    if isinstance(choices, str):
+        choices = _CHOICES[choices]()
+    if choices is not None:
+        kwargs["type"] = click.Choice(list(choices))
+    elif meta.get("path"):
+        kwargs["type"] = click.Path(file_okay=False)
+    elif kind is not None:
+        kwargs["type"] = kind
+    if default is not None:
+        kwargs["show_default"] = True
+    return click.option(flag or f"--{name.replace('_', '-')}", name, **kwargs)
+
+
 TORCHRUN_HELP = """
 \b
 Several processes (data-parallel; --meta-batch stays the total per step):
@@ -82,180 +139,13 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
     + "\n"
     + TORCHRUN_HELP
 )
-@click.option("--dataset", type=click.Choice(DATASETS), default="omniglot", show_default=True)
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Image folder (omniglot default: ./data/omniglot).",
-)
-@click.option("--split", default=None, help="How classes are split (see README, Data).")
+@config_options
 @click.option(
     "--download/--no-download",
     default=True,
     show_default=True,
     help="Download Omniglot into --data-root when it is not there.",
 )
-@click.option(
-    "--preset",
-    type=click.Choice(sorted(PRESETS)),
-    default=None,
-    help="Start from a named configuration (README, 'Named configurations'); options given "
-    "beside it replace its settings.",
-)
-@click.option(
-    "--algorithm", type=click.Choice(sorted(ALGORITHMS)), default="maml", show_default=True
-)
-@click.option("--ways", type=int, default=None, help="Classes per task [5].")
-@click.option("--shots", type=int, default=None, help="Support examples per class [paper].")
-@click.option(
-    "--query",
-    type=int,
-    default=None,
-    help="Query examples per class [paper: = shots; 15 for mini-ImageNet].",
-)
-@click.option("--meta-batch", type=int, default=None, help="Tasks per outer step [paper].")
-@click.option("--inner-steps", type=int, default=None, help="Inner steps in training [paper].")
-@click.option(
-    "--eval-inner-steps", type=int, default=None, help="Inner steps at validation and test [paper]."
-)
-@click.option("--inner-lr", type=float, default=None, help="Inner learning rate [paper].")
-@click.option(
-    "--inner-optimizer",
-    type=click.Choice(sorted(INNER_OPTIMIZERS)),
-    default="sgd",
-    show_default=True,
-    help="The inner loop's optimiser, at --inner-lr (sgd: MAML's; fmaml.inner_optim).",
-)
-@click.option(
-    "--inner-hyper",
-    multiple=True,
-    callback=lambda ctx, param, values: _hyper_values(values),
-    metavar="NAME=VALUE",
-    help="A hyper-parameter of the inner optimiser (momentum: beta; adam: beta1, beta2, eps), "
-    "e.g. --inner-hyper beta=0.5; repeat for more [the optimiser's defaults].",
-)
-@click.option(
-    "--learn-inner-hyper",
-    is_flag=True,
-    help="Meta-learn the inner optimiser's betas (as sigmoid(logit), from their set values).",
-)
-@click.option("--outer-lr", type=float, default=1e-3, show_default=True, help="Adam rate.")
-@click.option(
-    "--grad-clip",
-    type=float,
-    default=None,
-    help="Clip meta-gradients to [-c, c] [mini-ImageNet: 10].",
-)
-@click.option(
-    "--iterations",
-    type=int,
-    default=None,
-    help="Outer steps in total [paper]; with --resume, the new total.",
-)
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Initial weights and training tasks."
-)
-@click.option(
-    "--split-seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Shuffles proportional splits; keep it fixed to compare seeds on the same test classes.",
-)
-@click.option(
-    "--within-alphabet",
-    is_flag=True,
-    help="Omniglot: draw all classes of a task from one alphabet (Lake et al.'s harder "
-    "protocol; alphabets with fewer characters than --ways are skipped), for training, "
-    "validation and test.",
-)
-@click.option(
-    "--model",
-    type=click.Choice(MODELS),
-    default="conv4",
-    show_default=True,
-    help="Image network: the MAML paper's conv4, or MetaOptNet's ResNet-12 (its first block "
-    "--hidden wide, then 2.5x, 5x, 10x; default 64).",
-)
-@click.option("--hidden", type=int, default=None, help="Filters / hidden units [paper].")
-@click.option(
-    "--max-pool/--stride",
-    "max_pool",
-    default=None,
-    help="conv4 downsamples with 2x2 max-pools or with stride-2 convolutions [paper: stride "
-    "for images of 28 pixels or less, max-pool above].",
-)
-@click.option(
-    "--image-size",
-    type=int,
-    default=None,
-    help="Images are resized to this square size [omniglot 28, else 84].",
-)
-@click.option("--val-every", type=int, default=500, show_default=True)
-@click.option("--val-episodes", type=int, default=100, show_default=True)
-@click.option(
-    "--keep-best/--no-keep-best",
-    default=None,
-    help="Write best.pt, the best validation checkpoint, which `test RUN` then evaluates "
-    "[images: yes; sinusoid: no, the final model latest.pt is tested, as in the paper].",
-)
-@click.option("--checkpoint-every", type=int, default=500, show_default=True)
-@click.option(
-    "--lslr/--no-lslr",
-    default=None,
-    help="MAML++ LSLR: a learned rate per tensor and step [mamlpp: on].",
-)
-@click.option(
-    "--msl-epochs",
-    type=int,
-    default=None,
-    help="MAML++ multi-step loss for this many epochs, 0 = off [mamlpp: 10/15].",
-)
-@click.option(
-    "--da-epochs",
-    type=int,
-    default=None,
-    help="MAML++ derivative-order annealing: first-order epochs, 0 = off [mamlpp: 50].",
-)
-@click.option(
-    "--per-step-bn/--no-per-step-bn",
-    default=None,
-    help="MAML++ BNWB: BatchNorm weights and biases per step [mamlpp: on].",
-)
-@click.option(
-    "--bn-statistics",
-    type=click.Choice(["batch", "support"]),
-    default=None,
-    help="Query BatchNorm statistics: the batch itself (MAML, transductive) or the "
-    "task's support set at the same step (MAML++ BNRS, leak-free) [mamlpp: support].",
-)
-@click.option(
-    "--cosine-annealing/--no-cosine-annealing",
-    default=None,
-    help="MAML++ CA: cosine-anneal the outer rate to --min-outer-lr [mamlpp: on].",
-)
-@click.option("--min-outer-lr", type=float, default=1e-5, show_default=True)
-@click.option(
-    "--imaml-lam",
-    type=float,
-    default=None,
-    help="iMAML: lam of the inner problem's pull lam/2 ||adapted - params||^2 [imaml: 1.0].",
-)
-@click.option(
-    "--cg-steps",
-    type=int,
-    default=None,
-    help="iMAML: conjugate-gradient iterations of the implicit meta-gradient [imaml: 5].",
-)
-@click.option(
-    "--iterations-per-epoch",
-    type=int,
-    default=500,
-    show_default=True,
-    help="Epoch length for the MAML++ schedules.",
-)
-@click.option("--device", default="cpu", show_default=True)
 @click.option(
     "--chunk-size",
     default=None,
@@ -272,9 +162,6 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
     "compile_step",
     is_flag=True,
     help="Strategy: compile the meta-step with torch.compile (MLPs; ~2x after a 20-90 s compile).",
-)
-@click.option(
-    "--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True
 )
 @click.option(
     "--out",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,37 @@ MODELS = ("conv4", "resnet12")
 """Image networks ``--model`` takes (:mod:`fmaml.nn`)."""
 
 
+def option(
+    default: Any = None,
+    help: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    **cli: Any,
+) -> Any:
+    """A :class:`TrainConfig` field and what its command-line option needs.
+
+    ``python cli.py train`` has one option per field, built from this metadata
+    (``fmaml.cli.config_options``), so a new setting is one field here.
+
+    Args:
+        default: the field's default.
+        help: the option's help text.
+        factory: a default factory instead of ``default`` (dicts).
+        **cli: ``choices`` (a tuple, or ``"algorithms"``, ``"presets"``,
+            ``"inner_optimizers"``: lists the CLI looks up), ``flag`` (the option's
+            declaration, e.g. ``"--max-pool/--stride"``), ``cli_default`` (the command line's
+            default, where it differs), ``path`` (a folder), ``pairs`` (a dict given as
+            repeated ``NAME=VALUE``), ``cli=False`` (no option: set another way).
+
+    Returns:
+        A ``dataclasses.field``.
+    """
+    metadata = {"help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a meta-training run; saved in every checkpoint.
@@ -22,72 +54,133 @@ class TrainConfig:
     dataset and number of ways.
     """
 
-    dataset: str = "sinusoid"
-    data_root: str | None = None
-    split: str | None = None
-    algorithm: str = "maml"
-    ways: int | None = None
-    shots: int | None = None
-    query: int | None = None
-    meta_batch: int | None = None
-    inner_steps: int | None = None
-    eval_inner_steps: int | None = None
-    inner_lr: float | None = None
-    outer_lr: float = 1e-3
-    grad_clip: float | None = None
-    iterations: int | None = None
-    seed: int = 0
-    # Seeds the shuffle of proportional (and MAML's) splits. Apart from ``seed`` so that runs
-    # with different seeds train and test on the same classes.
-    split_seed: int = 0
-    # Omniglot: the classes of every task come from one alphabet (Lake et al.'s protocol).
-    within_alphabet: bool = False
-    hidden: int | None = None
-    image_size: int | None = None
-    # The network: "conv4" (the MAML paper's) or "resnet12" (MetaOptNet's; --hidden is its
-    # first block's width, the others 2.5x, 5x and 10x it; default 64).
-    model: str = "conv4"
-    # conv4's downsampling: 2x2 max-pools (True) or stride-2 convolutions (False); None: the
-    # paper's choice for the image size (stride up to 28 pixels, pooling above).
-    max_pool: bool | None = None
-    val_every: int = 500
-    val_episodes: int = 100
-    # Write best.pt, the checkpoint with the best validation score. None: yes for image data
-    # (validation on held-out classes), no for the sinusoid: its validation tasks come from the
-    # training distribution, and the MAML paper tests the final model (latest.pt).
-    keep_best: bool | None = None
-    checkpoint_every: int = 500
-    log_every: int = 10
-    device: str = "cpu"
-    dtype: str = "float32"
-    # MAML++ (Antoniou et al. 2019); None: on for --algorithm mamlpp, off otherwise.
-    lslr: bool | None = None
-    msl_epochs: int | None = None
-    da_epochs: int | None = None
-    per_step_bn: bool | None = None
-    bn_statistics: str | None = None
-    cosine_annealing: bool | None = None
-    min_outer_lr: float = 1e-5
-    iterations_per_epoch: int = 500
-    loss_reduction: str | None = None
+    dataset: str = option(
+        "sinusoid", "The data.", choices=DATASETS, cli_default="omniglot", show_default=True
+    )
+    data_root: str | None = option(
+        None, "Image folder (omniglot default: ./data/omniglot).", path=True
+    )
+    split: str | None = option(None, "How classes are split (see README, Data).")
+    preset: str | None = option(
+        None,
+        "Start from a named configuration (README, 'Named configurations'); options given "
+        "beside it replace its settings.",
+        choices="presets",
+    )
+    algorithm: str = option("maml", "The algorithm (fmaml.algorithms).", choices="algorithms")
+    ways: int | None = option(None, "Classes per task [5].")
+    shots: int | None = option(None, "Support examples per class [paper].")
+    query: int | None = option(
+        None, "Query examples per class [paper: = shots; 15 for mini-ImageNet]."
+    )
+    meta_batch: int | None = option(None, "Tasks per outer step [paper].")
+    inner_steps: int | None = option(None, "Inner steps in training [paper].")
+    eval_inner_steps: int | None = option(None, "Inner steps at validation and test [paper].")
+    inner_lr: float | None = option(None, "Inner learning rate [paper].")
     # The inner loop's optimiser (fmaml.inner_optim): "sgd" (MAML's), "momentum" or "adam";
     # its hyper-parameters, e.g. {"beta": 0.5} ({}: the optimiser's defaults); and whether the
     # betas are meta-learned (as sigmoid(logit), from the values set; eps is never learned).
-    inner_optimizer: str = "sgd"
-    inner_hyper: dict[str, float] = field(default_factory=dict)
-    learn_inner_hyper: bool = False
-    # The named configuration (fmaml.presets) the run started from; its settings are in the
-    # fields above, each replaced by an option given beside it.
-    preset: str | None = None
+    inner_optimizer: str = option(
+        "sgd",
+        "The inner loop's optimiser, at --inner-lr (sgd: MAML's; fmaml.inner_optim).",
+        choices="inner_optimizers",
+    )
+    inner_hyper: dict[str, float] = option(
+        factory=dict,
+        help="A hyper-parameter of the inner optimiser (momentum: beta; adam: beta1, beta2, "
+        "eps), e.g. --inner-hyper beta=0.5; repeat for more [the optimiser's defaults].",
+        pairs=True,
+    )
+    learn_inner_hyper: bool = option(
+        False, "Meta-learn the inner optimiser's betas (as sigmoid(logit), from their set values)."
+    )
+    outer_lr: float = option(1e-3, "Adam rate.")
+    grad_clip: float | None = option(None, "Clip meta-gradients to [-c, c] [mini-ImageNet: 10].")
+    iterations: int | None = option(
+        None, "Outer steps in total [paper]; with --resume, the new total."
+    )
+    seed: int = option(0, "Initial weights and training tasks.")
+    # Seeds the shuffle of proportional (and MAML's) splits. Apart from ``seed`` so that runs
+    # with different seeds train and test on the same classes.
+    split_seed: int = option(
+        0, "Shuffles proportional splits; keep it fixed to compare seeds on the same test classes."
+    )
+    within_alphabet: bool = option(
+        False,
+        "Omniglot: draw all classes of a task from one alphabet (Lake et al.'s harder "
+        "protocol; alphabets with fewer characters than --ways are skipped), for training, "
+        "validation and test.",
+    )
+    model: str = option(
+        "conv4",
+        "Image network: the MAML paper's conv4, or MetaOptNet's ResNet-12 (its first block "
+        "--hidden wide, then 2.5x, 5x, 10x; default 64).",
+        choices=MODELS,
+    )
+    hidden: int | None = option(None, "Filters / hidden units [paper].")
+    max_pool: bool | None = option(
+        None,
+        "conv4 downsamples with 2x2 max-pools or with stride-2 convolutions [paper: stride "
+        "for images of 28 pixels or less, max-pool above].",
+        flag="--max-pool/--stride",
+    )
+    image_size: int | None = option(
+        None, "Images are resized to this square size [omniglot 28, else 84]."
+    )
+    val_every: int = option(500, "Validate every this many iterations.")
+    val_episodes: int = option(100, "Validation episodes (fixed).")
+    keep_best: bool | None = option(
+        None,
+        "Write best.pt, the best validation checkpoint, which `test RUN` then evaluates "
+        "[images: yes; sinusoid: no, the final model latest.pt is tested, as in the paper].",
+    )
+    checkpoint_every: int = option(500, "Write latest.pt every this many iterations.")
+    log_every: int = option(10, "Write a metrics.jsonl row every this many iterations.")
+    device: str = option("cpu", "Where to train: cpu, cuda, cuda:1, ...")
+    dtype: str = option("float32", "Parameters and data.", choices=("float32", "float64"))
+    lslr: bool | None = option(
+        None, "MAML++ LSLR: a learned rate per tensor and step [mamlpp: on]."
+    )
+    msl_epochs: int | None = option(
+        None, "MAML++ multi-step loss for this many epochs, 0 = off [mamlpp: 10/15]."
+    )
+    da_epochs: int | None = option(
+        None, "MAML++ derivative-order annealing: first-order epochs, 0 = off [mamlpp: 50]."
+    )
+    per_step_bn: bool | None = option(
+        None, "MAML++ BNWB: BatchNorm weights and biases per step [mamlpp: on]."
+    )
+    bn_statistics: str | None = option(
+        None,
+        "Query BatchNorm statistics: the batch itself (MAML, transductive) or the "
+        "task's support set at the same step (MAML++ BNRS, leak-free) [mamlpp: support].",
+        choices=("batch", "support"),
+    )
+    cosine_annealing: bool | None = option(
+        None, "MAML++ CA: cosine-anneal the outer rate to --min-outer-lr [mamlpp: on]."
+    )
+    min_outer_lr: float = option(1e-5, "The outer rate cosine annealing ends at.")
+    iterations_per_epoch: int = option(500, "Epoch length for the MAML++ schedules.")
+    loss_reduction: str | None = option(
+        None,
+        "Cross-entropy summed over a set and divided by the shots (the MAML authors') or "
+        "the mean (MAML++) [mamlpp: mean; else sum_per_shot].",
+        choices=("sum_per_shot", "mean"),
+    )
     # iMAML (--algorithm imaml): the inner problem's pull lam/2 ||adapted - params||^2 and the
     # conjugate-gradient iterations of the implicit meta-gradient; None: IMAML_DEFAULTS for
     # imaml, unset for every other algorithm.
-    imaml_lam: float | None = None
-    cg_steps: int | None = None
+    imaml_lam: float | None = option(
+        None, "iMAML: lam of the inner problem's pull lam/2 ||adapted - params||^2 [imaml: 1.0]."
+    )
+    cg_steps: int | None = option(
+        None, "iMAML: conjugate-gradient iterations of the implicit meta-gradient [imaml: 5]."
+    )
     # How meta-batches run (never what they compute): fields of fmaml.Strategy that replace
-    # fmaml.auto_strategy's choice for the device and model, e.g. {"chunk_size": 8}.
-    strategy: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    # fmaml.auto_strategy's choice for the device and model, e.g. {"chunk_size": 8}. Set on
+    # the command line by --chunk-size, --workers, --recompute-steps and --compile.
+    strategy: dict[str, Any] = option(factory=dict, cli=False)
+    extra: dict[str, Any] = option(factory=dict, cli=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

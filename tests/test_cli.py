@@ -518,3 +518,45 @@ def test_real_omniglot_learns_above_chance(tmp_path):
     report = last_json(done.stdout)
     assert report["episodes"] == 100 and report["inner_steps"] == 1
     assert report["accuracy"] - report["ci95"] > 30.0, report
+
+
+def test_every_config_field_is_a_train_option_built_from_its_metadata():
+    """CLI options come from TrainConfig's fields: a new setting is one field."""
+    import dataclasses
+
+    from fmaml.cli import train
+    from fmaml.config import TrainConfig
+
+    options = {p.name: p for p in train.params}
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)]
+    assert {f.name for f in fields} <= set(options)
+    for spec in fields:
+        assert spec.metadata["help"] and options[spec.name].help == spec.metadata["help"]
+    assert options["max_pool"].opts == ["--max-pool"] and options["max_pool"].secondary_opts == [
+        "--stride"
+    ]
+    assert options["dataset"].default == "omniglot", "the command line's own default"
+    assert options["within_alphabet"].is_flag and options["keep_best"].default is None
+    assert {"strategy", "extra"}.isdisjoint(options), "set by --chunk-size etc., not directly"
+    assert set(options) - {f.name for f in fields} == {
+        "download",
+        "chunk_size",
+        "workers",
+        "recompute_steps",
+        "compile_step",
+        "out",
+        "resume",
+    }
+
+
+def test_a_field_only_on_the_command_line_reaches_the_config(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "sinusoid", "--meta-batch", "2", "--hidden", "4"]
+    result = invoke(*args, "--iterations", "2", "--log-every", "1", "--out", run, *FAST)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(row) for row in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if r["split"] == "train"] == [1, 2], "--log-every 1"
+    result = invoke(*args, "--loss-reduction", "median", "--iterations", "1")
+    assert result.exit_code == 2 and "'median' is not one of 'sum_per_shot', 'mean'" in (
+        result.output
+    )
