@@ -15,7 +15,7 @@ from fmaml.inner_optim import InnerOptimizer
 from fmaml.module import SupervisedLoss, accuracy, params_of, per_step, supervised_loss
 from fmaml.objectives import meta_loss, meta_scores, reptile_loss, task_loss, task_scores
 from fmaml.proto import prototype_head, prototypes
-from fmaml.strategy import Strategy, auto_strategy
+from fmaml.strategy import MetaGradients, Strategy, auto_strategy, value_and_grad
 from fmaml.tree import combine, partition, tree_map
 from fmaml.types import Batch, LossFn, Params, Task
 
@@ -49,6 +49,7 @@ __all__ = [
     "Batch",
     "InnerOptimizer",
     "LossFn",
+    "MetaGradients",
     "Params",
     "Strategy",
     "SupervisedLoss",
@@ -84,4 +85,5 @@ __all__ = [
     "tasks",
     "tree_map",
     "unroll",
+    "value_and_grad",
 ]

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -17,9 +17,11 @@ from fmaml.implicit import IMAML, imaml_loss
 from fmaml.inner_optim import InnerOptimizer
 from fmaml.padding import check_padded_tasks, is_padded
 from fmaml.proto import check_head, check_support_labels, prototype_head
-from fmaml.strategy import Strategy, run_strategy
 from fmaml.tree import KeySelector
 from fmaml.types import LossFn, Task
+
+if TYPE_CHECKING:  # the engine imports this module, not the other way round
+    from fmaml.strategy import Strategy
 
 Objective = Literal["query", "reptile", "imaml"] | IMAML
 """What the outer step follows: the query loss (MAML and its variants), Reptile's direction,
@@ -518,8 +520,7 @@ def meta_loss(
     _check_padded_meta_batch(tasks, head_init, strategy, "meta_loss")
     _check_meta_head(loss_fn, params, tasks, head_init, objective, "meta_loss")
     if strategy is not None and not strategy.is_plain:
-        return run_strategy(
-            strategy,
+        return strategy.run(
             loss_fn,
             params,
             tasks,

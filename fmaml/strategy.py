@@ -54,10 +54,11 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fmaml.graph import depends_on, reached_leaves
 from fmaml.module import private_copy
@@ -161,6 +162,11 @@ class Strategy:
         """Whether this is the default: one vmap over every task, autograd's own backward."""
         return self == Strategy()
 
+    def run(self, loss_fn: LossFn, params: Mapping[str, Tensor], tasks: Task, **settings):
+        """:func:`fmaml.meta_loss` of ``tasks`` computed this way (``meta_loss(...,
+        strategy=self)`` calls it); ``settings`` are meta_loss's keywords."""
+        return run_strategy(self, loss_fn, params, tasks, **settings)
+
     def __str__(self) -> str:
         if self.chunk_size is None:
             text = "vmap over all tasks"
@@ -245,6 +251,101 @@ def auto_strategy(
         chunk = -(-num_tasks // workers)
         return Strategy(chunk_size=chunk, workers=workers)
     return Strategy(chunk_size=1, workers=workers)
+
+
+class MetaGradients(NamedTuple):
+    """What :func:`value_and_grad` differentiates, each gradient in its input's place.
+
+    A number, or a tensor that does not require grad, has ``None`` in its place.
+    """
+
+    params: dict[str, Tensor | None]
+    inner_lr: object
+    step_weights: object
+    wrt: list[Tensor | None]
+
+
+def value_and_grad(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    tasks: Task,
+    *,
+    inner_lr,
+    step_weights=None,
+    wrt: Sequence[Tensor] = (),
+    strategy: Strategy | None = None,
+    score_fn: LossFn | None = None,
+    **settings,
+) -> tuple[Tensor, MetaGradients] | tuple[Tensor, MetaGradients, Tensor]:
+    r"""The meta-loss of :func:`fmaml.meta_loss` and its meta-gradients, the fast way.
+
+    In the spirit of ``jax.value_and_grad``: returns the value (detached: it is not a
+    graph to differentiate again) and the gradients of exactly the inputs given: ``params``,
+    the tensors in ``inner_lr`` (Meta-SGD, LSLR) and ``step_weights`` that require grad, and
+    the tensors in ``wrt`` (tensors the loss captures, e.g. a learned temperature). The
+    meta-batch runs with ``strategy``, by default the one :func:`auto_strategy` picks for the
+    device, the model and the cores (chunks on worker threads on a CPU, one vmap on a GPU),
+    gradients accumulated chunk by chunk; every strategy gives the same values and gradients
+    (``tests/test_value_and_grad.py``, float64). For a second derivative, differentiate
+    :func:`fmaml.meta_loss` itself (``strategy=None``): it is the pure definition.
+
+    Args:
+        loss_fn, params, tasks, inner_lr, step_weights, score_fn: as in :func:`fmaml.meta_loss`.
+        wrt: more tensors to differentiate: leaves, or tensors computed from leaves.
+        strategy: how to run the meta-batch; ``None``: :func:`auto_strategy`'s choice.
+        **settings: the other keywords of :func:`fmaml.meta_loss` (``num_steps``,
+            ``adapt_keys``, ``first_order``, ``objective``, ``head_init``,
+            ``inner_optimizer``).
+
+    Returns:
+        ``(loss, grads)``, and the mean score too when ``score_fn`` is given: ``loss`` a
+        detached 0-d tensor, ``grads`` a :class:`MetaGradients`.
+
+    Raises:
+        ValueError: everything :func:`fmaml.meta_loss` raises.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fmaml
+        >>> model = fmaml.nn.mlp()
+        >>> params = fmaml.params_of(model)
+        >>> loss_fn = fmaml.supervised_loss(model, F.mse_loss)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> tasks = fmaml.tasks.SinusoidTasks(num_shots=5).sample(4, g)
+        >>> loss, grads = fmaml.value_and_grad(loss_fn, params, tasks, inner_lr=0.01)
+        >>> loss.requires_grad, grads.params["head.weight"].shape
+        (False, torch.Size([1, 40]))
+    """
+    from fmaml.objectives import check_tasks, meta_loss
+
+    if strategy is None:
+        x_support, x_query = tasks.support[0], tasks.query[0]
+        strategy = auto_strategy(
+            x_support.device,
+            loss_fn,
+            num_tasks=check_tasks(tasks),
+            examples_per_task=x_support.shape[1] + x_query.shape[1],
+        )
+    out = meta_loss(
+        loss_fn,
+        params,
+        tasks,
+        inner_lr=inner_lr,
+        step_weights=step_weights,
+        score_fn=score_fn,
+        strategy=strategy,
+        **settings,
+    )
+    loss, score = (out, None) if score_fn is None else out
+    structure = (dict(params), inner_lr, step_weights, list(wrt))
+    leaves, spec = tree_flatten(structure)
+    live = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad]
+    found = torch.autograd.grad(loss, [leaves[i] for i in live], allow_unused=True)
+    grads: list = [None] * len(leaves)
+    for i, g in zip(live, found, strict=True):
+        grads[i] = torch.zeros_like(leaves[i]) if g is None else g
+    meta = MetaGradients(*tree_unflatten(grads, spec))
+    loss = loss.detach()
+    return (loss, meta) if score is None else (loss, meta, score)
 
 
 def available_cores() -> int:

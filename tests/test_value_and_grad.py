@@ -1,0 +1,83 @@
+"""fmaml.value_and_grad: the meta-loss and the meta-gradients of exactly the inputs given,
+on every strategy equal to the pure definition (fmaml.meta_loss + autograd), float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fmaml
+
+DTYPE = torch.float64
+STRATEGIES = [
+    None,  # auto_strategy's choice
+    fmaml.Strategy(),
+    fmaml.Strategy(chunk_size=1),
+    fmaml.Strategy(chunk_size=2),
+    fmaml.Strategy(chunk_size=1, checkpoint=True),
+    fmaml.Strategy(chunk_size=1, workers=2),
+]
+
+
+def setup(temperature: torch.Tensor):
+    torch.manual_seed(0)
+    model = fmaml.nn.conv4(3, hidden=4, image_size=12).to(DTYPE)
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(4, 6, 1, 12, 12, generator=g, dtype=DTYPE)
+    xq = torch.randn(4, 9, 1, 12, 12, generator=g, dtype=DTYPE)
+    ys, yq = torch.arange(3).repeat(2).expand(4, -1), torch.arange(3).repeat(3).expand(4, -1)
+    tasks = fmaml.Task(support=(xs, ys), query=(xq, yq))
+    loss_fn = fmaml.supervised_loss(model, lambda out, y: F.cross_entropy(out * temperature, y))
+    return loss_fn, fmaml.params_of(model), tasks
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
+def test_the_gradients_of_params_rates_step_weights_and_a_captured_tensor(strategy):
+    log_temp = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
+    loss_fn, params, tasks = setup(log_temp.exp())
+    g = torch.Generator().manual_seed(2)
+    rates = {
+        k: (0.05 + 0.1 * torch.rand(v.shape, generator=g, dtype=DTYPE)).requires_grad_()
+        for k, v in params.items()
+    }
+    weights = [torch.tensor(0.4, dtype=DTYPE, requires_grad=True), 0.6]
+    settings = dict(inner_lr=rates, num_steps=2, step_weights=weights)
+
+    reference = fmaml.meta_loss(loss_fn, params, tasks, **settings)
+    leaves = [*params.values(), *rates.values(), weights[0], log_temp]
+    expected = torch.autograd.grad(reference, leaves)
+
+    loss, grads = fmaml.value_and_grad(
+        loss_fn, params, tasks, wrt=[log_temp], strategy=strategy, **settings
+    )
+    assert not loss.requires_grad, "the value is not a graph to differentiate again"
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
+    got = [
+        *grads.params.values(),
+        *grads.inner_lr.values(),
+        grads.step_weights[0],
+        grads.wrt[0],
+    ]
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"input {i}")
+    assert grads.step_weights[1] is None, "a number has no gradient"
+    assert list(grads.params) == list(params)
+
+
+def test_inputs_that_do_not_require_grad_get_none_and_a_score_comes_back():
+    loss_fn, params, tasks = setup(torch.tensor(1.0, dtype=DTYPE))
+    frozen = {k: v.detach() if k.startswith("head.") else v for k, v in params.items()}
+    score_fn = loss_fn.with_criterion(fmaml.accuracy)
+    loss, grads, score = fmaml.value_and_grad(
+        loss_fn, frozen, tasks, inner_lr=0.1, score_fn=score_fn
+    )
+    assert grads.params["head.weight"] is None and grads.params["head.bias"] is None
+    assert grads.params["body.block0.conv.weight"].shape == params["body.block0.conv.weight"].shape
+    assert grads.inner_lr is None and grads.wrt == []
+    assert 0 <= float(score) <= 1
+    reference, expected_score = fmaml.meta_loss(
+        loss_fn, frozen, tasks, inner_lr=0.1, score_fn=score_fn
+    )
+    torch.testing.assert_close(loss, reference.detach())
+    torch.testing.assert_close(score, expected_score)
