@@ -277,6 +277,14 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
     "--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True
 )
 @click.option(
+    "--precision",
+    type=click.Choice(["float32", "bf16"]),
+    default="float32",
+    show_default=True,
+    help="bf16: mixed precision (forward pass in bfloat16 under autocast; float32 parameters, "
+    "meta-gradients and Adam state; --dtype float32 only).",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False),
     default=None,
@@ -730,6 +738,7 @@ def _checkpoint_line(path: Path, state) -> str:
             else f", rates learned from {config.inner_lr}"
         )
         + _inner_optimizer_words(config)
+        + (", bf16 mixed precision" if config.precision == "bf16" else "")
     )
 
 
