@@ -953,6 +953,13 @@ def plot(run_dir, output) -> None:
     show_default=True,
     help="Measure each implementation this often, interleaved; keep its best round.",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bf16"]),
+    default="float32",
+    show_default=True,
+    help="bf16: fmaml's forward pass under bf16 autocast (float32 parameters); peers skipped.",
+)
 @click.option("--no-check", is_flag=True, help="Skip the meta-gradient agreement check.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON lines.")
 @friendly_errors
@@ -972,6 +979,7 @@ def bench(
     cudnn_benchmark,
     fastest,
     rounds,
+    precision,
     no_check,
     as_json,
 ) -> None:
@@ -1004,6 +1012,7 @@ def bench(
         min_seconds=min_seconds,
         fastest=fastest,
         rounds=rounds,
+        precision=precision,
         say=lambda line: click.echo(line, err=as_json),
     )
     try:

@@ -332,3 +332,28 @@ def test_variants_within_tolerance_of_float32(name):
     assert loss16.item() != loss32.item()
     assert abs(loss16 - loss32).item() / loss32.item() < VARIANT_TOL["loss"]
     assert _relative(grads32, grads16) < VARIANT_TOL["grad"]
+
+
+def test_bench_times_fmaml_in_bf16_and_skips_the_peers():
+    import fmaml.bench as bench
+    from fmaml.errors import ConfigError
+
+    said = []
+    quick = {"repeats": 1, "min_seconds": 0.0, "orders": ["second"], "isolate": False}
+    rows = list(
+        bench.run_bench(
+            ["sinusoid"], impls=["fmaml", "loop"], precision="bf16", say=said.append, **quick
+        )
+    )
+    assert [(r["impl"], r["precision"]) for r in rows] == [("fmaml", "bf16"), ("loop", "bf16")]
+    assert all(r["line"].endswith("; bf16 autocast]") for r in rows)
+    assert bench.build(bench.SETTINGS["sinusoid"], precision="bf16").loss_fn.autocast is (
+        torch.bfloat16
+    )
+    assert bench.not_applicable("learn2learn", bench.SETTINGS["sinusoid"], "bf16").startswith(
+        "learn2learn with --precision bf16: bf16 autocast is fmaml's setting; the peers are "
+        "timed in float32"
+    )
+    assert bench.not_applicable("learn2learn", bench.SETTINGS["sinusoid"]) is None
+    with pytest.raises(ConfigError, match=r"bench: --precision must be 'float32' or 'bf16', got"):
+        list(bench.run_bench(["sinusoid"], precision="fp16", **quick))
