@@ -412,3 +412,19 @@ def test_algorithms_under_autocast(name):
         fmaml.meta_loss(loss_fn, rounded, tasks, **options), list(rounded.values())
     )
     assert _relative(grads32, grads16) < 2 * _relative(grads32, baseline)
+
+
+@pytest.mark.slow
+def test_compiled_strategy_under_autocast():
+    """Strategy(compile=True) (MLPs) traces the autocast region too (measured: 0.0044 from the
+    uncompiled bf16 meta-gradient; a compile takes about 20 s here)."""
+    model, criterion, tasks, inner_lr, num_steps = _case("mlp", 0)
+    params = fmaml.params_of(model)
+    mixed = fmaml.supervised_loss(model, criterion).with_autocast()
+    loss, grads = _meta_gradient(mixed, params, tasks, inner_lr, num_steps)
+    compiled_loss, compiled = _meta_gradient(
+        mixed, params, tasks, inner_lr, num_steps, strategy=Strategy(compile=True)
+    )
+    assert all(g.dtype == torch.float32 for g in compiled)
+    assert abs(compiled_loss - loss).item() / loss.item() < 1e-2
+    assert _relative(grads, compiled) < STRATEGY_TOL

@@ -34,6 +34,10 @@ class BatchNorm(nn.Module):
             its query set is normalised without using the query: see
             :class:`fmaml.SupervisedLoss`).
 
+    A bfloat16 or float16 input (mixed precision, :meth:`fmaml.SupervisedLoss.with_autocast`)
+    is normalised in float32, statistics included, as autocast runs normalisation layers: the
+    result is float32 under ``torch.autocast``, else the input's dtype.
+
     A copy made by :func:`with_stat_mask` holds ``stat_mask: [n]`` (bool, one per row of
     its input): the statistics are then the weighted ones over the rows marked ``True``
     only, so rows of padding change neither the mean nor the variance (exact under
