@@ -110,10 +110,13 @@ class Problem:
     criterion: Callable
     params: dict
     tasks: Task
+    precision: str = "float32"
+    """``"bf16"``: fmaml's loss runs the model's forward pass under bf16 autocast."""
 
     @property
     def loss_fn(self):
-        return supervised_loss(self.model, self.criterion)
+        autocast = torch.bfloat16 if self.precision == "bf16" else None
+        return supervised_loss(self.model, self.criterion, autocast=autocast)
 
 
 def build(
@@ -122,8 +125,10 @@ def build(
     *,
     dtype: torch.dtype = torch.float32,
     num_tasks: int | None = None,
+    precision: str = "float32",
 ) -> Problem:
-    """The network (seeded initialisation) and one meta-batch (seeded data) for ``setting``."""
+    """The network (seeded initialisation) and one meta-batch (seeded data) for ``setting``;
+    with ``precision="bf16"`` its loss runs under bf16 autocast (float32 parameters)."""
     generator = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -154,7 +159,7 @@ def build(
             for pair in tasks
         ]
     )
-    return Problem(setting, model, criterion, params_of(model), tasks)
+    return Problem(setting, model, criterion, params_of(model), tasks, precision)
 
 
 # --- the implementations: each returns step() -> meta-gradient, in the order of params -------
@@ -322,8 +327,13 @@ def _compiled(chosen: Strategy) -> Strategy:
     return Strategy(compile=True, threads=chosen.threads)
 
 
-def not_applicable(impl: str, setting: Setting) -> str | None:
-    """Why ``impl`` does not run ``setting`` (``None``: it does)."""
+def not_applicable(impl: str, setting: Setting, precision: str = "float32") -> str | None:
+    """Why ``impl`` does not run ``setting`` at ``precision`` (``None``: it does)."""
+    if precision == "bf16" and impl in PEERS:
+        return (
+            f"{impl} with --precision bf16: bf16 autocast is fmaml's setting; the peers are "
+            "timed in float32 (run bench without --precision bf16)"
+        )
     if impl == "fmaml-compile" and setting.name != "sinusoid":
         return (
             f"fmaml-compile on {setting.name}: Strategy(compile=True) refuses models with "
@@ -461,9 +471,10 @@ def measure(
     device: str = "cpu",
     strategy: Strategy | Mapping | None = None,
     min_seconds: float = 1.0,
+    precision: str = "float32",
 ) -> dict:
     """Time one implementation on one setting in this process; peak memory included."""
-    problem = build(SETTINGS[setting], device)
+    problem = build(SETTINGS[setting], device, precision=precision)
     step = make_step(impl, problem, order == "first", strategy)
     cuda = str(device).startswith("cuda")
     if cuda:
@@ -557,6 +568,7 @@ def run_bench(
     min_seconds: float = 1.0,
     fastest: bool = False,
     rounds: int = 1,
+    precision: str = "float32",
     say: Callable[[str], None] = lambda line: None,
 ) -> Iterator[dict]:
     """Check, then time, every implementation on every setting and order.
@@ -579,6 +591,10 @@ def run_bench(
             other work keeps busy).
         rounds: measure every implementation this many times, interleaved, and keep each
             one's best round (for a busy machine); peak memory is the largest seen.
+        precision: ``"float32"``, or ``"bf16"``: fmaml's implementations (and the loop, which
+            uses fmaml's loss) run the forward pass under bf16 autocast with float32
+            parameters; the peers are skipped. The float64 gradient check is unchanged (it
+            checks the implementations, not the precision).
         say: called with progress and skip messages.
 
     Yields:
@@ -598,6 +614,8 @@ def run_bench(
         raise ConfigError(f"bench: --repeats must be at least 1, got {repeats}.")
     if rounds < 1:
         raise ConfigError(f"bench: --rounds must be at least 1, got {rounds}.")
+    if precision not in ("float32", "bf16"):
+        raise ConfigError(f"bench: --precision must be 'float32' or 'bf16', got {precision!r}.")
     bad_orders = sorted(set(orders) - set(ORDERS))
     if bad_orders:
         raise ConfigError(f"bench: unknown orders {bad_orders}; expected some of {list(ORDERS)}.")
@@ -620,10 +638,10 @@ def run_bench(
     for name in names:
         setting = SETTINGS[name]
         for impl in runnable:
-            why = not_applicable(impl, setting)
+            why = not_applicable(impl, setting, precision)
             if why:
                 say(f"skipped: {why}")
-        here = [impl for impl in runnable if not not_applicable(impl, setting)]
+        here = [impl for impl in runnable if not not_applicable(impl, setting, precision)]
         for order in orders:
             first_order = order == "first"
             if check:
@@ -642,7 +660,7 @@ def run_bench(
                         f"meta-gradient than the loop (relative deviation): {wrong}."
                     )
             flops = count_flops(setting, first_order, device)
-            problem = build(setting, device, num_tasks=1)
+            problem = build(setting, device, num_tasks=1, precision=precision)
             key = "fastest_step_s" if fastest else "seconds_per_step"
             seen: dict[str, list[dict]] = {impl: [] for impl in here}
             for _ in range(rounds):  # interleaved, so that a busy spell hits every impl
@@ -654,6 +672,7 @@ def run_bench(
                         "repeats": repeats,
                         "device": device,
                         "min_seconds": min_seconds,
+                        "precision": precision,
                     }
                     if isolate:
                         job["threads"] = torch.get_num_threads()
@@ -677,6 +696,7 @@ def run_bench(
                     "setting": name,
                     "order": order,
                     "impl": impl,
+                    "precision": precision,
                     "strategy": strategy_of(impl, problem, strategy),
                     "meta_steps_per_s": 1 / seconds,
                     "tasks_per_s": setting.meta_batch / seconds,
@@ -695,7 +715,8 @@ def run_bench(
                 row["line"] = (
                     f"{name:<12} {order:<6} {impl:<16} {row['meta_steps_per_s']:9.3f} steps/s "
                     f"{row['tasks_per_s']:9.1f} tasks/s {row['gflop_per_s']:7.1f} GFLOP/s "
-                    f"{row['peak_memory_mb']:8.0f} MB  [{row['strategy']}]"
+                    f"{row['peak_memory_mb']:8.0f} MB  [{row['strategy']}"
+                    + ("; bf16 autocast]" if precision == "bf16" else "]")
                 )
                 rows.append(row)
             yield from _with_ratios(rows, compare)

@@ -617,6 +617,7 @@ def _checkpoint_line(path: Path, state) -> str:
             else f", rates learned from {config.inner_lr}"
         )
         + _inner_optimizer_words(config)
+        + (", bf16 mixed precision" if config.precision == "bf16" else "")
     )
 
 
@@ -831,6 +832,13 @@ def plot(run_dir, output) -> None:
     show_default=True,
     help="Measure each implementation this often, interleaved; keep its best round.",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["float32", "bf16"]),
+    default="float32",
+    show_default=True,
+    help="bf16: fmaml's forward pass under bf16 autocast (float32 parameters); peers skipped.",
+)
 @click.option("--no-check", is_flag=True, help="Skip the meta-gradient agreement check.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON lines.")
 @friendly_errors
@@ -850,6 +858,7 @@ def bench(
     cudnn_benchmark,
     fastest,
     rounds,
+    precision,
     no_check,
     as_json,
 ) -> None:
@@ -882,6 +891,7 @@ def bench(
         min_seconds=min_seconds,
         fastest=fastest,
         rounds=rounds,
+        precision=precision,
         say=lambda line: click.echo(line, err=as_json),
     )
     try:

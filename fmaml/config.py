@@ -11,6 +11,9 @@ from fmaml.algorithms import ALGORITHMS
 from fmaml.errors import ConfigError
 
 DATASETS = ("sinusoid", "omniglot", "miniimagenet", "folder")
+PRECISIONS = ("float32", "bf16")
+"""``--precision``: full float32, or bf16 mixed precision
+(:meth:`fmaml.SupervisedLoss.with_autocast`)."""
 MODELS = ("conv4", "resnet12")
 """Image networks ``--model`` takes (:mod:`fmaml.nn`)."""
 
@@ -138,6 +141,15 @@ class TrainConfig:
     log_every: int = option(10, "Write a metrics.jsonl row every this many iterations.")
     device: str = option("cpu", "Where to train: cpu, cuda, cuda:1, ...")
     dtype: str = option("float32", "Parameters and data.", choices=("float32", "float64"))
+    # "bf16": mixed precision, the model's forward pass under torch.autocast in bfloat16 with
+    # float32 parameters, meta-gradients and Adam state (SupervisedLoss.with_autocast);
+    # "float32": none. Needs --dtype float32.
+    precision: str = option(
+        "float32",
+        "bf16: mixed precision (forward pass in bfloat16 under autocast; float32 parameters, "
+        "meta-gradients and Adam state; --dtype float32 only).",
+        choices=("float32", "bf16"),
+    )
     lslr: bool | None = option(
         None, "MAML++ LSLR: a learned rate per tensor and step [mamlpp: on]."
     )
@@ -464,6 +476,7 @@ def check(config: TrainConfig) -> None:
         Strategy(**config.strategy)
     except ValueError as error:  # Strategy() names the field and the value it got
         raise ConfigError(f"strategy: {error}") from None
+    _check_precision(config)
     if config.within_alphabet and config.dataset != "omniglot":
         raise ConfigError(
             f"--within-alphabet draws each task's classes from one Omniglot alphabet; "
@@ -472,6 +485,21 @@ def check(config: TrainConfig) -> None:
         )
     if config.dataset != "sinusoid" and config.ways < 2:
         raise ConfigError(f"--ways must be at least 2 for classification, got {config.ways}.")
+
+
+def _check_precision(config: TrainConfig) -> None:
+    """--precision: a known name; bf16 mixed precision only over float32 parameters."""
+    if config.precision not in PRECISIONS:
+        raise ConfigError(
+            f"--precision must be one of {list(PRECISIONS)}, got {config.precision!r}."
+        )
+    if config.precision == "bf16" and config.dtype != "float32":
+        raise ConfigError(
+            f"--precision bf16 runs the forward pass in bfloat16 over float32 parameters, "
+            f"but --dtype is {config.dtype}: autocast leaves {config.dtype} tensors alone, so "
+            "nothing would run in bf16. Use --dtype float32 with --precision bf16, or drop "
+            "--precision for a full-precision float64 run."
+        )
 
 
 def _check_prototypes(config: TrainConfig) -> None:

@@ -103,6 +103,9 @@ def build_problem(config: TrainConfig, *, check_train: bool = True) -> Problem:
     """The :class:`Problem` for a resolved config (see :func:`fmaml.config.resolve`): the one
     place that knows each dataset.
 
+    With ``config.precision == "bf16"`` the loss and score run their model's forward pass in
+    bfloat16 (:meth:`fmaml.SupervisedLoss.with_autocast`); parameters stay float32.
+
     Args:
         config: the run's settings.
         check_train: check now that the training split can serve the config's tasks (a new
@@ -110,10 +113,18 @@ def build_problem(config: TrainConfig, *, check_train: bool = True) -> Problem:
             tasks (more ways, one alphabet) that the training split can't serve.
     """
     if config.dataset == "sinusoid":
-        return sinusoid_problem(config)
-    from fmaml.image_problems import image_problem  # imports the data loaders only when needed
+        problem = sinusoid_problem(config)
+    else:
+        from fmaml.image_problems import image_problem  # the data loaders, only when needed
 
-    return image_problem(config, check_train=check_train)
+        problem = image_problem(config, check_train=check_train)
+    if config.precision == "bf16":  # the losses' forward passes in bf16, under autocast
+        problem = dataclasses.replace(
+            problem,
+            loss_fn=problem.loss_fn.with_autocast(torch.bfloat16),
+            score_fn=problem.score_fn.with_autocast(torch.bfloat16),
+        )
+    return problem
 
 
 def init_state(config: TrainConfig) -> TrainState:
@@ -413,7 +424,8 @@ def _check_gradients(state: TrainState) -> None:
     raise NonFiniteError(
         f"train(): the meta-gradient of {shown} is NaN or infinite at iteration "
         f"{state.iteration + 1} (the meta-loss is finite); the step was not taken. Lower "
-        "--inner-lr or --outer-lr, or use --dtype float64."
+        "--inner-lr or --outer-lr, or use --dtype float64"
+        + (" (with --precision float32)." if state.config.precision == "bf16" else ".")
     )
 
 

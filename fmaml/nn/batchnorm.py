@@ -34,6 +34,10 @@ class BatchNorm(nn.Module):
             its query set is normalised without using the query: see
             :class:`fmaml.SupervisedLoss`).
 
+    A bfloat16 or float16 input (mixed precision, :meth:`fmaml.SupervisedLoss.with_autocast`)
+    is normalised in float32, statistics included, as autocast runs normalisation layers: the
+    result is float32 under ``torch.autocast``, else the input's dtype.
+
     A copy made by :func:`with_stat_mask` holds ``stat_mask: [n]`` (bool, one per row of
     its input): the statistics are then the weighted ones over the rows marked ``True``
     only, so rows of padding change neither the mean nor the variance (exact under
@@ -60,9 +64,21 @@ class BatchNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype not in _LOW_PRECISION:
+            return self._normalise(x, self.weight, self.bias)
+        # bf16/fp16 input (autocast, or a low-precision model): statistics and normalisation
+        # in float32, as torch's autocast runs its normalisation layers; the result in
+        # float32 under autocast (its policy for float32 ops), else in the input's dtype.
+        device = x.device.type
+        with torch.autocast(device_type=device, enabled=False):
+            weight, bias = (None if t is None else t.float() for t in (self.weight, self.bias))
+            out = self._normalise(x.float(), weight, bias)
+        return out if _autocast_enabled(device) else out.to(x.dtype)
+
+    def _normalise(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         masked = self.stat_mask is not None
         if self.stat_rows is None and not masked and _fused_kernel_is_exact(x):
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         dims = [0, *range(2, x.dim())]
         if masked:
             var, mean = _masked_var_mean(x, self.stat_mask, dims)
@@ -70,16 +86,29 @@ class BatchNorm(nn.Module):
             source = x if self.stat_rows is None else x[: self.stat_rows]
             var, mean = torch.var_mean(source, dim=dims, correction=0, keepdim=True)
         scale = torch.rsqrt(var + self.eps)
-        if self.weight is None:
+        if weight is None:
             return (x - mean) * scale
         shape = (1, -1) + (1,) * (x.dim() - 2)
         # One fused pass for the affine part: (x - mean) * (rstd * weight) + bias.
-        scale = scale * self.weight.reshape(shape)
-        return torch.addcmul(self.bias.reshape(shape), x - mean, scale)
+        scale = scale * weight.reshape(shape)
+        return torch.addcmul(bias.reshape(shape), x - mean, scale)
 
     def extra_repr(self) -> str:
         rows = "" if self.stat_rows is None else f", stat_rows={self.stat_rows}"
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}{rows}"
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` in this thread."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
 
 
 def with_batch_statistics(model: nn.Module) -> nn.Module:
