@@ -700,8 +700,12 @@ def _test_classification(state, path, split, result, echo) -> dict:
         f"{config.dataset} {result['ways']}-way {result['shots']}-shot, {tasks}, {split} split "
         f"({config.split or 'default'}, split seed {config.split_seed}): "
         f"accuracy {100 * last['mean']:.2f} ± {100 * last['ci95']:.2f} % after "
-        f"{result['inner_steps']} inner steps at {rate} "
-        f"(95% CI = 1.96·std/√n over {result['episodes']} episodes; "
+        + (
+            f"{result['inner_steps']} inner steps at {rate} "
+            if result["inner_steps"]
+            else "0 inner steps (ProtoNet: the prototype head alone) "
+        )
+        + f"(95% CI = 1.96·std/√n over {result['episodes']} episodes; "
         f"{result['query_per_class']} query per class, {query_protocol})"
     )
     echo(
@@ -742,6 +746,7 @@ def _test_classification(state, path, split, result, echo) -> dict:
         "episodes": result["episodes"],
         "inner_steps": result["inner_steps"],
         "inner_lr": result["inner_lr"],
+        "precision": config.precision,
         "query_per_class": result["query_per_class"],
         "seed": result["seed"],
         "accuracy_per_step": [100 * s["mean"] for s in result["steps"]],

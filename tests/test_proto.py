@@ -399,6 +399,9 @@ def test_cli_trains_and_tests_on_omniglot(tmp_path, isolated_cache, algorithm):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["inner_steps"] == (0 if algorithm == "protonet" else 3)
+    said = "after 0 inner steps (ProtoNet: the prototype head alone)"
+    assert (said in result.output) is (algorithm == "protonet")
+    assert report["precision"] == "float32"
     assert len(report["accuracy_per_step"]) == report["inner_steps"] + 1
     assert 0 <= report["accuracy"] <= 100
     # more ways at test: the head has a row per prototype

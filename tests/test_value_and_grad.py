@@ -81,3 +81,16 @@ def test_inputs_that_do_not_require_grad_get_none_and_a_score_comes_back():
     )
     torch.testing.assert_close(loss, reference.detach())
     torch.testing.assert_close(score, expected_score)
+
+
+def test_the_readme_library_example_runs_and_its_two_gradients_agree():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Library", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md (Library)", "exec"), namespace)
+    grads, same = namespace["grads"], namespace["same"]
+    for a, b in zip(grads.params.values(), same, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
