@@ -88,6 +88,9 @@ class SupervisedLoss:
 
     per_step_keys: tuple[str, ...] = ()
 
+    home_thread: int | None = None
+    """The thread that may run the module itself (``None``: any); others use copies."""
+
     support_statistics = False
     """BatchNorm statistics of the query come from the support set (MAML++ BNRS, fmaml's
     leak-free form); ``False``: from the batch itself (MAML's transductive default)."""

@@ -46,7 +46,8 @@ def test_the_gradients_of_params_rates_step_weights_and_a_captured_tensor(strate
 
     reference = fmaml.meta_loss(loss_fn, params, tasks, **settings)
     leaves = [*params.values(), *rates.values(), weights[0], log_temp]
-    expected = torch.autograd.grad(reference, leaves)
+    # the graph of log_temp.exp() is shared with the call below: keep it
+    expected = torch.autograd.grad(reference, leaves, retain_graph=True)
 
     loss, grads = fmaml.value_and_grad(
         loss_fn, params, tasks, wrt=[log_temp], strategy=strategy, **settings
@@ -92,5 +93,8 @@ def test_the_readme_library_example_runs_and_its_two_gradients_agree():
     namespace: dict = {}
     exec(compile(code, "README.md (Library)", "exec"), namespace)
     grads, same = namespace["grads"], namespace["same"]
-    for a, b in zip(grads.params.values(), same, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # float32 and other kernels: compare the whole gradient (a conv bias before BatchNorm
+    # has a gradient of zero in exact arithmetic, rounding noise here)
+    a = torch.cat([g.flatten() for g in grads.params.values()])
+    b = torch.cat([g.flatten() for g in same])
+    assert (a - b).norm() <= 1e-3 * b.norm()
