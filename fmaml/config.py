@@ -442,16 +442,7 @@ def check(config: TrainConfig) -> None:
             "both learn the inner rate; choose one."
         )
     if config.algorithm == "reptile":
-        query_only = [
-            option
-            for option, on in (
-                ("--lslr", config.lslr),
-                ("--msl-epochs", config.msl_epochs),
-                ("--da-epochs", config.da_epochs),
-                ("--per-step-bn", config.per_step_bn),
-            )
-            if on
-        ]
+        query_only = _mamlpp_inner_options(config)
         if query_only:
             raise ConfigError(
                 f"--algorithm reptile follows params - adapted, not a query loss, so "
@@ -530,7 +521,19 @@ def _check_prototypes(config: TrainConfig) -> None:
             f"--algorithm {name} adapts the prototype head with inner steps, got "
             "--inner-steps 0. Use --inner-steps 1 or more, or --algorithm protonet."
         )
-    inner = [
+    inner = _mamlpp_inner_options(config)
+    if fixed == 0 and inner:
+        raise ConfigError(
+            f"--algorithm {name} takes no inner step, so {', '.join(inner)} (MAML++ "
+            "settings of the inner loop) would change nothing. Drop them, or use --algorithm "
+            "protomaml."
+        )
+
+
+def _mamlpp_inner_options(config: TrainConfig) -> list[str]:
+    """The MAML++ settings of the inner loop and its per-step losses that ``config`` turns on
+    (algorithms without a differentiated inner loop refuse them)."""
+    return [
         option
         for option, on in (
             ("--lslr", config.lslr),
@@ -540,12 +543,6 @@ def _check_prototypes(config: TrainConfig) -> None:
         )
         if on
     ]
-    if fixed == 0 and inner:
-        raise ConfigError(
-            f"--algorithm {name} takes no inner step, so {', '.join(inner)} (MAML++ "
-            "settings of the inner loop) would change nothing. Drop them, or use --algorithm "
-            "protomaml."
-        )
 
 
 def _algorithm_field(name: str, field: str):
@@ -624,16 +621,7 @@ def _check_imaml(config: TrainConfig) -> None:
             f"--inner-optimizer {config.inner_optimizer}. Drop --inner-optimizer, or use "
             "--algorithm maml."
         )
-    query_only = [
-        option
-        for option, on in (
-            ("--lslr", config.lslr),
-            ("--msl-epochs", config.msl_epochs),
-            ("--da-epochs", config.da_epochs),
-            ("--per-step-bn", config.per_step_bn),
-        )
-        if on
-    ]
+    query_only = _mamlpp_inner_options(config)
     if query_only:
         raise ConfigError(
             f"--algorithm imaml differentiates no inner step (its meta-gradient is the "
