@@ -57,9 +57,7 @@ class TrainConfig:
     dataset and number of ways.
     """
 
-    dataset: str = option(
-        "sinusoid", "The data.", choices=DATASETS, cli_default="omniglot", show_default=True
-    )
+    dataset: str = option("sinusoid", "The data.", choices=DATASETS, cli_default="omniglot")
     data_root: str | None = option(
         None, "Image folder (omniglot default: ./data/omniglot).", path=True
     )
