@@ -673,10 +673,18 @@ def _test_sinusoid(state, path, split, episodes, inner_steps, shots, inner_lr, s
         )
         rate = report["inner_lr"]
         rate = f"inner rate {rate}" if rate != "learned" else "learned inner rates"
+        rate += _imaml_pull(state.config)
         echo(f"sinusoid {name}, MSE on {episodes} tasks ({rate})  {cells}")
         every = "  ".join(f"{s}: {cell['mse']:.3f}" for s, cell in per_step.items())
         echo(f"  {name} MSE after each inner step (0 = before adapting): {every}")
     return report
+
+
+def _imaml_pull(config) -> str:
+    """What the test's inner loop adds for an iMAML run: its proximal pull, as in training."""
+    if config.algorithm != "imaml":
+        return ""
+    return f" plus iMAML's pull {config.imaml_lam}/2 ||adapted - params||^2"
 
 
 def _test_classification(state, path, split, result, echo) -> dict:
@@ -693,6 +701,7 @@ def _test_classification(state, path, split, result, echo) -> dict:
     )
     tasks = protocol.get("protocol", "random-classes")
     rate = result["inner_lr"] if result["inner_lr"] != "learned" else "learned rates"
+    rate = f"{rate}{_imaml_pull(config)}"
     if tasks == "within-alphabet":
         used = ", ".join(f"{name} ({n})" for name, n in protocol["alphabets"].items())
         tasks += f" ({used} characters)"

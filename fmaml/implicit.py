@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fmaml.adapt import InnerLR, adapt, at_step
+from fmaml.inner_optim import proximal
 from fmaml.tree import KeySelector, select
 from fmaml.types import LossFn, Params, Task
 
@@ -80,7 +81,9 @@ def imaml_loss(
        \lVert \phi - \theta \rVert^2
 
     approximated by ``num_steps`` of gradient descent at ``inner_lr`` on that loss from
-    :math:`\theta` (:func:`fmaml.adapt`, first-order: no inner step is kept). At a minimum,
+    :math:`\theta` (:func:`fmaml.adapt` with ``inner_optimizer=fmaml.inner_optim.proximal(lam)``,
+    first-order: no inner step is kept). Adapt with that optimiser at test too: it is the
+    inner problem the model was trained for (``cli.py`` does). At a minimum,
     :math:`d\phi^\star/d\theta = (I + H/\lambda)^{-1}` with :math:`H = \nabla^2 L_s(\phi)`,
     so the meta-gradient is
 
@@ -159,20 +162,15 @@ def imaml_loss(
     names = select(params.keys(), adapt_keys, caller="imaml_loss")
     lam = settings.lam
     start = {k: v.detach() for k, v in params.items()}
-    anchor = {k: start[k] for k in names}
-
-    def regularised(p: Mapping[str, Tensor], batch) -> Tensor:
-        pull = sum((p[k] - anchor[k]).square().sum() for k in names)
-        return loss_fn(p, batch) + 0.5 * lam * pull
-
     adapted = adapt(
-        regularised,
+        loss_fn,
         start,
         task.support,
         inner_lr=inner_lr,
         num_steps=num_steps,
         adapt_keys=names,
         first_order=True,
+        inner_optimizer=proximal(lam),
     )
     adapted = {k: v.detach() for k, v in adapted.items()}
     fast = {k: adapted[k] for k in names}

@@ -1,4 +1,5 @@
-r"""Inner-loop optimisers: SGD, SGD with momentum and Adam as pure functions of (params, state).
+r"""Inner-loop optimisers: SGD, SGD with momentum, Adam (and a proximal pull on any of them) as
+pure functions of (params, state).
 
 An :class:`InnerOptimizer` is a pair of pure functions, as optax's ``GradientTransformation``:
 ``init(params) -> state`` and ``update(grads, state, params, rate, hyper) -> (params, state)``,
@@ -224,6 +225,75 @@ def adam(
     if isinstance(eps, numbers.Real) and not eps > 0:
         raise ValueError(f"adam(): `eps` must be positive, got {eps!r}. The default is 1e-8.")
     return InnerOptimizer(_adam_init, _adam_update, hyper)
+
+
+# --- proximal ------------------------------------------------------------------------------------
+
+
+def _proximal_init(base: InnerOptimizer) -> Callable[[Params], State]:
+    def init(params: Params) -> State:
+        return {"anchor": dict(params), "base": base.init(params)}
+
+    return init
+
+
+def _proximal_update(base: InnerOptimizer) -> Callable[..., tuple[Params, State]]:
+    def update(grads, state, params, rate, hyper):
+        lam, anchor = hyper["lam"], state["anchor"]
+        pulled = {k: grads[k] + lam * (params[k] - anchor[k]) for k in params}
+        adapted, inner = base.update(pulled, state["base"], params, rate, hyper)
+        return adapted, {"anchor": anchor, "base": inner}
+
+    return update
+
+
+def proximal(lam: float | Tensor, base: InnerOptimizer | None = None) -> InnerOptimizer:
+    r"""``base`` on the support loss plus :math:`\tfrac{\lambda}{2}\lVert\phi - \phi_0
+    \rVert^2`, a pull towards where the inner loop started: iMAML's inner problem.
+
+    .. math:: g_s \leftarrow g_s + \lambda (\phi_s - \phi_0)
+
+    then one step of ``base`` (plain SGD by default) along it. :math:`\phi_0` is the
+    parameters the inner loop starts from (the meta-parameters), kept in the state; a
+    second-order meta-gradient goes through it too. ``lam=0`` is ``base`` exactly.
+    ``cli.py`` adapts an ``--algorithm imaml`` model with it at validation and test, so that
+    the model is tested on the inner problem it was trained for (:func:`fmaml.imaml_loss`).
+
+    Args:
+        lam: :math:`\lambda \ge 0`, a number or a 0-d tensor.
+        base: the optimiser that takes the step (``None``: :func:`sgd`); its
+            hyper-parameters are kept beside ``lam``.
+
+    Returns:
+        An :class:`InnerOptimizer`; its state is ``{"anchor": {name: tensor}, "base":
+        base's state}`` and its hyper-parameters ``{"lam": lam, **base.hyper}``.
+
+    Raises:
+        ValueError: ``lam`` a negative number, or a tensor that is not 0-d.
+        TypeError: ``lam`` neither a number nor a floating-point tensor; ``base`` not an
+            :class:`InnerOptimizer`, or one that already has a ``lam``.
+
+    Example:
+        >>> import torch
+        >>> opt = proximal(1.0)
+        >>> params = {"w": torch.zeros(1)}
+        >>> state = opt.init(params)
+        >>> for _ in range(2):  # gradient 1 everywhere, pulled back to 0
+        ...     params, state = opt.update({"w": torch.ones(1)}, state, params, {"w": 0.5},
+        ...                                opt.hyper)
+        >>> params["w"]  # -0.5, then -0.5 - 0.5 * (1 - 0.5)
+        tensor([-0.7500])
+    """
+    base = sgd() if base is None else base
+    if not isinstance(base, InnerOptimizer) or "lam" in base.hyper:
+        raise TypeError(
+            "proximal(): `base` must be an fmaml.inner_optim.InnerOptimizer without a `lam` "
+            f"(sgd(), momentum(beta), adam(...)), got {type(base).__name__}."
+        )
+    lam = _check_hyper("proximal", "lam", lam)
+    if isinstance(lam, numbers.Real) and lam < 0:
+        raise ValueError(f"proximal(): `lam` must be >= 0, got {lam!r}.")
+    return InnerOptimizer(_proximal_init(base), _proximal_update(base), {"lam": lam, **base.hyper})
 
 
 # --- by name -------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from fmaml.distributed import RankFailure, Ranks
 from fmaml.errors import ConfigError, NonFiniteError, WriteError
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.implicit import IMAML
-from fmaml.inner_optim import InnerOptimizer, get_inner_optimizer, hyper_names
+from fmaml.inner_optim import InnerOptimizer, get_inner_optimizer, hyper_names, proximal
 from fmaml.module import params_of, per_step
 from fmaml.objectives import meta_loss
 from fmaml.problems import EmptySplit, Problem, sinusoid_problem
@@ -79,6 +79,14 @@ class TrainState:
         for name, logit in (self.hyper_logits or {}).items():
             hyper[name] = torch.sigmoid(logit)
         return get_inner_optimizer(config.inner_optimizer, **hyper)
+
+    @property
+    def eval_inner_optimizer(self) -> InnerOptimizer | None:
+        """The inner optimiser of validation and test: iMAML's proximal inner problem
+        (``proximal(imaml_lam)``, the one it trains on), else :attr:`inner_optimizer`."""
+        if self.config.algorithm == "imaml":
+            return proximal(self.config.imaml_lam)
+        return self.inner_optimizer
 
     @property
     def inner_lr(self) -> InnerLR:
@@ -492,7 +500,7 @@ def _episode_scores(
             num_steps=num_steps,
             adapt_keys=state.adapt_keys,
             head_init=get_algorithm(state.config.algorithm).head_init,
-            inner_optimizer=state.inner_optimizer,
+            inner_optimizer=state.eval_inner_optimizer,
         )
 
     if ranks is None:

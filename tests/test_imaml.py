@@ -512,6 +512,8 @@ def test_cli_trains_and_tests_imaml_on_the_sinusoid(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["iteration"] == 3 and {"1", "5", "10"} <= set(report["results"]["K=5"])
+    # tested on the inner problem it was trained for: the proximal pull, named in the output
+    assert "plus iMAML's pull 2.0/2 ||adapted - params||^2" in result.output
 
 
 def test_imaml_trains_and_tests_on_omniglot(tmp_path, isolated_cache):

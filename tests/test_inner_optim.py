@@ -18,7 +18,7 @@ import fmaml
 from fmaml.cli import main
 from fmaml.config import TrainConfig, resolve
 from fmaml.errors import ConfigError
-from fmaml.inner_optim import InnerOptimizer, adam, get_inner_optimizer, momentum, sgd
+from fmaml.inner_optim import InnerOptimizer, adam, get_inner_optimizer, momentum, proximal, sgd
 from fmaml.train import init_state, meta_gradient
 
 DTYPE = torch.float64
@@ -828,3 +828,94 @@ def test_error_on_the_command_line(tmp_path):
     assert result.exit_code != 0 and "'rmsprop' is not one of" in result.output
     result = invoke("train", *FAST, "--learn-inner-hyper", "--out", tmp_path / "c")
     assert result.exit_code != 0 and "--inner-optimizer sgd has none" in result.output
+
+
+# --- proximal: iMAML's inner problem as an inner optimiser ---------------------------------------
+
+
+def pulled_loss(loss_fn, anchor, lam):
+    """The support loss plus lam/2 ||p - anchor||^2, written out (the oracle's loss)."""
+
+    def loss(p, batch):
+        return loss_fn(p, batch) + 0.5 * lam * sum(((p[k] - anchor[k]) ** 2).sum() for k in p)
+
+    return loss
+
+
+@pytest.mark.parametrize("base", ["sgd", "momentum"])
+def test_proximal_is_descent_on_the_pulled_loss_and_its_meta_gradient_too(base):
+    """proximal(lam, base) = base on L + lam/2 ||phi - params||^2: iterates, and the
+    second-order meta-gradient (through the anchor, which is params) against the oracle."""
+    params, tasks = tanh_setup()
+    lam, num_steps = 0.7, 3
+    base_opt = None if base == "sgd" else momentum(0.5)
+    opt = proximal(lam, base_opt)
+    loss = fmaml.meta_loss(
+        tanh_loss, params, tasks, inner_lr=0.05, num_steps=num_steps, inner_optimizer=opt
+    )
+    total = 0
+    for t in range(tasks.support[0].shape[0]):
+        task = task_at(tasks, t)
+        fast = dict(params)
+        velocity = {k: torch.zeros_like(v) for k, v in params.items()}
+        for _ in range(num_steps):
+            step_loss = pulled_loss(tanh_loss, params, lam)(fast, task.support)
+            grads = torch.autograd.grad(step_loss, list(fast.values()), create_graph=True)
+            for (k, p), g in zip(list(fast.items()), grads, strict=True):
+                velocity[k] = (0.5 * velocity[k] if base == "momentum" else 0) + g
+                fast[k] = p - 0.05 * velocity[k]
+        total = total + tanh_loss(fast, task.query)
+    expected = total / tasks.support[0].shape[0]
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(loss, list(params.values()))
+    want = torch.autograd.grad(expected, list(params.values()))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    plain = fmaml.meta_loss(tanh_loss, params, tasks, inner_lr=0.05, num_steps=num_steps)
+    assert not torch.allclose(loss, plain)  # the pull changes the result
+
+
+def test_proximal_with_lam_zero_is_its_base_exactly():
+    params, tasks = tanh_setup()
+    kwargs = dict(inner_lr=0.05, num_steps=2)
+    for base in [None, adam(0.5, 0.9, 1e-3)]:
+        a = fmaml.meta_loss(tanh_loss, params, tasks, inner_optimizer=base or sgd(), **kwargs)
+        b = fmaml.meta_loss(tanh_loss, params, tasks, inner_optimizer=proximal(0.0, base), **kwargs)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("strategy_name", list(STRATEGIES))
+def test_proximal_gives_the_same_meta_gradient_on_every_strategy(strategy_name):
+    loss_fn, params, tasks, kwargs = conv_build("maml")
+    kwargs["num_steps"] = 2
+    opt = proximal(torch.tensor(0.5, dtype=DTYPE))
+    reference = fmaml.meta_loss(loss_fn, params, tasks, inner_optimizer=opt, **kwargs)
+    want = torch.autograd.grad(reference, list(params.values()))
+    loss = fmaml.meta_loss(
+        loss_fn, params, tasks, inner_optimizer=opt, strategy=STRATEGIES[strategy_name], **kwargs
+    )
+    torch.testing.assert_close(loss, reference, rtol=1e-10, atol=1e-12)
+    got = torch.autograd.grad(loss, list(params.values()))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_proximal_refuses_bad_arguments_saying_what_it_expects():
+    with pytest.raises(ValueError, match=r"`lam` must be >= 0, got -1"):
+        proximal(-1.0)
+    with pytest.raises(TypeError, match=r"`base` must be an fmaml.inner_optim.InnerOptimizer"):
+        proximal(1.0, "sgd")
+    with pytest.raises(TypeError, match=r"without a `lam`"):
+        proximal(1.0, proximal(1.0))
+    with pytest.raises(ValueError, match=r"0-d"):
+        proximal(torch.ones(2, dtype=DTYPE))
+
+
+def test_cli_state_tests_imaml_on_its_proximal_inner_problem():
+    """An --algorithm imaml run validates and tests with proximal(imaml_lam); other
+    algorithms with their training inner optimiser."""
+    state = init_state(resolve(TrainConfig(dataset="sinusoid", algorithm="imaml", imaml_lam=2.5)))
+    assert state.inner_optimizer is None
+    assert state.eval_inner_optimizer.hyper == {"lam": 2.5}
+    plain = init_state(resolve(TrainConfig(dataset="sinusoid")))
+    assert plain.eval_inner_optimizer is None
