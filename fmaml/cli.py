@@ -245,6 +245,18 @@ def _with_preset(options: dict, iterations: int | None) -> tuple[dict, int | Non
     return settings, iterations
 
 
+def _preset_line(config: TrainConfig) -> str:
+    """What ``train`` says of a run's preset: its summary and the settings replaced."""
+    preset = PRESETS[config.preset]
+    replaced = [
+        f"{name}={getattr(config, name)!r}"
+        for name, value in preset.settings.items()
+        if getattr(config, name) != value
+    ]
+    line = f"preset {config.preset}: {preset.summary}"
+    return line + (f"; replaced by the options given: {', '.join(replaced)}" if replaced else "")
+
+
 def _train(out, resume, iterations, download, lead: bool, options: dict) -> None:
     from fmaml import distributed
     from fmaml.config import resolve
@@ -259,7 +271,7 @@ def _train(out, resume, iterations, download, lead: bool, options: dict) -> None
         )
         iterations = None
         if config.preset is not None and lead:
-            click.echo(f"preset {config.preset}: {PRESETS[config.preset].summary}")
+            click.echo(_preset_line(config))
         if out is None:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
             out = Path("runs") / f"{config.dataset}-{config.algorithm}-{stamp}"

@@ -86,3 +86,11 @@ def test_resnet12_memory_script_runs_and_strategies_agree():
     assert kept["grad_norm"] > 0
     text = script.table(rows)
     assert "| 2 |" in text and text.rstrip().endswith("| yes |")
+
+
+def test_imaml_accuracy_script_agrees_where_the_inner_problem_is_well_posed():
+    """lam 100 at rate 0.01 makes each pulled step land at params - 0.01 grad: solved in a
+    few steps, I + H/lam positive definite, so the implicit gradient is the unrolled one."""
+    result = load("imaml_accuracy").compare(lam=100.0, steps=8, lr=0.01)
+    assert result["cos_cg50_unrolled"] > 0.99
+    assert result["norm_unrolled"] == pytest.approx(result["norm_cg50"], rel=0.05)

@@ -306,6 +306,8 @@ def test_a_preset_gives_its_settings_and_the_options_beside_it_win(tmp_path, iso
         assert getattr(config, name) == given.get(name, value), name
     assert config.iterations == 5, "--iterations beside the preset"
     assert "max-pool" in preset.summary and config.max_pool is True
+    assert "replaced by the options given: ways=2, meta_batch=2" in trained.output
+    assert config.loss_reduction == "mean" and config.eval_inner_steps == 10
 
 
 def test_an_unknown_preset_is_refused_with_the_known_ones():
