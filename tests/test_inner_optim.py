@@ -886,18 +886,23 @@ def test_proximal_with_lam_zero_is_its_base_exactly():
 
 @pytest.mark.parametrize("strategy_name", list(STRATEGIES))
 def test_proximal_gives_the_same_meta_gradient_on_every_strategy(strategy_name):
+    """conv4, 2 steps, a learned lam: each strategy equals strategy=None, lam's gradient
+    included (none goes missing)."""
     loss_fn, params, tasks, kwargs = conv_build("maml")
     kwargs["num_steps"] = 2
-    opt = proximal(torch.tensor(0.5, dtype=DTYPE))
+    lam = torch.tensor(0.5, dtype=DTYPE, requires_grad=True)
+    leaves = [*params.values(), lam]
+    opt = proximal(lam)
     reference = fmaml.meta_loss(loss_fn, params, tasks, inner_optimizer=opt, **kwargs)
-    want = torch.autograd.grad(reference, list(params.values()))
+    want = torch.autograd.grad(reference, leaves)
     loss = fmaml.meta_loss(
         loss_fn, params, tasks, inner_optimizer=opt, strategy=STRATEGIES[strategy_name], **kwargs
     )
     torch.testing.assert_close(loss, reference, rtol=1e-10, atol=1e-12)
-    got = torch.autograd.grad(loss, list(params.values()))
+    got = torch.autograd.grad(loss, leaves)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert got[-1].abs() > 1e-8  # lam matters
 
 
 def test_proximal_refuses_bad_arguments_saying_what_it_expects():
