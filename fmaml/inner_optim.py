@@ -291,7 +291,7 @@ def proximal(lam: float | Tensor, base: InnerOptimizer | None = None) -> InnerOp
             f"(sgd(), momentum(beta), adam(...)), got {type(base).__name__}."
         )
     lam = _check_hyper("proximal", "lam", lam)
-    if isinstance(lam, numbers.Real) and lam < 0:
+    if isinstance(lam, numbers.Real) and not lam >= 0:  # NaN too
         raise ValueError(f"proximal(): `lam` must be >= 0, got {lam!r}.")
     return InnerOptimizer(_proximal_init(base), _proximal_update(base), {"lam": lam, **base.hyper})
 

@@ -908,6 +908,8 @@ def test_proximal_gives_the_same_meta_gradient_on_every_strategy(strategy_name):
 def test_proximal_refuses_bad_arguments_saying_what_it_expects():
     with pytest.raises(ValueError, match=r"`lam` must be >= 0, got -1"):
         proximal(-1.0)
+    with pytest.raises(ValueError, match=r"`lam` must be >= 0, got nan"):
+        proximal(float("nan"))
     with pytest.raises(TypeError, match=r"`base` must be an fmaml.inner_optim.InnerOptimizer"):
         proximal(1.0, "sgd")
     with pytest.raises(TypeError, match=r"without a `lam`"):
