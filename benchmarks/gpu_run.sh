@@ -4,7 +4,8 @@
 # into $OUT (bench.jsonl, bench.log, env.txt). Used with the project's device tool:
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=...)
 # `bash benchmarks/gpu_run.sh compile` measures the compiled sinusoid meta-step instead, and
-# runs benchmarks/compile_check.py on CUDA (compile_check.txt).
+# runs benchmarks/compile_check.py on CUDA (compile_check.txt); `bash benchmarks/gpu_run.sh engine`
+# the three settings against the peers, bf16, and the CUDA tests (pytest.txt).
 set -u
 OUT=${OUT:-/tmp/fmaml-gpu-bench}
 DEVICE=${DEVICE:-cuda}
@@ -41,6 +42,24 @@ if [ "${1:-}" = compile ]; then
     --repeats 10 --min-seconds 0.5
   timeout 200 python3 benchmarks/compile_check.py --device cuda > "$OUT/compile_check.txt" 2>&1
   echo "compile_check rc=$?"; cat "$OUT/compile_check.txt" | grep -v Warning | tail -8
+  date -u >> "$OUT/env.txt"
+  exit 0
+fi
+if [ "${1:-}" = engine ]; then  # issue 11: the value_and_grad engine; bf16; the CUDA tests
+  bench omniglot 100 --settings omniglot --compare --impls fmaml --impls loop --repeats 5 \
+    --min-seconds 0.5
+  bench sinusoid 45 --settings sinusoid --compare --impls fmaml --impls loop --repeats 10 \
+    --min-seconds 0.5
+  bench miniimagenet 80 --settings miniimagenet --compare --impls fmaml --impls loop \
+    --impls fmaml-checkpoint --repeats 5 --min-seconds 0.5
+  bench miniimagenet-cudnn 40 --settings miniimagenet --orders second --impls fmaml \
+    --impls learn2learn --cudnn-benchmark --no-check --repeats 5 --min-seconds 0.5
+  bench bf16 60 --settings omniglot --settings miniimagenet --orders second --impls fmaml \
+    --precision bf16 --no-check --repeats 5 --min-seconds 0.5
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_precision.py \
+    tests/test_images.py::test_sampler_on_cuda_matches_cpu_with_a_cpu_generator \
+    > "$OUT/pytest.txt" 2>&1
+  echo "pytest rc=$?"; tail -3 "$OUT/pytest.txt"
   date -u >> "$OUT/env.txt"
   exit 0
 fi
