@@ -11,6 +11,7 @@ from fmaml import inner_optim, nn, schedules, tasks
 from fmaml.adapt import adapt, init_rates, step_rates, unroll
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.implicit import IMAML, imaml_loss
+from fmaml.inner_loop import InnerLoop
 from fmaml.inner_optim import InnerOptimizer
 from fmaml.module import SupervisedLoss, accuracy, params_of, per_step, supervised_loss
 from fmaml.objectives import meta_loss, meta_scores, reptile_loss, task_loss, task_scores
@@ -47,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "IMAML",
     "Batch",
+    "InnerLoop",
     "InnerOptimizer",
     "LossFn",
     "MetaGradients",

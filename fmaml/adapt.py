@@ -15,29 +15,24 @@ import torch
 from torch import Tensor
 
 from fmaml.graph import reached_leaves
+from fmaml.inner_loop import UNSET, InnerLoop, InnerLR, Rate, settings
 from fmaml.inner_optim import InnerOptimizer, State, check_inner_optimizer
 from fmaml.padding import is_padded
 from fmaml.tree import KeySelector, select
 from fmaml.types import Batch, LossFn, Params
-
-Rate = float | Tensor | Mapping[str, Tensor]
-"""One step's inner learning rate: a number, a 0-d tensor, or a dict of per-parameter rates
-(Meta-SGD: shaped like the parameter; MAML++ LSLR: a 0-d tensor per parameter)."""
-
-InnerLR = Rate | Sequence[Rate]
-"""A rate for every step, or a sequence of ``num_steps`` rates (MAML++ per-step rates)."""
 
 
 def unroll(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     support: Batch,
+    inner: InnerLoop | None = None,
     *,
-    inner_lr: InnerLR,
-    num_steps: int = 1,
-    adapt_keys: KeySelector = None,
-    first_order: bool = False,
-    inner_optimizer: InnerOptimizer | None = None,
+    inner_lr: InnerLR = UNSET,
+    num_steps: int = UNSET,
+    adapt_keys: KeySelector = UNSET,
+    first_order: bool = UNSET,
+    inner_optimizer: InnerOptimizer | None = UNSET,
 ) -> list[Params]:
     r"""Run ``num_steps`` of gradient descent on the support loss; return every iterate.
 
@@ -56,10 +51,14 @@ def unroll(
         loss_fn: ``loss_fn(params, (x, y)) -> scalar``, e.g. :func:`fmaml.supervised_loss`.
         params: ``{name: tensor}``, the starting point (meta-parameters).
         support: ``(x, y)`` of one task, ``x: [num_support, *feature]``.
+        inner: the settings as one :class:`fmaml.InnerLoop` (its ``step_weights`` do not
+            matter here; its ``head_init`` must be ``None``: the prototype head is set by
+            :func:`fmaml.task_loss`); or, instead, the keywords below (defaults as in
+            :class:`fmaml.InnerLoop`).
         inner_lr: a number or 0-d tensor; a dict ``{name: tensor}`` over exactly the adapted
             names, each of shape ``[]`` or the parameter's shape (Meta-SGD); or a sequence of
             ``num_steps`` of these, one per step (MAML++ LSLR).
-        num_steps: inner gradient steps, at least 1.
+        num_steps: inner gradient steps, at least 1 (default 1).
         adapt_keys: which parameters to adapt: a predicate on the name, a collection of
             names, or ``None`` for all.
         first_order: stop gradients through the inner gradients (FOMAML).
@@ -77,7 +76,8 @@ def unroll(
             rate dicts whose keys or shapes do not match the adapted parameters; a rate
             sequence whose length is not ``num_steps``; a hyper-parameter tensor of
             ``inner_optimizer`` that is not 0-d.
-        TypeError: ``inner_optimizer`` not an :class:`fmaml.inner_optim.InnerOptimizer`.
+        TypeError: ``inner_optimizer`` not an :class:`fmaml.inner_optim.InnerOptimizer`;
+            ``inner`` together with keywords, or neither ``inner`` nor ``inner_lr``.
 
     Example:
         >>> import torch
@@ -87,17 +87,33 @@ def unroll(
         >>> [s["w"].tolist() for s in steps]
         [[0.0, 0.0], [0.5, 0.5], [0.75, 0.75]]
     """
-    _check_num_steps(num_steps, "unroll")
-    check_inner_optimizer(inner_optimizer, "adapt")
-    names = select(params.keys(), adapt_keys, caller="adapt")
-    rates = step_rates(inner_lr, params, names, num_steps, caller="adapt")
+    loop = settings(
+        inner,
+        "unroll",
+        inner_lr=inner_lr,
+        num_steps=num_steps,
+        adapt_keys=adapt_keys,
+        first_order=first_order,
+        inner_optimizer=inner_optimizer,
+    )
+    if loop.head_init is not None:
+        raise ValueError(
+            f"unroll(): the inner loop has head_init={loop.head_init!r}, which sets the "
+            "linear head from the support set before the first step; unroll and adapt take "
+            "the head in `params` as it is. Use fmaml.task_loss / fmaml.meta_loss (they set "
+            "the head first), or inner.replace(head_init=None)."
+        )
+    _check_num_steps(loop.num_steps, "unroll")
+    check_inner_optimizer(loop.inner_optimizer, "adapt")
+    names = select(params.keys(), loop.adapt_keys, caller="adapt")
+    rates = step_rates(loop.inner_lr, params, names, loop.num_steps, caller="adapt")
     frozen = {k: v for k, v in params.items() if k not in set(names)}
     fast = {k: params[k] for k in names}
     state = None
     trajectory = [dict(params)]
     for step, rate in enumerate(rates):
-        grads = _inner_grads(fast, at_step(loss_fn, step), frozen, support, first_order)
-        fast, state = inner_step(grads, state, fast, rate, inner_optimizer)
+        grads = _inner_grads(fast, at_step(loss_fn, step), frozen, support, loop.first_order)
+        fast, state = inner_step(grads, state, fast, rate, loop.inner_optimizer)
         trajectory.append({k: fast.get(k, v) for k, v in params.items()})
     return trajectory
 
@@ -189,12 +205,13 @@ def adapt(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     support: Batch,
+    inner: InnerLoop | None = None,
     *,
-    inner_lr: InnerLR,
-    num_steps: int = 1,
-    adapt_keys: KeySelector = None,
-    first_order: bool = False,
-    inner_optimizer: InnerOptimizer | None = None,
+    inner_lr: InnerLR = UNSET,
+    num_steps: int = UNSET,
+    adapt_keys: KeySelector = UNSET,
+    first_order: bool = UNSET,
+    inner_optimizer: InnerOptimizer | None = UNSET,
 ) -> Params:
     """Adapt ``params`` to one task's support set; the last iterate of :func:`unroll`.
 
@@ -213,6 +230,7 @@ def adapt(
         loss_fn,
         params,
         support,
+        inner,
         inner_lr=inner_lr,
         num_steps=num_steps,
         adapt_keys=adapt_keys,

@@ -26,8 +26,11 @@ Adam, their betas optionally meta-learned (``TrainConfig.learn_inner_hyper``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
+
+from fmaml.inner_loop import InnerLoop, InnerLR
 
 
 def head_keys(name: str) -> bool:
@@ -70,18 +73,44 @@ class Algorithm:
     head_init: Literal["prototypes"] | None = None
     inner_steps: int | None = None
 
+    def inner_loop(self, inner_lr: InnerLR, num_steps: int = 1) -> InnerLoop:
+        """This algorithm's inner loop at ``inner_lr`` (a learned dict for Meta-SGD, built
+        with :func:`fmaml.init_rates`) and ``num_steps`` (``inner_steps`` if it fixes them).
+
+        Example:
+            >>> get_algorithm("anil").inner_loop(0.4).adapt_keys("head.weight")
+            True
+            >>> get_algorithm("protonet").inner_loop(0.4, num_steps=5).num_steps
+            0
+        """
+        return InnerLoop(
+            inner_lr=inner_lr,
+            num_steps=num_steps if self.inner_steps is None else self.inner_steps,
+            adapt_keys=self.adapt_keys,
+            first_order=self.first_order,
+            head_init=self.head_init,
+        )
+
+
+MAML = Algorithm("maml")
+"""Second-order MAML over every parameter; every other algorithm is it with knobs changed."""
+
+
+def _variant(name: str, **changes) -> Algorithm:
+    return dataclasses.replace(MAML, name=name, **changes)
+
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "maml": Algorithm("maml"),
-    "fomaml": Algorithm("fomaml", first_order=True),
-    "anil": Algorithm("anil", adapt_keys=head_keys),
-    "boil": Algorithm("boil", adapt_keys=body_keys),
-    "metasgd": Algorithm("metasgd", learned_rates="element"),
-    "mamlpp": Algorithm("mamlpp"),
-    "reptile": Algorithm("reptile", first_order=True, objective="reptile"),
-    "protonet": Algorithm("protonet", head_init="prototypes", inner_steps=0),
-    "protomaml": Algorithm("protomaml", head_init="prototypes"),
-    "imaml": Algorithm("imaml", objective="imaml"),
+    "maml": MAML,
+    "fomaml": _variant("fomaml", first_order=True),
+    "anil": _variant("anil", adapt_keys=head_keys),
+    "boil": _variant("boil", adapt_keys=body_keys),
+    "metasgd": _variant("metasgd", learned_rates="element"),
+    "mamlpp": _variant("mamlpp"),
+    "reptile": _variant("reptile", first_order=True, objective="reptile"),
+    "protonet": _variant("protonet", head_init="prototypes", inner_steps=0),
+    "protomaml": _variant("protomaml", head_init="prototypes"),
+    "imaml": _variant("imaml", objective="imaml"),
 }
 
 

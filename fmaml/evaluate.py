@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fmaml.adapt import InnerLR
+from fmaml.inner_loop import UNSET, InnerLoop, settings
 from fmaml.inner_optim import InnerOptimizer
 from fmaml.objectives import meta_scores
 from fmaml.tree import KeySelector, tree_detach
@@ -43,12 +44,13 @@ def evaluate(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     episodes: Iterable[Task],
+    inner: InnerLoop | None = None,
     *,
-    inner_lr: InnerLR,
-    num_steps: int,
-    adapt_keys: KeySelector = None,
-    head_init: Literal["prototypes"] | None = None,
-    inner_optimizer: InnerOptimizer | None = None,
+    inner_lr: InnerLR = UNSET,
+    num_steps: int = UNSET,
+    adapt_keys: KeySelector = UNSET,
+    head_init: Literal["prototypes"] | None = UNSET,
+    inner_optimizer: InnerOptimizer | None = UNSET,
 ) -> Tensor:
     """Adapt on each episode's support and score its query after every inner step.
 
@@ -60,6 +62,8 @@ def evaluate(
         params: meta-parameters.
         episodes: meta-batches of tasks (chunks of the evaluation set), each a
             :class:`fmaml.Task` with a leading task axis.
+        inner: the inner loop as one :class:`fmaml.InnerLoop` (``first_order`` and
+            ``step_weights`` make no difference to scores), or, instead, the keywords below.
         inner_lr: as in :func:`fmaml.adapt`; tensors are detached too.
         num_steps: inner steps.
         adapt_keys: as in :func:`fmaml.adapt`.
@@ -69,25 +73,27 @@ def evaluate(
     Returns:
         ``[num_episodes, num_steps + 1]``: scores before adapting and after each step.
     """
+    loop = settings(
+        inner,
+        "evaluate",
+        inner_lr=inner_lr,
+        num_steps=num_steps,
+        adapt_keys=adapt_keys,
+        head_init=head_init,
+        inner_optimizer=inner_optimizer,
+    )
     params = tree_detach(params)
-    inner_lr = _detach_rates(inner_lr)
+    inner_optimizer = loop.inner_optimizer
     if inner_optimizer is not None:
         hyper = {k: _detach_rates(v) for k, v in inner_optimizer.hyper.items()}
         inner_optimizer = inner_optimizer._replace(hyper=hyper)
-    chunks = [
-        meta_scores(
-            score_fn,
-            loss_fn,
-            params,
-            tasks,
-            inner_lr=inner_lr,
-            num_steps=num_steps,
-            adapt_keys=adapt_keys,
-            head_init=head_init,
-            inner_optimizer=inner_optimizer,
-        ).detach()
-        for tasks in episodes
-    ]
+    loop = loop.replace(
+        inner_lr=_detach_rates(loop.inner_lr),
+        inner_optimizer=inner_optimizer,
+        first_order=False,
+        step_weights=None,
+    )
+    chunks = [meta_scores(score_fn, loss_fn, params, tasks, loop).detach() for tasks in episodes]
     return torch.cat(chunks)
 
 

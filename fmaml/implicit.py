@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fmaml import inner_loop
 from fmaml.adapt import InnerLR, adapt, at_step
+from fmaml.inner_loop import UNSET, InnerLoop
 from fmaml.inner_optim import proximal
 from fmaml.tree import KeySelector, select
 from fmaml.types import LossFn, Params, Task
@@ -65,10 +67,11 @@ def imaml_loss(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     task: Task,
+    inner: InnerLoop | None = None,
     *,
-    inner_lr: InnerLR,
-    num_steps: int = 1,
-    adapt_keys: KeySelector = None,
+    inner_lr: InnerLR = UNSET,
+    num_steps: int = UNSET,
+    adapt_keys: KeySelector = UNSET,
     settings: IMAML = IMAML(),
     score_fn: LossFn | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -111,6 +114,10 @@ def imaml_loss(
         params: ``{name: tensor}``, the meta-parameters :math:`\theta`.
         task: one :class:`fmaml.Task`, no task axis: ``support = (x [n_s, *feature],
             y [n_s, *target])``, ``query`` likewise.
+        inner: the inner problem's ``inner_lr``, ``num_steps`` and ``adapt_keys`` as one
+            :class:`fmaml.InnerLoop` (its other fields at their defaults: iMAML takes no
+            other optimiser, step weights, prototype head or first-order switch), or,
+            instead, the keywords below.
         inner_lr: a number, a 0-d tensor, a dict or a sequence of them as in
             :func:`fmaml.unroll`; no tensor of it may require grad.
         num_steps: gradient steps on the regularised inner loss, at least 1.
@@ -145,6 +152,23 @@ def imaml_loss(
         Rajeswaran, Finn, Kakade & Levine, "Meta-Learning with Implicit Gradients",
         NeurIPS 2019.
     """
+    loop = inner_loop.settings(
+        inner, "imaml_loss", inner_lr=inner_lr, num_steps=num_steps, adapt_keys=adapt_keys
+    )
+    others = [
+        k
+        for k in ("first_order", "step_weights", "inner_optimizer", "head_init")
+        if getattr(loop, k) is not None and getattr(loop, k) is not False
+    ]
+    if others:
+        raise ValueError(
+            f"imaml_loss(): the inner loop sets {sorted(others)}, but iMAML solves its "
+            "regularised inner problem by plain gradient descent from params and "
+            "differentiates no inner step. Use inner.replace("
+            + ", ".join(f"{k}={'False' if k == 'first_order' else 'None'}" for k in sorted(others))
+            + ")."
+        )
+    inner_lr, num_steps, adapt_keys = loop.inner_lr, loop.num_steps, loop.adapt_keys
     if not isinstance(settings, IMAML):
         raise TypeError(
             f"imaml_loss(): `settings` must be an fmaml.IMAML(lam=..., cg_steps=...), got "

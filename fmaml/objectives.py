@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fmaml.adapt import InnerLR, adapt, at_step, unroll
 from fmaml.implicit import IMAML, imaml_loss
+from fmaml.inner_loop import UNSET, InnerLoop, StepWeights, settings
 from fmaml.inner_optim import InnerOptimizer
 from fmaml.padding import check_padded_tasks, is_padded
 from fmaml.proto import check_head, check_support_labels, prototype_head
@@ -32,16 +33,17 @@ def task_loss(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     task: Task,
+    inner: InnerLoop | None = None,
     *,
-    inner_lr: InnerLR,
-    num_steps: int = 1,
-    adapt_keys: KeySelector = None,
-    first_order: bool = False,
-    step_weights: Sequence[float | Tensor] | Tensor | None = None,
+    inner_lr: InnerLR = UNSET,
+    num_steps: int = UNSET,
+    adapt_keys: KeySelector = UNSET,
+    first_order: bool = UNSET,
+    step_weights: StepWeights = UNSET,
     score_fn: LossFn | None = None,
     objective: Objective = "query",
-    head_init: Literal["prototypes"] | None = None,
-    inner_optimizer: InnerOptimizer | None = None,
+    head_init: Literal["prototypes"] | None = UNSET,
+    inner_optimizer: InnerOptimizer | None = UNSET,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Adapt on ``task.support``, return the loss on ``task.query``; one task.
 
@@ -54,6 +56,10 @@ def task_loss(
         loss_fn: ``loss_fn(params, (x, y)) -> scalar``; used in the inner loop and on the query.
         params: ``{name: tensor}``, the meta-parameters.
         task: one :class:`fmaml.Task`, no task axis.
+        inner: the inner loop's settings as one :class:`fmaml.InnerLoop`; or, instead, the
+            keywords ``inner_lr``, ``num_steps``, ``adapt_keys``, ``first_order``,
+            ``step_weights``, ``head_init`` and ``inner_optimizer`` (its fields; defaults
+            as there).
         inner_lr, num_steps, adapt_keys, first_order: as in :func:`fmaml.unroll`.
         step_weights: ``num_steps`` weights of the query loss after each inner step
             (MAML++ multi-step loss): a 1-d tensor, or a sequence of numbers and 0-d
@@ -99,49 +105,41 @@ def task_loss(
         >>> protonet.shape
         torch.Size([])
     """
+    loop = settings(
+        inner,
+        "task_loss",
+        inner_lr=inner_lr,
+        num_steps=num_steps,
+        adapt_keys=adapt_keys,
+        first_order=first_order,
+        step_weights=step_weights,
+        head_init=head_init,
+        inner_optimizer=inner_optimizer,
+    )
     objective = _check_objective(objective, "task_loss")
-    params = _with_head(loss_fn, params, task.support, head_init, objective, "task_loss")
+    params = _with_head(loss_fn, params, task.support, loop.head_init, objective, "task_loss")
+    num_steps = loop.num_steps
     if isinstance(objective, IMAML):
-        _refuse_for_imaml(step_weights, first_order, inner_optimizer)
+        _refuse_for_imaml(loop.step_weights, loop.first_order, loop.inner_optimizer)
         return imaml_loss(
             loss_fn,
             params,
             task,
-            inner_lr=inner_lr,
-            num_steps=num_steps,
-            adapt_keys=adapt_keys,
+            loop.replace(head_init=None),
             settings=objective,
             score_fn=score_fn,
         )
     if objective == "reptile":
-        if step_weights is not None:
+        if loop.step_weights is not None:
             raise ValueError(
                 "task_loss(): `step_weights` weight the query loss after each inner step, but "
                 "objective='reptile' has no query loss (its gradient is params - adapted). "
                 "Leave step_weights=None with Reptile."
             )
-        return reptile_loss(
-            loss_fn,
-            params,
-            task,
-            inner_lr=inner_lr,
-            num_steps=num_steps,
-            adapt_keys=adapt_keys,
-            score_fn=score_fn,
-            inner_optimizer=inner_optimizer,
-        )
-    weights = _check_step_weights(step_weights, num_steps)
-    trajectory = _trajectory(
-        loss_fn,
-        params,
-        task.support,
-        inner_lr=inner_lr,
-        num_steps=num_steps,
-        adapt_keys=adapt_keys,
-        first_order=first_order,
-        head_init=head_init,
-        inner_optimizer=inner_optimizer,
-    )
+        reptile = loop.replace(head_init=None, first_order=False)
+        return reptile_loss(loss_fn, params, task, reptile, score_fn=score_fn)
+    weights = _check_step_weights(loop.step_weights, num_steps)
+    trajectory = _trajectory(loss_fn, params, task.support, loop)
     if weights is None:
         loss = at_step(loss_fn, num_steps, task.support)(trajectory[-1], task.query)
     else:
@@ -164,12 +162,13 @@ def reptile_loss(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     task: Task,
+    inner: InnerLoop | None = None,
     *,
-    inner_lr: InnerLR,
-    num_steps: int = 1,
-    adapt_keys: KeySelector = None,
+    inner_lr: InnerLR = UNSET,
+    num_steps: int = UNSET,
+    adapt_keys: KeySelector = UNSET,
     score_fn: LossFn | None = None,
-    inner_optimizer: InnerOptimizer | None = None,
+    inner_optimizer: InnerOptimizer | None = UNSET,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Reptile for one task: a loss whose gradient with respect to ``params`` is
     ``params - adapted``.
@@ -208,6 +207,9 @@ def reptile_loss(
         params: ``{name: tensor}``, the meta-parameters.
         task: one :class:`fmaml.Task`, no task axis: ``support = (x [n_s, *feature],
             y [n_s, *target])`` trains the inner loop; ``query`` likewise, for ``score_fn``.
+        inner: the settings as one :class:`fmaml.InnerLoop` (``first_order`` makes no
+            difference; ``step_weights`` and ``head_init`` must be ``None``), or, instead,
+            the keywords below.
         inner_lr, num_steps, adapt_keys: as in :func:`fmaml.unroll`; ``inner_lr`` must not
             require grad.
         score_fn: if given, also return ``score_fn(adapted, query)`` (detached).
@@ -236,18 +238,24 @@ def reptile_loss(
         Nichol, Achiam & Schulman, "On First-Order Meta-Learning Algorithms",
         arXiv 1803.02999, 2018.
     """
-    _refuse_learned_rates(inner_lr)
-    _refuse_learned_hyper(inner_optimizer)
-    adapted = adapt(
-        loss_fn,
-        params,
-        task.support,
+    loop = settings(
+        inner,
+        "reptile_loss",
         inner_lr=inner_lr,
         num_steps=num_steps,
         adapt_keys=adapt_keys,
-        first_order=True,
         inner_optimizer=inner_optimizer,
     )
+    if loop.step_weights is not None or loop.head_init is not None:
+        raise ValueError(
+            "reptile_loss(): the inner loop has step_weights or head_init set, but Reptile's "
+            "gradient is params - adapted: there is no query loss to weight, and the head "
+            "is not set from prototypes. Use inner.replace(step_weights=None, head_init=None)."
+        )
+    _refuse_learned_rates(loop.inner_lr)
+    _refuse_learned_hyper(loop.inner_optimizer)
+    num_steps = loop.num_steps
+    adapted = adapt(loss_fn, params, task.support, loop.replace(first_order=True))
     adapted = {k: v.detach() for k, v in adapted.items()}
     loss = sum(0.5 * (params[k] - adapted[k]).square().sum() for k in params)
     if score_fn is None:
@@ -372,12 +380,13 @@ def _check_meta_head(loss_fn, params, tasks, head_init, objective: str, caller: 
     check_support_labels(tasks.support[1], num_ways, caller)
 
 
-def _trajectory(loss_fn, params, support, *, num_steps, head_init, **inner) -> list:
-    """:func:`fmaml.unroll`, or with a prototype head and ``num_steps=0``, ``[params]``
-    (ProtoNet: no inner step; :func:`fmaml.unroll` refuses 0 steps)."""
-    if head_init is not None and num_steps == 0:
+def _trajectory(loss_fn, params, support, loop: InnerLoop) -> list:
+    """:func:`fmaml.unroll` from ``params`` (the prototype head already in them), or with a
+    prototype head and ``num_steps=0``, ``[params]`` (ProtoNet: no inner step;
+    :func:`fmaml.unroll` refuses 0 steps)."""
+    if loop.head_init is not None and loop.num_steps == 0:
         return [dict(params)]
-    return unroll(loss_fn, params, support, num_steps=num_steps, **inner)
+    return unroll(loss_fn, params, support, loop.replace(head_init=None))
 
 
 def _refuse_for_imaml(step_weights, first_order: bool, inner_optimizer) -> None:
@@ -408,33 +417,35 @@ def task_scores(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     task: Task,
+    inner: InnerLoop | None = None,
     *,
-    inner_lr: InnerLR,
-    num_steps: int,
-    adapt_keys: KeySelector = None,
-    head_init: Literal["prototypes"] | None = None,
-    inner_optimizer: InnerOptimizer | None = None,
+    inner_lr: InnerLR = UNSET,
+    num_steps: int = UNSET,
+    adapt_keys: KeySelector = UNSET,
+    head_init: Literal["prototypes"] | None = UNSET,
+    inner_optimizer: InnerOptimizer | None = UNSET,
 ) -> Tensor:
     """Adapt on the support with ``loss_fn``; score the query after every step; one task.
 
     Used for evaluation: ``score_fn`` may be the loss itself (regression MSE) or a metric
-    such as :func:`fmaml.accuracy` wrapped by :func:`fmaml.supervised_loss`. ``head_init``
-    as in :func:`task_loss` (the scores then start from the prototype head).
+    such as :func:`fmaml.accuracy` wrapped by :func:`fmaml.supervised_loss`. ``inner`` (or
+    the keywords) as in :func:`task_loss`; ``head_init``: the scores then start from the
+    prototype head; ``first_order`` and ``step_weights`` make no difference to scores.
 
     Returns:
         ``[num_steps + 1]``: the score before adapting and after each inner step.
     """
-    params = _with_head(loss_fn, params, task.support, head_init, "query", "task_scores")
-    trajectory = _trajectory(
-        loss_fn,
-        params,
-        task.support,
+    loop = settings(
+        inner,
+        "task_scores",
         inner_lr=inner_lr,
         num_steps=num_steps,
         adapt_keys=adapt_keys,
         head_init=head_init,
         inner_optimizer=inner_optimizer,
     )
+    params = _with_head(loss_fn, params, task.support, loop.head_init, "query", "task_scores")
+    trajectory = _trajectory(loss_fn, params, task.support, loop)
     return torch.stack(
         [
             at_step(score_fn, s, task.support)(adapted, task.query)
@@ -447,17 +458,18 @@ def meta_loss(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     tasks: Task,
+    inner: InnerLoop | None = None,
     *,
-    inner_lr: InnerLR,
-    num_steps: int = 1,
-    adapt_keys: KeySelector = None,
-    first_order: bool = False,
-    step_weights: Sequence[float | Tensor] | Tensor | None = None,
+    inner_lr: InnerLR = UNSET,
+    num_steps: int = UNSET,
+    adapt_keys: KeySelector = UNSET,
+    first_order: bool = UNSET,
+    step_weights: StepWeights = UNSET,
     score_fn: LossFn | None = None,
     strategy: Strategy | None = None,
     objective: Objective = "query",
-    head_init: Literal["prototypes"] | None = None,
-    inner_optimizer: InnerOptimizer | None = None,
+    head_init: Literal["prototypes"] | None = UNSET,
+    inner_optimizer: InnerOptimizer | None = UNSET,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The mean query loss over a meta-batch of tasks, each adapted on its own support.
 
@@ -481,6 +493,8 @@ def meta_loss(
             classes [T, C] bool])`` from :func:`fmaml.tasks.pad_tasks`: each task's loss
             is then that of the task alone (real rows only, BatchNorm statistics too), on
             every strategy but ``compile``.
+        inner: the inner loop's settings as one :class:`fmaml.InnerLoop`, or, instead, its
+            fields as keywords (as in :func:`task_loss`).
         inner_lr, num_steps, adapt_keys, first_order, step_weights: as in :func:`task_loss`.
         score_fn: if given, also return the mean of ``score_fn(adapted, query)`` over tasks.
         strategy: how to run the meta-batch (:class:`fmaml.Strategy`: chunks of tasks with
@@ -516,39 +530,24 @@ def meta_loss(
         >>> loss = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.01)
         >>> grads = torch.autograd.grad(loss, list(params.values()))
     """
+    loop = settings(
+        inner,
+        "meta_loss",
+        inner_lr=inner_lr,
+        num_steps=num_steps,
+        adapt_keys=adapt_keys,
+        first_order=first_order,
+        step_weights=step_weights,
+        head_init=head_init,
+        inner_optimizer=inner_optimizer,
+    )
     objective = _check_objective(objective, "meta_loss")
-    _check_padded_meta_batch(tasks, head_init, strategy, "meta_loss")
-    _check_meta_head(loss_fn, params, tasks, head_init, objective, "meta_loss")
+    _check_padded_meta_batch(tasks, loop.head_init, strategy, "meta_loss")
+    _check_meta_head(loss_fn, params, tasks, loop.head_init, objective, "meta_loss")
     if strategy is not None and not strategy.is_plain:
-        return strategy.run(
-            loss_fn,
-            params,
-            tasks,
-            inner_lr=inner_lr,
-            num_steps=num_steps,
-            adapt_keys=adapt_keys,
-            first_order=first_order,
-            step_weights=step_weights,
-            score_fn=score_fn,
-            objective=objective,
-            head_init=head_init,
-            inner_optimizer=inner_optimizer,
-        )
+        return strategy.run(loss_fn, params, tasks, loop, score_fn=score_fn, objective=objective)
     per_task = _over_tasks(
-        lambda task: task_loss(
-            loss_fn,
-            params,
-            task,
-            inner_lr=inner_lr,
-            num_steps=num_steps,
-            adapt_keys=adapt_keys,
-            first_order=first_order,
-            step_weights=step_weights,
-            score_fn=score_fn,
-            objective=objective,
-            head_init=head_init,
-            inner_optimizer=inner_optimizer,
-        ),
+        lambda task: task_loss(loss_fn, params, task, loop, score_fn=score_fn, objective=objective),
         tasks,
     )
     if score_fn is None:
@@ -562,34 +561,31 @@ def meta_scores(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     tasks: Task,
+    inner: InnerLoop | None = None,
     *,
-    inner_lr: InnerLR,
-    num_steps: int,
-    adapt_keys: KeySelector = None,
-    head_init: Literal["prototypes"] | None = None,
-    inner_optimizer: InnerOptimizer | None = None,
+    inner_lr: InnerLR = UNSET,
+    num_steps: int = UNSET,
+    adapt_keys: KeySelector = UNSET,
+    head_init: Literal["prototypes"] | None = UNSET,
+    inner_optimizer: InnerOptimizer | None = UNSET,
 ) -> Tensor:
     """:func:`task_scores` for every task of a meta-batch.
 
     Returns:
         ``[T, num_steps + 1]``: each task's query score before adapting and after each step.
     """
-    _check_padded_meta_batch(tasks, head_init, None, "meta_scores")
-    _check_meta_head(loss_fn, params, tasks, head_init, "query", "meta_scores")
-    return _over_tasks(
-        lambda task: task_scores(
-            score_fn,
-            loss_fn,
-            params,
-            task,
-            inner_lr=inner_lr,
-            num_steps=num_steps,
-            adapt_keys=adapt_keys,
-            head_init=head_init,
-            inner_optimizer=inner_optimizer,
-        ),
-        tasks,
+    loop = settings(
+        inner,
+        "meta_scores",
+        inner_lr=inner_lr,
+        num_steps=num_steps,
+        adapt_keys=adapt_keys,
+        head_init=head_init,
+        inner_optimizer=inner_optimizer,
     )
+    _check_padded_meta_batch(tasks, loop.head_init, None, "meta_scores")
+    _check_meta_head(loss_fn, params, tasks, loop.head_init, "query", "meta_scores")
+    return _over_tasks(lambda task: task_scores(score_fn, loss_fn, params, task, loop), tasks)
 
 
 def _over_tasks(per_task, tasks: Task) -> Tensor:

@@ -61,6 +61,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fmaml.graph import depends_on, reached_leaves
+from fmaml.inner_loop import UNSET, InnerLoop, InnerLR, StepWeights, settings
 from fmaml.module import private_copy
 from fmaml.tree import KeySelector, select
 from fmaml.types import LossFn, Task
@@ -162,10 +163,21 @@ class Strategy:
         """Whether this is the default: one vmap over every task, autograd's own backward."""
         return self == Strategy()
 
-    def run(self, loss_fn: LossFn, params: Mapping[str, Tensor], tasks: Task, **settings):
-        """:func:`fmaml.meta_loss` of ``tasks`` computed this way (``meta_loss(...,
-        strategy=self)`` calls it); ``settings`` are meta_loss's keywords."""
-        return run_strategy(self, loss_fn, params, tasks, **settings)
+    def run(
+        self,
+        loss_fn: LossFn,
+        params: Mapping[str, Tensor],
+        tasks: Task,
+        inner: InnerLoop,
+        *,
+        score_fn: LossFn | None = None,
+        objective: object = "query",
+    ):
+        """:func:`fmaml.meta_loss` of ``tasks`` with the inner loop ``inner``, computed this
+        way (``meta_loss(..., strategy=self)`` calls it)."""
+        return run_strategy(
+            self, loss_fn, params, tasks, inner, score_fn=score_fn, objective=objective
+        )
 
     def __str__(self) -> str:
         if self.chunk_size is None:
@@ -269,13 +281,19 @@ def value_and_grad(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     tasks: Task,
+    inner: InnerLoop | None = None,
     *,
-    inner_lr,
-    step_weights=None,
+    inner_lr: InnerLR = UNSET,
+    num_steps: int = UNSET,
+    adapt_keys: KeySelector = UNSET,
+    first_order: bool = UNSET,
+    step_weights: StepWeights = UNSET,
+    head_init: str | None = UNSET,
+    inner_optimizer=UNSET,
     wrt: Sequence[Tensor] = (),
     strategy: Strategy | None = None,
     score_fn: LossFn | None = None,
-    **settings,
+    objective: object = "query",
 ) -> tuple[Tensor, MetaGradients] | tuple[Tensor, MetaGradients, Tensor]:
     r"""The meta-loss of :func:`fmaml.meta_loss` and its meta-gradients, the fast way.
 
@@ -290,12 +308,13 @@ def value_and_grad(
     :func:`fmaml.meta_loss` itself (``strategy=None``): it is the pure definition.
 
     Args:
-        loss_fn, params, tasks, inner_lr, step_weights, score_fn: as in :func:`fmaml.meta_loss`.
+        loss_fn, params, tasks, score_fn, objective: as in :func:`fmaml.meta_loss`.
+        inner: the inner loop as one :class:`fmaml.InnerLoop`, or, instead, its fields as
+            the keywords ``inner_lr``, ``num_steps``, ``adapt_keys``, ``first_order``,
+            ``step_weights``, ``head_init``, ``inner_optimizer`` (as in
+            :func:`fmaml.meta_loss`).
         wrt: more tensors to differentiate: leaves, or tensors computed from leaves.
         strategy: how to run the meta-batch; ``None``: :func:`auto_strategy`'s choice.
-        **settings: the other keywords of :func:`fmaml.meta_loss` (``num_steps``,
-            ``adapt_keys``, ``first_order``, ``objective``, ``head_init``,
-            ``inner_optimizer``).
 
     Returns:
         ``(loss, grads)``, and the mean score too when ``score_fn`` is given: ``loss`` a
@@ -317,6 +336,17 @@ def value_and_grad(
     """
     from fmaml.objectives import check_tasks, meta_loss
 
+    inner = settings(
+        inner,
+        "value_and_grad",
+        inner_lr=inner_lr,
+        num_steps=num_steps,
+        adapt_keys=adapt_keys,
+        first_order=first_order,
+        step_weights=step_weights,
+        head_init=head_init,
+        inner_optimizer=inner_optimizer,
+    )
     if strategy is None:
         x_support, x_query = tasks.support[0], tasks.query[0]
         strategy = auto_strategy(
@@ -326,17 +356,10 @@ def value_and_grad(
             examples_per_task=x_support.shape[1] + x_query.shape[1],
         )
     out = meta_loss(
-        loss_fn,
-        params,
-        tasks,
-        inner_lr=inner_lr,
-        step_weights=step_weights,
-        score_fn=score_fn,
-        strategy=strategy,
-        **settings,
+        loss_fn, params, tasks, inner, score_fn=score_fn, strategy=strategy, objective=objective
     )
     loss, score = (out, None) if score_fn is None else out
-    structure = (dict(params), inner_lr, step_weights, list(wrt))
+    structure = (dict(params), inner.inner_lr, inner.step_weights, list(wrt))
     leaves, spec = tree_flatten(structure)
     live = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad]
     found = torch.autograd.grad(loss, [leaves[i] for i in live], allow_unused=True)
@@ -362,27 +385,23 @@ def run_strategy(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     tasks: Task,
+    inner: InnerLoop,
     *,
-    inner_lr,
-    num_steps: int,
-    adapt_keys: KeySelector,
-    first_order: bool,
-    step_weights,
-    score_fn: LossFn | None,
+    score_fn: LossFn | None = None,
     objective: object = "query",  # "query", "reptile" or an fmaml.IMAML
-    head_init: str | None = None,
-    inner_optimizer=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`fmaml.meta_loss` under a non-default ``strategy``; same arguments and result."""
     from fmaml.adapt import step_rates
     from fmaml.inner_optim import check_inner_optimizer
     from fmaml.objectives import _check_step_weights, check_tasks
 
+    inner_lr, num_steps, step_weights = inner.inner_lr, inner.num_steps, inner.step_weights
+    head_init, inner_optimizer = inner.head_init, inner.inner_optimizer
     num_tasks = check_tasks(tasks)
     check_inner_optimizer(inner_optimizer, "meta_loss")
     hyper = None if inner_optimizer is None else dict(inner_optimizer.hyper)
     weights = _check_step_weights(step_weights, num_steps)
-    names = select(params.keys(), adapt_keys, caller="meta_loss")
+    names = select(params.keys(), inner.adapt_keys, caller="meta_loss")
     rates = step_rates(inner_lr, params, names, num_steps, caller="meta_loss")
     _refuse_transforms()
     if strategy.checkpoint and head_init is not None and num_steps > 0:
@@ -419,16 +438,7 @@ def run_strategy(
     if strategy.compile and want_grad and inputs:
         import torch._functorch.config as functorch_config
 
-        step = _compiled_step(
-            loss_fn,
-            score_fn,
-            num_steps,
-            first_order,
-            adapt_keys,
-            objective,
-            head_init,
-            inner_optimizer,
-        )
+        step = _compiled_step(loss_fn, score_fn, inner, objective)
         with (
             _intra_op_threads(strategy.threads),
             _COMPILED_CALL,
@@ -452,10 +462,9 @@ def run_strategy(
     job = _Job(
         loss_fn=loss_fn,
         params=dict(params),
+        inner=inner,
         names=names,
         rates=rates,
-        num_steps=num_steps,
-        first_order=first_order,
         weights=weights,
         score_fn=score_fn,
         num_tasks=num_tasks,
@@ -463,12 +472,7 @@ def run_strategy(
         want_grad=want_grad,
         unbatched=strategy.chunk_size == 1,
         checkpoint=strategy.checkpoint,
-        inner_lr=inner_lr,
-        adapt_keys=adapt_keys,
-        step_weights=step_weights,
         objective=objective,
-        head_init=head_init,
-        inner_optimizer=inner_optimizer,
     )
     chunks = [
         _slice(tasks, start, min(start + size, num_tasks), job.unbatched, strategy.channels_last)
@@ -498,16 +502,7 @@ def _hand_out(value, grads, captured, strategy, labels, inputs) -> Tensor:
 _COMPILED: dict[tuple, tuple] = {}
 
 
-def _compiled_step(
-    loss_fn,
-    score_fn,
-    num_steps,
-    first_order,
-    adapt_keys,
-    objective,
-    head_init=None,
-    inner_optimizer=None,
-) -> Callable:
+def _compiled_step(loss_fn, score_fn, inner: InnerLoop, objective) -> Callable:
     """``(params, inner_lr, step_weights, tasks, inputs, hyper) -> (loss, grads, captured,
     score)`` compiled (``grads`` for ``inputs`` and then for the ``captured`` leaves),
     made once per loss and setting, so that later calls hit torch.compile's cache. Kept for
@@ -517,6 +512,8 @@ def _compiled_step(
     from fmaml.inner_optim import InnerOptimizer
     from fmaml.objectives import meta_loss
 
+    num_steps, first_order, adapt_keys = inner.num_steps, inner.first_order, inner.adapt_keys
+    head_init, inner_optimizer = inner.head_init, inner.inner_optimizer
     kind = None if inner_optimizer is None else (inner_optimizer.init, inner_optimizer.update)
     key = (
         id(loss_fn),
@@ -583,10 +580,9 @@ def refuse_batchnorm(*losses) -> None:
 class _Job:
     loss_fn: LossFn
     params: dict
-    names: list
+    inner: InnerLoop
+    names: list  # the adapted names, rates per step and checked step weights of `inner`
     rates: list
-    num_steps: int
-    first_order: bool
     weights: object
     score_fn: LossFn | None
     num_tasks: int
@@ -594,12 +590,7 @@ class _Job:
     want_grad: bool
     unbatched: bool
     checkpoint: bool
-    inner_lr: object
-    adapt_keys: KeySelector
-    step_weights: object
     objective: object = "query"  # "query", "reptile" or an fmaml.IMAML
-    head_init: str | None = None
-    inner_optimizer: object = None
 
     def on_own_module(self) -> _Job:
         """This job with losses whose modules are private copies (for another thread)."""
@@ -628,7 +619,7 @@ class _Job:
         captures), its summed score)."""
         from fmaml.adapt import PLAIN_AUTOGRAD, STAND_INS
 
-        if self.checkpoint and self.objective == "query" and self.num_steps > 0:
+        if self.checkpoint and self.objective == "query" and self.inner.num_steps > 0:
             # Reptile's and iMAML's gradients go through no inner step (the adapted
             # parameters are constants of them): there is nothing to recompute, and the
             # plain path already keeps no inner step's graph; nor is there without inner
@@ -654,15 +645,9 @@ class _Job:
             self.loss_fn,
             self.params,
             task,
-            inner_lr=self.inner_lr,
-            num_steps=self.num_steps,
-            adapt_keys=self.adapt_keys,
-            first_order=self.first_order,
-            step_weights=self.step_weights,
+            self.inner,
             score_fn=self.score_fn,
             objective=self.objective,
-            head_init=self.head_init,
-            inner_optimizer=self.inner_optimizer,
         )
 
     def _over(self, per_task: Callable, chunk: Task, fast=None, batched: bool = False):
@@ -731,9 +716,9 @@ class _Job:
         carries no ``None``)."""
         from fmaml.adapt import _support_loss, at_step, inner_step
 
-        frozen, rate, first_order = self._frozen(), self.rates[s], self.first_order
-        head_init = self.head_init if s == 0 else None
-        inner_optimizer = self.inner_optimizer
+        frozen, rate, first_order = self._frozen(), self.rates[s], self.inner.first_order
+        head_init = self.inner.head_init if s == 0 else None
+        inner_optimizer = self.inner.inner_optimizer
 
         def step(carry: tuple, task: Task) -> tuple:
             fast, state = carry
@@ -776,14 +761,14 @@ class _Job:
     def _weight(self, s: int):
         """The weight of the query loss after ``s`` inner steps (``None``: not scored)."""
         if self.weights is None:
-            return 1.0 if s == self.num_steps else None
+            return 1.0 if s == self.inner.num_steps else None
         w = self.weights[s - 1]
         if isinstance(w, numbers.Real) and w == 0:
             return None
         return w
 
     def _run_checkpointed(self, chunk: Task):
-        names, steps = self.names, self.num_steps
+        names, steps = self.names, self.inner.num_steps
         frozen = self._frozen()
         index = {id(t): i for i, t in enumerate(self.inputs)}
         total: list = [None] * len(self.inputs)
@@ -839,7 +824,8 @@ class _Job:
         # Backward: recompute each step with a graph, pull the adjoint back through it. The
         # adjoint is the parameters' and the optimiser state's (each state tensor's, in
         # tree_flatten's order); the last state feeds no loss.
-        hyper = _tensors_in(None if self.inner_optimizer is None else self.inner_optimizer.hyper)
+        optimizer = self.inner.inner_optimizer
+        hyper = _tensors_in(None if optimizer is None else optimizer.hyper)
         adjoint = query_grads.get(steps, dict.fromkeys(names))
         state_adjoint: list = []
         for s in reversed(range(steps)):

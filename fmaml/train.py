@@ -37,6 +37,7 @@ from fmaml.distributed import RankFailure, Ranks
 from fmaml.errors import ConfigError, NonFiniteError, WriteError
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.implicit import IMAML
+from fmaml.inner_loop import InnerLoop
 from fmaml.inner_optim import InnerOptimizer, get_inner_optimizer, hyper_names, proximal
 from fmaml.module import params_of, per_step
 from fmaml.objectives import meta_loss
@@ -99,6 +100,29 @@ class TrainState:
         if isinstance(rates, list):
             return [rates[min(i, len(rates) - 1)] for i in range(num_steps)]
         return rates
+
+    def inner_loop(self, epoch: int) -> InnerLoop:
+        """The inner loop of a training step in ``epoch``: the algorithm's setting of it,
+        with MAML++'s schedules (derivative order, multi-step loss weights) at ``epoch``."""
+        config = self.config
+        algorithm = get_algorithm(config.algorithm)
+        return algorithm.inner_loop(self.inner_lr, config.inner_steps).replace(
+            num_steps=config.inner_steps,  # config.resolve already applied inner_steps
+            adapt_keys=self.adapt_keys,  # without per-step BatchNorm keys (MAML++ BNWB)
+            first_order=algorithm.first_order or first_order_at(epoch, config.da_epochs),
+            step_weights=msl_weights(config.inner_steps, epoch, config.msl_epochs),
+            inner_optimizer=self.inner_optimizer,
+        )
+
+    def eval_inner_loop(self, num_steps: int) -> InnerLoop:
+        """The inner loop of validation and test with ``num_steps`` steps."""
+        algorithm = get_algorithm(self.config.algorithm)
+        return algorithm.inner_loop(self.inner_lr_for(num_steps)).replace(
+            num_steps=num_steps,
+            adapt_keys=self.adapt_keys,
+            first_order=False,
+            inner_optimizer=self.eval_inner_optimizer,
+        )
 
     def leaves(self) -> list[torch.Tensor]:
         """Every meta-learned tensor, in a fixed order (the optimizer's)."""
@@ -356,7 +380,6 @@ def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, fl
             infinite (on any rank); no gradient is left to step with.
     """
     config = state.config
-    algorithm = get_algorithm(config.algorithm)
     epoch = state.iteration // config.iterations_per_epoch
     if ranks is None:
         tasks = state.problem.sample(config.meta_batch, state.generator)
@@ -367,16 +390,10 @@ def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, fl
         state.problem.loss_fn,
         state.params,
         tasks,
-        inner_lr=state.inner_lr,
-        num_steps=config.inner_steps,
-        adapt_keys=state.adapt_keys,
-        first_order=algorithm.first_order or first_order_at(epoch, config.da_epochs),
-        step_weights=msl_weights(config.inner_steps, epoch, config.msl_epochs),
+        state.inner_loop(epoch),
         score_fn=state.problem.score_fn,
         strategy=state.strategy,
         objective=objective_of(config),
-        head_init=algorithm.head_init,
-        inner_optimizer=state.inner_optimizer,
     )
     if ranks is None:
         if not torch.isfinite(loss):
@@ -496,11 +513,7 @@ def _episode_scores(
             problem.loss_fn,
             state.params,
             episodes,
-            inner_lr=state.inner_lr_for(num_steps),
-            num_steps=num_steps,
-            adapt_keys=state.adapt_keys,
-            head_init=get_algorithm(state.config.algorithm).head_init,
-            inner_optimizer=state.eval_inner_optimizer,
+            state.eval_inner_loop(num_steps),
         )
 
     if ranks is None:

@@ -191,7 +191,7 @@ def test_da_switched_off_is_second_order(monkeypatch):
     real = train_module.meta_loss
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["first_order"])
+        seen.append(args[3].first_order)  # the InnerLoop the step runs
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "meta_loss", spy)
