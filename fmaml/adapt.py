@@ -19,7 +19,7 @@ from fmaml.inner_loop import UNSET, InnerLoop, InnerLR, Rate, settings
 from fmaml.inner_optim import InnerOptimizer, State, check_inner_optimizer
 from fmaml.padding import is_padded
 from fmaml.tree import KeySelector, select
-from fmaml.types import Batch, LossFn, Params
+from fmaml.types import Batch, LossFn, Params, options_of
 
 
 def unroll(
@@ -242,17 +242,18 @@ def adapt(
 def at_step(loss_fn: LossFn, step: int, support: Batch | Tensor | None = None) -> LossFn:
     """``loss_fn`` for the forward pass after ``step`` inner steps.
 
-    A *stepwise* loss (``loss_fn.stepwise``, e.g. per-step BatchNorm from
-    :func:`fmaml.per_step`) is given the step; a loss with ``support_statistics`` is given
+    A *stepwise* loss (its :class:`fmaml.types.LossOptions` say so, e.g. per-step BatchNorm
+    from :func:`fmaml.per_step`) is given the step; a loss with ``support_statistics`` is given
     the task's support set to take its BatchNorm statistics from (for query batches): its
     ``x``, or the whole set when it is padded (``(x, y, mask[, classes])``: the mask must
     reach the statistics). ``support`` is the support set (or, as before, its ``x`` alone,
     for unpadded tasks). Any other loss is returned as it is.
     """
     kwargs: dict = {}
-    if getattr(loss_fn, "stepwise", False):
+    options = options_of(loss_fn)
+    if options.stepwise:
         kwargs["step"] = step
-    if support is not None and getattr(loss_fn, "support_statistics", False):
+    if support is not None and options.support_statistics:
         plain = isinstance(support, (tuple, list)) and not is_padded(support)
         kwargs["stats_from"] = support[0] if plain else support
     return functools.partial(loss_fn, **kwargs) if kwargs else loss_fn

@@ -20,7 +20,7 @@ from fmaml.adapt import InnerLR, adapt, at_step
 from fmaml.inner_loop import UNSET, InnerLoop
 from fmaml.inner_optim import proximal
 from fmaml.tree import KeySelector, select
-from fmaml.types import LossFn, Params, Task
+from fmaml.types import LossFn, Params, Task, options_of
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def imaml_loss(
     _refuse_learned_rates(inner_lr)
     if not torch.compiler.is_compiling():  # functorch's introspection: eager mode only
         _refuse_forward_mode(params)
-    if getattr(loss_fn, "stepwise", False):
+    if options_of(loss_fn).stepwise:
         raise ValueError(
             "imaml_loss(): `loss_fn` is stepwise (fmaml.per_step: other weights after each "
             "inner step), but iMAML's inner problem is one loss whose Hessian at the solution "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from fmaml.nn.batchnorm import BatchNorm, with_batch_statistics, with_stat_mask, with_stat_rows
 from fmaml.padding import is_padded, unpack
-from fmaml.types import Batch, Params
+from fmaml.types import Batch, LossOptions, Params
 
 
 def params_of(model: nn.Module) -> Params:
@@ -83,21 +84,35 @@ class SupervisedLoss:
     parameters' dtype (float32).
     """
 
-    stepwise = False
-    """Whether the loss takes the inner step (``loss(params, batch, step=s)``): MAML++ BNWB."""
-
-    per_step_keys: tuple[str, ...] = ()
+    options: LossOptions = LossOptions()
+    """How the inner loop calls this loss (stepwise, per-step keys, support statistics,
+    autocast): declared, and changed only by building a new loss."""
 
     home_thread: int | None = None
     """The thread that may run the module itself (``None``: any); others use copies."""
 
-    support_statistics = False
-    """BatchNorm statistics of the query come from the support set (MAML++ BNRS, fmaml's
-    leak-free form); ``False``: from the batch itself (MAML's transductive default)."""
+    @property
+    def stepwise(self) -> bool:
+        """Whether the loss takes the inner step (``loss(params, batch, step=s)``): MAML++ BNWB."""
+        return self.options.stepwise
 
-    autocast: torch.dtype | None = None
-    """The dtype the model's forward pass runs in under ``torch.autocast`` (mixed precision,
-    :meth:`with_autocast`); ``None``: the parameters' dtype throughout."""
+    @property
+    def per_step_keys(self) -> tuple[str, ...]:
+        """The parameters with one slot per inner step (:func:`per_step`)."""
+        return self.options.per_step_keys
+
+    @property
+    def support_statistics(self) -> bool:
+        """BatchNorm statistics of the query come from the support set (MAML++ BNRS,
+        fmaml's leak-free form); ``False``: from the batch itself (MAML's transductive
+        default)."""
+        return self.options.support_statistics
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """The dtype the model's forward pass runs in under ``torch.autocast`` (mixed
+        precision, :meth:`with_autocast`); ``None``: the parameters' dtype throughout."""
+        return self.options.autocast
 
     def __init__(self, model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor]):
         self.module = with_batch_statistics(model)
@@ -275,9 +290,7 @@ class SupervisedLoss:
 
     def with_support_statistics(self, enabled: bool = True) -> SupervisedLoss:
         """This loss with the query's BatchNorm statistics taken from the support set."""
-        other = copy.copy(self)
-        other.support_statistics = enabled
-        return other
+        return self._with(dataclasses.replace(self.options, support_statistics=enabled))
 
     def with_autocast(self, dtype: torch.dtype | None = torch.bfloat16) -> SupervisedLoss:
         """This loss with the model's forward pass in mixed precision (``None``: off).
@@ -317,14 +330,34 @@ class SupervisedLoss:
                 "underflows small gradients), which fmaml does not do. Use torch.bfloat16, "
                 "or None for full precision."
             )
-        other = copy.copy(self)
-        other.autocast = dtype
-        return other
+        return self._with(dataclasses.replace(self.options, autocast=dtype))
 
     def with_criterion(self, criterion: Callable[[Tensor, Tensor], Tensor]) -> SupervisedLoss:
         """The same model with another criterion (e.g. a metric for evaluation)."""
         other = copy.copy(self)
         other.criterion = criterion
+        return other
+
+    def with_options(self, options: LossOptions) -> SupervisedLoss:
+        """The same model and criterion with ``options`` (e.g. another loss's, for a loss
+        built for other shots that must be called the same way)."""
+        if not isinstance(options, LossOptions):
+            raise TypeError(
+                f"SupervisedLoss.with_options(): expected an fmaml.types.LossOptions, got "
+                f"{type(options).__name__}. Build one with dataclasses.replace(loss.options, ...)."
+            )
+        return self._with(options)
+
+    def on_private_module(self) -> SupervisedLoss:
+        """This loss on a private copy of its module (the same tensors), callable from any
+        thread: what a strategy's worker thread runs (:mod:`fmaml.strategy`)."""
+        other = copy.copy(self)
+        other.module, other.home_thread = private_copy(self.module), None
+        return other
+
+    def _with(self, options: LossOptions) -> SupervisedLoss:
+        other = copy.copy(self)
+        other.options = options
         return other
 
     def batchnorm_keys(self) -> list[str]:
@@ -423,10 +456,8 @@ def per_step(
         else v
         for k, v in params.items()
     }
-    stepwise = copy.copy(loss_fn)
-    stepwise.per_step_keys = tuple(keys)
-    stepwise.stepwise = bool(keys)
-    return stepwise, stacked
+    options = dataclasses.replace(loss_fn.options, per_step_keys=tuple(keys), stepwise=bool(keys))
+    return loss_fn.with_options(options), stacked
 
 
 def supervised_loss(

@@ -45,7 +45,6 @@ take turns, since both are process-wide; the others run side by side
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import numbers
 import os
@@ -62,7 +61,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fmaml.graph import depends_on, reached_leaves
 from fmaml.inner_loop import UNSET, InnerLoop, InnerLR, StepWeights, settings
-from fmaml.module import private_copy
+from fmaml.module import SupervisedLoss
 from fmaml.tree import KeySelector, select
 from fmaml.types import LossFn, Task
 
@@ -599,18 +598,15 @@ class _Job:
             fn = getattr(self, name)
             if fn is None:
                 continue
-            module = getattr(fn, "module", None)
-            if not isinstance(module, torch.nn.Module):
+            if not isinstance(fn, SupervisedLoss):
                 raise ValueError(
                     "meta_loss(): Strategy(workers > 1) needs losses from "
                     f"fmaml.supervised_loss (it gives each thread its own copy of the model); "
                     f"got `{name}` of type {type(fn).__name__}. Use workers=1."
                 )
-            fn = copy.copy(fn)
             # a private module, but the same tensors: one that requires grad (a module
             # attribute the loss uses) must get its gradient, not a copy of it
-            fn.module, fn.home_thread = private_copy(module), None
-            copies[name] = fn
+            copies[name] = fn.on_private_module()
         return dataclasses.replace(self, **copies)
 
     def run(self, chunk: Task) -> tuple[Tensor, list, dict, Tensor | None]:

@@ -10,7 +10,6 @@ meta-batch (see :mod:`fmaml.distributed`); rank 0 alone writes metrics and check
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -247,11 +246,9 @@ def _hyper_logits(config: TrainConfig, like: torch.Tensor) -> dict[str, torch.Te
 
 
 def _stepwise_like(template, fresh):
-    """``fresh`` (a loss for other shots) with the per-step parameters of ``template``."""
-    out = copy.copy(fresh)
-    out.per_step_keys, out.stepwise = template.per_step_keys, template.stepwise
-    out.support_statistics = template.support_statistics
-    return out
+    """``fresh`` (a loss for other shots) called the way ``template`` is (its per-step
+    parameters, support statistics and autocast)."""
+    return fresh.with_options(template.options)
 
 
 def _without(adapt_keys, excluded: set[str]):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 Params = dict[str, Tensor]
@@ -40,3 +42,40 @@ class Task(NamedTuple):
 
     support: Batch
     query: Batch
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """What a loss declares about how the inner loop must call it; changed with
+    ``dataclasses.replace`` (a new value), never set on the loss afterwards.
+
+    :func:`fmaml.supervised_loss` losses hold one as ``loss_fn.options`` (their
+    ``with_support_statistics``, ``with_autocast`` and :func:`fmaml.per_step` return new
+    losses with it changed); :func:`options_of` reads it, and any other callable has the
+    defaults.
+
+    Attributes:
+        stepwise: the loss takes the inner step, ``loss_fn(params, batch, step=s)``
+            (MAML++ per-step BatchNorm weights, :func:`fmaml.per_step`).
+        per_step_keys: the parameters with one slot per inner step.
+        support_statistics: the query's BatchNorm statistics come from the task's support
+            set, ``loss_fn(params, query, stats_from=support)`` (MAML++ BNRS, leak-free);
+            ``False``: from the batch itself (MAML's transductive default).
+        autocast: the dtype of the model's forward pass under ``torch.autocast`` (mixed
+            precision); ``None``: the parameters' dtype throughout.
+
+    Example:
+        >>> options_of(lambda params, batch: 0.0)
+        LossOptions(stepwise=False, per_step_keys=(), support_statistics=False, autocast=None)
+    """
+
+    stepwise: bool = False
+    per_step_keys: tuple[str, ...] = ()
+    support_statistics: bool = False
+    autocast: torch.dtype | None = None
+
+
+def options_of(loss_fn: LossFn) -> LossOptions:
+    """The :class:`LossOptions` ``loss_fn`` declares (its ``options``), else the defaults."""
+    options = getattr(loss_fn, "options", None)
+    return options if isinstance(options, LossOptions) else LossOptions()
