@@ -58,6 +58,7 @@ from torch import nn
 from fmaml.errors import ConfigError
 from fmaml.module import params_of, supervised_loss
 from fmaml.nn import BatchNorm, conv4, mlp
+from fmaml.nn.init import seeded
 from fmaml.objectives import meta_loss, task_loss
 from fmaml.strategy import Strategy, auto_strategy
 from fmaml.tasks.sinusoid import SinusoidTasks
@@ -130,12 +131,13 @@ def build(
     """The network (seeded initialisation) and one meta-batch (seeded data) for ``setting``;
     with ``precision="bf16"`` its loss runs under bf16 autocast (float32 parameters)."""
     generator = torch.Generator().manual_seed(0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        if setting.name == "sinusoid":
-            model = mlp()
-        else:
-            model = conv4(setting.ways, setting.channels, setting.hidden, setting.image_size)
+    if setting.name == "sinusoid":
+        model = seeded(mlp, torch.Generator().manual_seed(0))
+    else:
+        model = seeded(
+            lambda: conv4(setting.ways, setting.channels, setting.hidden, setting.image_size),
+            torch.Generator().manual_seed(0),
+        )
     model = model.to(device=device, dtype=dtype)
     n = setting.meta_batch
     if setting.name == "sinusoid":

@@ -19,6 +19,7 @@ from fmaml.config import TrainConfig
 from fmaml.errors import ConfigError, InputError
 from fmaml.module import SupervisedLoss, accuracy, supervised_loss
 from fmaml.nn import conv4, mlp, resnet12
+from fmaml.nn.init import seeded
 from fmaml.tasks.sinusoid import SinusoidTasks
 from fmaml.types import Task
 
@@ -96,7 +97,7 @@ def dtype_of(config: TrainConfig) -> torch.dtype:
 def sinusoid_problem(config: TrainConfig) -> Problem:
     """The sinusoid regression :class:`Problem` of a resolved config: the MLP, MSE, tasks."""
     dtype, device = dtype_of(config), torch.device(config.device)
-    model = _init_model(lambda: mlp(hidden=(config.hidden, config.hidden)), config.seed)
+    model = seeded(lambda: mlp(hidden=(config.hidden, config.hidden)), _init_generator(config))
     model = model.to(device=device, dtype=dtype)
     loss_fn = supervised_loss(model, F.mse_loss)
     train_tasks = SinusoidTasks(num_shots=config.shots, num_query=config.query)
@@ -138,11 +139,10 @@ def classification_problem(
     )
 
 
-def _init_model(make: Callable[[], nn.Module], seed: int) -> nn.Module:
-    """Build a model with initial weights drawn from ``seed`` without touching global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make()
+def _init_generator(config: TrainConfig) -> torch.Generator:
+    """The generator a run's initial weights come from (on the CPU: the same weights on every
+    device), seeded with the run's seed; the global random state is never touched."""
+    return torch.Generator().manual_seed(config.seed)
 
 
 def _slice(tasks: Task, start: int, stop: int) -> Task:
@@ -158,9 +158,9 @@ def image_model(config: TrainConfig, in_channels: int) -> nn.Module:
     if config.model == "resnet12":
         h = config.hidden
         widths = (h, round(2.5 * h), 5 * h, 10 * h)
-        model = _init_model(lambda: resnet12(config.ways, in_channels, widths), config.seed)
+        model = resnet12(config.ways, in_channels, widths, generator=_init_generator(config))
     else:
-        model = _init_model(
+        model = seeded(
             lambda: conv4(
                 config.ways,
                 in_channels,
@@ -168,7 +168,7 @@ def image_model(config: TrainConfig, in_channels: int) -> nn.Module:
                 config.image_size,
                 max_pool=config.max_pool,
             ),
-            config.seed,
+            _init_generator(config),
         )
     return model.to(device=device, dtype=dtype)
 

@@ -2,7 +2,8 @@
 BatchNorm."""
 
 from fmaml.nn.batchnorm import BatchNorm, with_batch_statistics
+from fmaml.nn.init import seeded
 from fmaml.nn.models import Classifier, conv4, mlp
 from fmaml.nn.resnet12 import resnet12
 
-__all__ = ["BatchNorm", "Classifier", "conv4", "mlp", "resnet12", "with_batch_statistics"]
+__all__ = ["BatchNorm", "Classifier", "conv4", "mlp", "resnet12", "seeded", "with_batch_statistics"]

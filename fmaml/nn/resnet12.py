@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from fmaml.nn.batchnorm import BatchNorm
+from fmaml.nn.init import seeded
 from fmaml.nn.models import Classifier
 
 MIN_SIZE = 16
@@ -84,6 +86,7 @@ def resnet12(
     widths: Sequence[int] = (64, 160, 320, 640),
     *,
     negative_slope: float = 0.1,
+    generator: torch.Generator | None = None,
 ) -> Classifier:
     """ResNet-12 as in MetaOptNet: four residual blocks, global average pool, linear head.
 
@@ -106,6 +109,9 @@ def resnet12(
         widths: the four blocks' channels; MetaOptNet's ``(64, 160, 320, 640)`` by default
             (12.4M parameters); the original ResNet-12 of TADAM uses ``(64, 128, 256, 512)``.
         negative_slope: of the LeakyReLU (0.1 as MetaOptNet; 0 for a ReLU).
+        generator: draw the initial weights from it (:func:`fmaml.nn.init.seeded`; the
+            global random state is then neither read nor changed); ``None``: torch's
+            global generator, as ``nn`` layers do.
 
     Returns:
         A :class:`Classifier` mapping ``[n, in_channels, h, w]`` (``h, w >= 16``) to
@@ -153,8 +159,19 @@ def resnet12(
             f"resnet12(): `negative_slope` must be at least 0 (0 is a ReLU), got "
             f"{negative_slope!r}."
         )
-    body = ResNet12Body(in_channels, widths, float(negative_slope))
+
+    def make_body() -> nn.Module:
+        return ResNet12Body(in_channels, widths, float(negative_slope))
+
+    def make_head() -> nn.Module:
+        return nn.Linear(widths[-1], num_classes)
+
+    # the draws in the order torch.manual_seed(s); resnet12(...) makes them
+    body = make_body() if generator is None else seeded(make_body, generator)
     for module in body.modules():
         if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu")
-    return Classifier(body, nn.Linear(widths[-1], num_classes))
+            nn.init.kaiming_normal_(
+                module.weight, mode="fan_out", nonlinearity="leaky_relu", generator=generator
+            )
+    head = make_head() if generator is None else seeded(make_head, generator)
+    return Classifier(body, head)
