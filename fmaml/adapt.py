@@ -125,8 +125,9 @@ def inner_step(
     return inner_optimizer.update(grads, state, fast, rate, inner_optimizer.hyper)
 
 
-def _support_loss(fast: Params, loss_fn: LossFn, frozen: Params, support: Batch) -> Tensor:
-    """The support loss as a function of the adapted parameters alone (argument 0)."""
+def support_loss(fast: Params, loss_fn: LossFn, frozen: Params, support: Batch) -> Tensor:
+    """The support loss as a function of the adapted parameters alone (argument 0): what
+    every inner step differentiates."""
     return loss_fn({**frozen, **fast}, support)
 
 
@@ -150,7 +151,7 @@ def _inner_grads(
 ) -> Params:
     """The support loss's gradient with respect to ``fast``; constants if ``first_order``."""
     if not PLAIN_AUTOGRAD.get():
-        grads = torch.func.grad(_support_loss)(fast, loss_fn, frozen, support)
+        grads = torch.func.grad(support_loss)(fast, loss_fn, frozen, support)
         return {k: g.detach() for k, g in grads.items()} if first_order else grads
     tensors = [*fast.values(), *frozen.values(), *(t for t in support if isinstance(t, Tensor))]
     passed_in = any(t.requires_grad for t in tensors)
@@ -167,7 +168,7 @@ def _inner_grads(
             for k, v in fast.items()
         }
         made = [v for v in inputs.values() if v.grad_fn is None]  # the stand-ins
-        loss = _support_loss(inputs, loss_fn, frozen, support)
+        loss = support_loss(inputs, loss_fn, frozen, support)
         grads = torch.autograd.grad(
             loss, list(inputs.values()), create_graph=keep, allow_unused=True
         )

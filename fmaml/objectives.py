@@ -130,7 +130,7 @@ def task_loss(
             score_fn=score_fn,
             inner_optimizer=inner_optimizer,
         )
-    weights = _check_step_weights(step_weights, num_steps)
+    weights = check_step_weights(step_weights, num_steps)
     trajectory = _trajectory(
         loss_fn,
         params,
@@ -534,7 +534,7 @@ def meta_loss(
             head_init=head_init,
             inner_optimizer=inner_optimizer,
         )
-    per_task = _over_tasks(
+    per_task = over_tasks(
         lambda task: task_loss(
             loss_fn,
             params,
@@ -576,7 +576,7 @@ def meta_scores(
     """
     _check_padded_meta_batch(tasks, head_init, None, "meta_scores")
     _check_meta_head(loss_fn, params, tasks, head_init, "query", "meta_scores")
-    return _over_tasks(
+    return over_tasks(
         lambda task: task_scores(
             score_fn,
             loss_fn,
@@ -592,8 +592,9 @@ def meta_scores(
     )
 
 
-def _over_tasks(per_task, tasks: Task) -> Tensor:
-    """The one vmap over the task axis."""
+def over_tasks(per_task, tasks: Task) -> Tensor:
+    """``per_task`` on every task of ``tasks``: the one vmap over the task axis (the engine
+    runs its chunks through it too)."""
     check_tasks(tasks)
     return torch.func.vmap(per_task)(tasks)
 
@@ -629,7 +630,9 @@ def _stack_weights(weights: Sequence[float | Tensor] | Tensor, like: Tensor) -> 
     return torch.stack([torch.as_tensor(w, dtype=like.dtype, device=like.device) for w in weights])
 
 
-def _check_step_weights(step_weights, num_steps: int):
+def check_step_weights(step_weights, num_steps: int):
+    """``step_weights`` as given, after checking it has one weight per inner step (``None``
+    stays ``None``); raises ``ValueError`` otherwise."""
     if step_weights is None:
         return None
     if num_steps == 0:

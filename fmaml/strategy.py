@@ -62,7 +62,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fmaml.graph import depends_on, reached_leaves
 from fmaml.module import private_copy
-from fmaml.tree import KeySelector, select
+from fmaml.tree import KeySelector, select, tensors_in
 from fmaml.types import LossFn, Task
 
 
@@ -376,12 +376,12 @@ def run_strategy(
     """:func:`fmaml.meta_loss` under a non-default ``strategy``; same arguments and result."""
     from fmaml.adapt import step_rates
     from fmaml.inner_optim import check_inner_optimizer
-    from fmaml.objectives import _check_step_weights, check_tasks
+    from fmaml.objectives import check_step_weights, check_tasks
 
     num_tasks = check_tasks(tasks)
     check_inner_optimizer(inner_optimizer, "meta_loss")
     hyper = None if inner_optimizer is None else dict(inner_optimizer.hyper)
-    weights = _check_step_weights(step_weights, num_steps)
+    weights = check_step_weights(step_weights, num_steps)
     names = select(params.keys(), adapt_keys, caller="meta_loss")
     rates = step_rates(inner_lr, params, names, num_steps, caller="meta_loss")
     _refuse_transforms()
@@ -409,8 +409,8 @@ def run_strategy(
             for k, t in (hyper or {}).items()
             if isinstance(t, Tensor)
         },
-        **{id(t): "a tensor of `step_weights`" for t in _tensors_in(step_weights)},
-        **{id(t): "a tensor of `inner_lr`" for t in _tensors_in(inner_lr)},
+        **{id(t): "a tensor of `step_weights`" for t in tensors_in(step_weights)},
+        **{id(t): "a tensor of `inner_lr`" for t in tensors_in(inner_lr)},
         **{id(t): f"params[{k!r}]" for k, t in params.items()},
     }
     # With grad enabled the chunks are differentiated even if nothing passed in requires
@@ -667,10 +667,10 @@ class _Job:
 
     def _over(self, per_task: Callable, chunk: Task, fast=None, batched: bool = False):
         """``per_task`` on every task of the chunk; ``fast`` per-task (batched) or shared."""
-        from fmaml.objectives import _over_tasks
+        from fmaml.objectives import over_tasks
 
         if fast is None:
-            return per_task(chunk) if self.unbatched else _over_tasks(per_task, chunk)
+            return per_task(chunk) if self.unbatched else over_tasks(per_task, chunk)
         if self.unbatched:
             return per_task(fast, chunk)
         return torch.func.vmap(per_task, in_dims=(0 if batched else None, 0))(fast, chunk)
@@ -729,7 +729,7 @@ class _Job:
         :func:`fmaml.adapt.inner_step` (the step :func:`fmaml.unroll` takes). ``state`` is
         the inner optimiser's: ``None`` before the first step, ``{}`` for plain SGD (vmap
         carries no ``None``)."""
-        from fmaml.adapt import _support_loss, at_step, inner_step
+        from fmaml.adapt import at_step, inner_step, support_loss
 
         frozen, rate, first_order = self._frozen(), self.rates[s], self.first_order
         head_init = self.head_init if s == 0 else None
@@ -744,7 +744,7 @@ class _Job:
 
                 start = prototype_head(self.loss_fn, {**frozen, **fast}, task.support)
                 fast = {k: start[k] for k in fast}
-            grads = torch.func.grad(_support_loss)(
+            grads = torch.func.grad(support_loss)(
                 fast, at_step(self.loss_fn, s), frozen, task.support
             )
             if first_order:
@@ -839,7 +839,7 @@ class _Job:
         # Backward: recompute each step with a graph, pull the adjoint back through it. The
         # adjoint is the parameters' and the optimiser state's (each state tensor's, in
         # tree_flatten's order); the last state feeds no loss.
-        hyper = _tensors_in(None if self.inner_optimizer is None else self.inner_optimizer.hyper)
+        hyper = tensors_in(None if self.inner_optimizer is None else self.inner_optimizer.hyper)
         adjoint = query_grads.get(steps, dict.fromkeys(names))
         state_adjoint: list = []
         for s in reversed(range(steps)):
@@ -853,7 +853,7 @@ class _Job:
                 after, after_state = self._over(self._step(s), chunk, (start, state), s > 0)
             after_leaves = tree_flatten(after_state)[0]
             n, m = len(names), len(state_leaves)
-            wrt = [*start.values(), *state_leaves, *frozen_live, *_tensors_in(self.rates[s])]
+            wrt = [*start.values(), *state_leaves, *frozen_live, *tensors_in(self.rates[s])]
             wrt += [t for t in hyper if all(t is not w for w in wrt)]
             grads, others = self._grad(
                 [*(after[k] for k in names), *after_leaves],
@@ -1033,24 +1033,11 @@ def _slice(tasks: Task, start: int, stop: int, unbatched: bool, channels_last: b
     return Task(*(tuple(t[start:stop] for t in pair) for pair in tasks))
 
 
-def _tensors_in(value) -> list[Tensor]:
-    """The distinct tensors in a rate, a rate dict, or a sequence of those."""
-    if isinstance(value, Tensor):
-        found = [value]
-    elif isinstance(value, Mapping):
-        found = [v for v in value.values() if isinstance(v, Tensor)]
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        found = [t for v in value for t in _tensors_in(v)]
-    else:
-        found = []
-    return list({id(t): t for t in found}.values())
-
-
 def _differentiable_inputs(params, inner_lr, step_weights, hyper=None) -> list[Tensor]:
     """The distinct tensors the meta-loss is differentiated with respect to."""
     found, seen = [], set()
-    tensors = [*params.values(), *_tensors_in(inner_lr), *_tensors_in(step_weights)]
-    for t in [*tensors, *_tensors_in(hyper)]:
+    tensors = [*params.values(), *tensors_in(inner_lr), *tensors_in(step_weights)]
+    for t in [*tensors, *tensors_in(hyper)]:
         if t.requires_grad and id(t) not in seen:
             seen.add(id(t))
             found.append(t)
