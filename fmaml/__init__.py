@@ -9,13 +9,13 @@ import importlib
 
 from fmaml import inner_optim, nn, schedules, tasks
 from fmaml.adapt import adapt, init_rates, step_rates, unroll
+from fmaml.engine.strategy import MetaGradients, Strategy, auto_strategy, value_and_grad
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.implicit import IMAML, imaml_loss
 from fmaml.inner_optim import InnerOptimizer
 from fmaml.module import SupervisedLoss, accuracy, params_of, per_step, supervised_loss
 from fmaml.objectives import meta_loss, meta_scores, reptile_loss, task_loss, task_scores
 from fmaml.proto import prototype_head, prototypes
-from fmaml.strategy import MetaGradients, Strategy, auto_strategy, value_and_grad
 from fmaml.tree import combine, partition, tree_map
 from fmaml.types import Batch, LossFn, Params, Task
 

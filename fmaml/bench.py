@@ -55,11 +55,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmaml.engine.strategy import Strategy, auto_strategy
 from fmaml.errors import ConfigError
 from fmaml.module import params_of, supervised_loss
 from fmaml.nn import BatchNorm, conv4, mlp
 from fmaml.objectives import meta_loss, task_loss
-from fmaml.strategy import Strategy, auto_strategy
 from fmaml.tasks.sinusoid import SinusoidTasks
 from fmaml.types import Task
 

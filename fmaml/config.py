@@ -452,7 +452,7 @@ def check(config: TrainConfig) -> None:
         _check_prototypes(config)
     _check_inner_optimizer(config)
     _check_imaml(config)
-    from fmaml.strategy import Strategy
+    from fmaml.engine.strategy import Strategy
 
     strategy_fields = {f.name for f in dataclasses.fields(Strategy)}
     unknown = sorted(set(config.strategy) - strategy_fields)

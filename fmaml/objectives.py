@@ -21,7 +21,7 @@ from fmaml.tree import KeySelector
 from fmaml.types import LossFn, Task
 
 if TYPE_CHECKING:  # the engine imports this module, not the other way round
-    from fmaml.strategy import Strategy
+    from fmaml.engine.strategy import Strategy
 
 Objective = Literal["query", "reptile", "imaml"] | IMAML
 """What the outer step follows: the query loss (MAML and its variants), Reptile's direction,

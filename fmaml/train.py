@@ -34,6 +34,7 @@ from fmaml.checkpoint import (
 )
 from fmaml.config import LEARNED_HYPER, TrainConfig, resolve
 from fmaml.distributed import RankFailure, Ranks
+from fmaml.engine.strategy import Strategy, auto_strategy, refuse_batchnorm
 from fmaml.errors import ConfigError, NonFiniteError, WriteError
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.implicit import IMAML
@@ -42,7 +43,6 @@ from fmaml.module import params_of, per_step
 from fmaml.objectives import meta_loss
 from fmaml.problems import EmptySplit, Problem, sinusoid_problem
 from fmaml.schedules import cosine_lr, first_order_at, msl_weights
-from fmaml.strategy import Strategy, auto_strategy, refuse_batchnorm
 from fmaml.tree import tree_clone
 from fmaml.types import Params
 

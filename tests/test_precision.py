@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from test_cli import FAST, invoke
 
 import fmaml
+from fmaml.engine.strategy import Strategy
 from fmaml.nn import BatchNorm
-from fmaml.strategy import Strategy
 
 MLP_TOL = {"loss": 2e-3, "grad": 0.15}
 CONV4_TOL = {"loss": 5e-2, "grad": 0.3, "cosine": 0.95}

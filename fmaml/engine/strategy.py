@@ -60,8 +60,13 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from fmaml.adapt import PLAIN_AUTOGRAD, STAND_INS, at_step, inner_step, step_rates, support_loss
 from fmaml.graph import depends_on, reached_leaves
+from fmaml.inner_optim import InnerOptimizer, check_inner_optimizer
 from fmaml.module import private_copy
+from fmaml.nn.batchnorm import BatchNorm
+from fmaml.objectives import check_step_weights, check_tasks, meta_loss, over_tasks, task_loss
+from fmaml.proto import HEAD_KEYS, prototype_head
 from fmaml.tree import KeySelector, select, tensors_in
 from fmaml.types import LossFn, Task
 
@@ -315,8 +320,6 @@ def value_and_grad(
         >>> loss.requires_grad, grads.params["head.weight"].shape
         (False, torch.Size([1, 40]))
     """
-    from fmaml.objectives import check_tasks, meta_loss
-
     if strategy is None:
         x_support, x_query = tasks.support[0], tasks.query[0]
         strategy = auto_strategy(
@@ -374,10 +377,6 @@ def run_strategy(
     inner_optimizer=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`fmaml.meta_loss` under a non-default ``strategy``; same arguments and result."""
-    from fmaml.adapt import step_rates
-    from fmaml.inner_optim import check_inner_optimizer
-    from fmaml.objectives import check_step_weights, check_tasks
-
     num_tasks = check_tasks(tasks)
     check_inner_optimizer(inner_optimizer, "meta_loss")
     hyper = None if inner_optimizer is None else dict(inner_optimizer.hyper)
@@ -386,8 +385,6 @@ def run_strategy(
     rates = step_rates(inner_lr, params, names, num_steps, caller="meta_loss")
     _refuse_transforms()
     if strategy.checkpoint and head_init is not None and num_steps > 0:
-        from fmaml.proto import HEAD_KEYS
-
         if not set(HEAD_KEYS) <= set(names):
             raise ValueError(
                 f"meta_loss(): strategy '{strategy}' recomputes the prototype head inside "
@@ -514,9 +511,6 @@ def _compiled_step(
     the life of the process (as torch.compile keeps its compiled code). The inner
     optimiser's hyper-parameters come in as ``hyper``: a learned one is a new tensor every
     step (``sigmoid(logit)``), so only its functions are part of the setting."""
-    from fmaml.inner_optim import InnerOptimizer
-    from fmaml.objectives import meta_loss
-
     kind = None if inner_optimizer is None else (inner_optimizer.init, inner_optimizer.update)
     key = (
         id(loss_fn),
@@ -560,8 +554,6 @@ def _compiled_step(
 
 def refuse_batchnorm(*losses) -> None:
     """Raise ``ValueError`` if a loss's ``module`` has BatchNorm (for ``compile=True``)."""
-    from fmaml.nn.batchnorm import BatchNorm
-
     for fn in losses:
         module = getattr(fn, "module", None)
         if isinstance(module, torch.nn.Module) and any(
@@ -626,8 +618,6 @@ class _Job:
         """(this chunk's share of the loss, its gradients for ``inputs``, ``{id: (tensor,
         gradient)}`` for the leaves requiring grad it reaches besides them (tensors the loss
         captures), its summed score)."""
-        from fmaml.adapt import PLAIN_AUTOGRAD, STAND_INS
-
         if self.checkpoint and self.objective == "query" and self.num_steps > 0:
             # Reptile's and iMAML's gradients go through no inner step (the adapted
             # parameters are constants of them): there is nothing to recompute, and the
@@ -648,8 +638,6 @@ class _Job:
         return loss.detach(), grads, captured, None if score is None else score.sum()
 
     def _task_loss(self, task: Task):
-        from fmaml.objectives import task_loss
-
         return task_loss(
             self.loss_fn,
             self.params,
@@ -667,8 +655,6 @@ class _Job:
 
     def _over(self, per_task: Callable, chunk: Task, fast=None, batched: bool = False):
         """``per_task`` on every task of the chunk; ``fast`` per-task (batched) or shared."""
-        from fmaml.objectives import over_tasks
-
         if fast is None:
             return per_task(chunk) if self.unbatched else over_tasks(per_task, chunk)
         if self.unbatched:
@@ -680,8 +666,6 @@ class _Job:
         other tensor requiring grad that its graph reaches: one of ``inputs`` (the
         checkpointed path differentiates each piece for some of them) or a leaf the loss
         captures. The walk that finds them stops at ``wrt`` and ``inputs``."""
-        from fmaml.adapt import STAND_INS
-
         result: list = [None] * len(wrt)
         if not self.want_grad:
             return result, {}
@@ -729,8 +713,6 @@ class _Job:
         :func:`fmaml.adapt.inner_step` (the step :func:`fmaml.unroll` takes). ``state`` is
         the inner optimiser's: ``None`` before the first step, ``{}`` for plain SGD (vmap
         carries no ``None``)."""
-        from fmaml.adapt import at_step, inner_step, support_loss
-
         frozen, rate, first_order = self._frozen(), self.rates[s], self.first_order
         head_init = self.head_init if s == 0 else None
         inner_optimizer = self.inner_optimizer
@@ -740,8 +722,6 @@ class _Job:
             if head_init is not None:
                 # ProtoMAML: the head starts from this task's prototypes; recomputed with the
                 # first step in the backward, so the meta-gradient flows through it too
-                from fmaml.proto import prototype_head
-
                 start = prototype_head(self.loss_fn, {**frozen, **fast}, task.support)
                 fast = {k: start[k] for k in fast}
             grads = torch.func.grad(support_loss)(
@@ -764,8 +744,6 @@ class _Job:
         return step
 
     def _query(self, s: int, fn: LossFn):
-        from fmaml.adapt import at_step
-
         frozen = self._frozen()
 
         def query(fast: dict, task: Task) -> Tensor:
