@@ -20,11 +20,11 @@ from fmaml.tree import combine, partition, tree_map
 from fmaml.types import Batch, LossFn, Params, Task
 
 _LAZY = {
-    "TrainConfig": ("fmaml.config", "TrainConfig"),
-    "TrainState": ("fmaml.train", "TrainState"),
-    "evaluate_state": ("fmaml.train", "evaluate_state"),
-    "restore_state": ("fmaml.train", "restore_state"),
-    "fit": ("fmaml.train", "train"),
+    "TrainConfig": ("fmaml.training.config", "TrainConfig"),
+    "TrainState": ("fmaml.training.train", "TrainState"),
+    "evaluate_state": ("fmaml.training.train", "evaluate_state"),
+    "restore_state": ("fmaml.training.train", "restore_state"),
+    "fit": ("fmaml.training.train", "train"),
 }
 """Public names of the training shell: ``name -> (module, attribute)``, imported on first use."""
 

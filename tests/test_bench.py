@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import fmaml.bench as bench
-from fmaml.cli import main
+from fmaml.training.cli import main
 
 QUICK = {"repeats": 1, "min_seconds": 0.0, "orders": ["second"], "isolate": False}
 

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 from conftest_images import folder_train_args, isolated_cache, make_folder
 
-import fmaml.train as train_module
-from fmaml.checkpoint import CheckpointError
-from fmaml.cli import main
+import fmaml.training.train as train_module
 from fmaml.errors import ConfigError, FmamlError, InputError
+from fmaml.training.checkpoint import CheckpointError
+from fmaml.training.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 _ = isolated_cache
@@ -90,10 +90,10 @@ def test_a_bug_in_fmaml_keeps_its_traceback(tmp_path, monkeypatch):
 def test_a_bug_prints_a_traceback_from_a_real_process(tmp_path):
     """A ValueError that is not fmaml's input error reaches the terminal with its trace."""
     code = (
-        "import sys, fmaml.train as t\n"
+        "import sys, fmaml.training.train as t\n"
         "def broken(*a, **k): raise ValueError('an internal inconsistency')\n"
         "t.meta_step = broken\n"
-        "from fmaml.cli import main\n"
+        "from fmaml.training.cli import main\n"
         "sys.argv = ['fmaml', 'train', '--dataset', 'sinusoid', '--hidden', '4', '--out', "
         f"{str(tmp_path / 'r')!r}]\n"
         "main()\n"
@@ -132,7 +132,7 @@ def test_the_error_classes_keep_their_builtin_bases():
     [
         ("fmaml.tasks.images", "load_splits", "fmaml.tasks.datasets.load_splits"),
         ("fmaml.tasks.images", "DATASETS", "fmaml.tasks.datasets.DATASETS"),
-        ("fmaml.problems", "build_problem", "fmaml.train.build_problem"),
+        ("fmaml.training.problems", "build_problem", "fmaml.training.train.build_problem"),
     ],
 )
 def test_moved_names_say_where_they_went(module, name, new_home):

@@ -28,7 +28,7 @@ def option(
     """A :class:`TrainConfig` field and what its command-line option needs.
 
     ``python cli.py train`` has one option per field, built from this metadata
-    (``fmaml.cli.config_options``), so a new setting is one field here.
+    (``fmaml.training.cli.config_options``), so a new setting is one field here.
 
     Args:
         default: the field's default.
