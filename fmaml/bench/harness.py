@@ -509,7 +509,7 @@ def run_json_job(command: list[str], job: dict, what: str, env: dict | None = No
         RuntimeError: the process failed or printed nothing; names ``what`` and ends with
             the end of its standard error.
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run(
@@ -524,7 +524,7 @@ def run_json_job(command: list[str], job: dict, what: str, env: dict | None = No
 def _measure_in_subprocess(job: dict) -> dict:
     """:func:`measure` in a fresh Python process (its own peak RSS), same torch threads."""
     return run_json_job(
-        [sys.executable, "-c", "import fmaml.bench as b; b._worker()"],
+        [sys.executable, "-c", "import fmaml.bench.harness as b; b._worker()"],
         job,
         f"bench: measuring {job['impl']} on {job['setting']}",
     )
