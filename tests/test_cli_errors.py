@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import importlib
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest_images import folder_train_args, isolated_cache, make_folder
+from test_layout import import_cycles, package_imports
 
 import fmaml.training.train as train_module
 from fmaml.errors import ConfigError, FmamlError, InputError
@@ -142,24 +142,11 @@ def test_moved_names_say_where_they_went(module, name, new_home):
 
 
 def test_no_two_modules_of_the_package_import_each_other():
-    """The import cycles that remain are listed here, so that none is added unnoticed."""
-    graph = {}
-    for path in (ROOT / "fmaml").rglob("*.py"):
-        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-        tree = ast.parse(path.read_text())
-        typing_only = {  # `if TYPE_CHECKING:` imports are for annotations, never run
-            id(inner)
-            for node in ast.walk(tree)
-            if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
-            for inner in ast.walk(node)
-        }
-        graph[name] = {
-            node.module
-            for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom)
-            and (node.module or "").startswith("fmaml")
-            and id(node) not in typing_only
-        }
+    """Nor any longer loop of imports, in the sub-packages too (fmaml/engine, fmaml/training,
+    fmaml/bench, ...); imports inside functions count, ``if TYPE_CHECKING:`` ones don't.
+    tests/test_layout.py checks which way the imports point."""
+    graph = package_imports()
+    assert {"fmaml.engine.strategy", "fmaml.training.train", "fmaml.bench.harness"} <= set(graph)
     pairs = sorted((a, b) for a in graph for b in graph[a] if a < b and a in graph.get(b, set()))
-    # meta_loss(strategy=s) calls s.run(...): the engine imports the objectives, not back
     assert pairs == []
+    assert import_cycles(graph) == []
