@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fmaml  # noqa: E402
 from fmaml.bench import describe_device, run_json_job  # noqa: E402
-from fmaml.strategy import Strategy  # noqa: E402
+from fmaml.engine.strategy import Strategy  # noqa: E402
 
 STRATEGIES = {
     "kept": Strategy(chunk_size=1),

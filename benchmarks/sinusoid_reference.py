@@ -103,9 +103,10 @@ def read_params(path: str) -> dict:
 
 def test(params: dict, num_shots: int, num_steps: int = 10, episodes: int = 600) -> torch.Tensor:
     """``[episodes, num_steps + 1]`` query MSE (100 fresh points) before and after each step,
-    on the 600 tasks of ``cli.py test`` (fmaml's sampler, seed ``fmaml.train.TEST_SEED``)."""
+    on the 600 tasks of ``cli.py test`` (fmaml's sampler, seed
+    ``fmaml.training.train.TEST_SEED``)."""
     from fmaml.tasks.sinusoid import SinusoidTasks
-    from fmaml.train import TEST_SEED
+    from fmaml.training.train import TEST_SEED
 
     generator = torch.Generator().manual_seed(TEST_SEED)
     tasks = SinusoidTasks(num_shots=num_shots, num_query=100).sample(episodes, generator)

@@ -126,7 +126,7 @@ def inner_step(
     inner_optimizer: InnerOptimizer | None,
 ) -> tuple[Params, State | None]:
     """One inner step from ``fast`` along ``grads``: the one step every path takes
-    (:func:`unroll` and the recomputing strategy, :mod:`fmaml.strategy`).
+    (:func:`unroll` and the recomputing strategy, :mod:`fmaml.engine.strategy`).
 
     ``inner_optimizer=None`` is plain SGD, ``fast - rate * grads``, with no state; otherwise
     ``state=None`` before the first step (the optimiser's ``init(fast)`` is used).
@@ -141,21 +141,22 @@ def inner_step(
     return inner_optimizer.update(grads, state, fast, rate, inner_optimizer.hyper)
 
 
-def _support_loss(fast: Params, loss_fn: LossFn, frozen: Params, support: Batch) -> Tensor:
-    """The support loss as a function of the adapted parameters alone (argument 0)."""
+def support_loss(fast: Params, loss_fn: LossFn, frozen: Params, support: Batch) -> Tensor:
+    """The support loss as a function of the adapted parameters alone (argument 0): what
+    every inner step differentiates."""
     return loss_fn({**frozen, **fast}, support)
 
 
 PLAIN_AUTOGRAD = contextvars.ContextVar("fmaml_plain_autograd", default=False)
 """Set by the strategies that run one task at a time outside any ``torch.func`` transform
-(:mod:`fmaml.strategy`): the inner gradients then come from ``torch.autograd.grad``, the same
+(:mod:`fmaml.engine.strategy`): the inner gradients then come from ``torch.autograd.grad``, the same
 values and graph with less overhead per op than ``torch.func.grad``'s wrappers, and no graph
 at all for first-order steps. With grad enabled, second-order steps always keep the graph, so
 tensors a ``loss_fn`` captures are differentiated through the inner loop as under
 ``torch.func.grad``."""
 
 STAND_INS = contextvars.ContextVar("fmaml_stand_ins", default=None)
-"""A list set by :mod:`fmaml.strategy` while a chunk runs: the leaves :func:`_inner_grads`
+"""A list set by :mod:`fmaml.engine.strategy` while a chunk runs: the leaves :func:`_inner_grads`
 creates to stand for parameters that don't require grad (so that ``torch.autograd.grad`` can
 differentiate with respect to them). They are constants of the meta-loss; the strategy skips
 them when it looks for tensors a ``loss_fn`` captures."""
@@ -166,7 +167,7 @@ def _inner_grads(
 ) -> Params:
     """The support loss's gradient with respect to ``fast``; constants if ``first_order``."""
     if not PLAIN_AUTOGRAD.get():
-        grads = torch.func.grad(_support_loss)(fast, loss_fn, frozen, support)
+        grads = torch.func.grad(support_loss)(fast, loss_fn, frozen, support)
         return {k: g.detach() for k, g in grads.items()} if first_order else grads
     tensors = [*fast.values(), *frozen.values(), *(t for t in support if isinstance(t, Tensor))]
     passed_in = any(t.requires_grad for t in tensors)
@@ -183,7 +184,7 @@ def _inner_grads(
             for k, v in fast.items()
         }
         made = [v for v in inputs.values() if v.grad_fn is None]  # the stand-ins
-        loss = _support_loss(inputs, loss_fn, frozen, support)
+        loss = support_loss(inputs, loss_fn, frozen, support)
         grads = torch.autograd.grad(
             loss, list(inputs.values()), create_graph=keep, allow_unused=True
         )

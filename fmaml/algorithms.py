@@ -14,8 +14,8 @@
 | imaml     | ``objective=IMAML(lam, cg_steps)``: implicit    | Rajeswaran et al., NeurIPS 2019   |
 
 MAML++'s fixes are training-loop settings on top of an algorithm (see
-:class:`fmaml.config.TrainConfig`): LSLR (``inner_lr`` a list of per-tensor rate dicts), MSL
-(``step_weights`` from :func:`fmaml.schedules.msl_weights`), DA (``first_order`` from
+:class:`fmaml.training.config.TrainConfig`): LSLR (``inner_lr`` a list of per-tensor rate
+dicts), MSL (``step_weights`` from :func:`fmaml.schedules.msl_weights`), DA (``first_order`` from
 :func:`fmaml.schedules.first_order_at`), BNWB (:func:`fmaml.per_step` over the BatchNorm
 parameters) and CA (:func:`fmaml.schedules.cosine_lr`).
 

@@ -1,6 +1,6 @@
 """Walks over autograd graphs: which leaves a result depends on.
 
-The execution strategies (:mod:`fmaml.strategy`) compute a meta-gradient chunk by chunk and
+The execution strategies (:mod:`fmaml.engine.strategy`) compute a meta-gradient chunk by chunk and
 hand it out later; these walks find the tensors requiring grad that a chunk's graph reaches
 besides the ones it was handed (tensors a ``loss_fn`` captures), so that none is left out.
 """

@@ -19,7 +19,7 @@ from fmaml import inner_loop
 from fmaml.adapt import InnerLR, adapt, at_step
 from fmaml.inner_loop import UNSET, InnerLoop
 from fmaml.inner_optim import proximal
-from fmaml.tree import KeySelector, select
+from fmaml.tree import KeySelector, select, tensors_in
 from fmaml.types import LossFn, Params, Task, options_of
 
 
@@ -315,9 +315,7 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 
 def _refuse_learned_rates(inner_lr) -> None:
-    from fmaml.strategy import _tensors_in
-
-    if any(t.requires_grad for t in _tensors_in(inner_lr)):
+    if any(t.requires_grad for t in tensors_in(inner_lr)):
         raise ValueError(
             "imaml_loss(): `inner_lr` holds a tensor that requires grad, but iMAML's "
             "implicit meta-gradient depends only on where the inner problem ends (its "

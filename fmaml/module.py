@@ -350,7 +350,7 @@ class SupervisedLoss:
 
     def on_private_module(self) -> SupervisedLoss:
         """This loss on a private copy of its module (the same tensors), callable from any
-        thread: what a strategy's worker thread runs (:mod:`fmaml.strategy`)."""
+        thread: what a strategy's worker thread runs (:mod:`fmaml.engine.strategy`)."""
         other = copy.copy(self)
         other.module, other.home_thread = private_copy(self.module), None
         return other

@@ -22,7 +22,7 @@ from fmaml.tree import KeySelector
 from fmaml.types import LossFn, Task
 
 if TYPE_CHECKING:  # the engine imports this module, not the other way round
-    from fmaml.strategy import Strategy
+    from fmaml.engine.strategy import Strategy
 
 Objective = Literal["query", "reptile", "imaml"] | IMAML
 """What the outer step follows: the query loss (MAML and its variants), Reptile's direction,
@@ -138,7 +138,7 @@ def task_loss(
             )
         reptile = loop.replace(head_init=None, first_order=False)
         return reptile_loss(loss_fn, params, task, reptile, score_fn=score_fn)
-    weights = _check_step_weights(loop.step_weights, num_steps)
+    weights = check_step_weights(loop.step_weights, num_steps)
     trajectory = _trajectory(loss_fn, params, task.support, loop)
     if weights is None:
         loss = at_step(loss_fn, num_steps, task.support)(trajectory[-1], task.query)
@@ -546,7 +546,7 @@ def meta_loss(
     _check_meta_head(loss_fn, params, tasks, loop.head_init, objective, "meta_loss")
     if strategy is not None and not strategy.is_plain:
         return strategy.run(loss_fn, params, tasks, loop, score_fn=score_fn, objective=objective)
-    per_task = _over_tasks(
+    per_task = over_tasks(
         lambda task: task_loss(loss_fn, params, task, loop, score_fn=score_fn, objective=objective),
         tasks,
     )
@@ -585,11 +585,12 @@ def meta_scores(
     )
     _check_padded_meta_batch(tasks, loop.head_init, None, "meta_scores")
     _check_meta_head(loss_fn, params, tasks, loop.head_init, "query", "meta_scores")
-    return _over_tasks(lambda task: task_scores(score_fn, loss_fn, params, task, loop), tasks)
+    return over_tasks(lambda task: task_scores(score_fn, loss_fn, params, task, loop), tasks)
 
 
-def _over_tasks(per_task, tasks: Task) -> Tensor:
-    """The one vmap over the task axis."""
+def over_tasks(per_task, tasks: Task) -> Tensor:
+    """``per_task`` on every task of ``tasks``: the one vmap over the task axis (the engine
+    runs its chunks through it too)."""
     check_tasks(tasks)
     return torch.func.vmap(per_task)(tasks)
 
@@ -625,7 +626,9 @@ def _stack_weights(weights: Sequence[float | Tensor] | Tensor, like: Tensor) -> 
     return torch.stack([torch.as_tensor(w, dtype=like.dtype, device=like.device) for w in weights])
 
 
-def _check_step_weights(step_weights, num_steps: int):
+def check_step_weights(step_weights, num_steps: int):
+    """``step_weights`` as given, after checking it has one weight per inner step (``None``
+    stays ``None``); raises ``ValueError`` otherwise."""
     if step_weights is None:
         return None
     if num_steps == 0:

@@ -5,7 +5,7 @@ Every function here is pure: it builds a new dict and never changes a tensor in 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -154,3 +154,24 @@ def tree_norm(tree: Mapping[str, Tensor]) -> Tensor:
     """The global L2 norm of all leaves, as a 0-d tensor."""
     norms = [torch.linalg.vector_norm(v) for v in tree.values()]
     return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def tensors_in(value) -> list[Tensor]:
+    """The distinct tensors in a rate, a rate dict, or a sequence of those, in order of first
+    appearance (numbers and other values are skipped).
+
+    Example:
+        >>> import torch
+        >>> lr = torch.tensor(0.1)
+        >>> len(tensors_in([lr, {"w": lr, "b": 0.5}, 0.2]))
+        1
+    """
+    if isinstance(value, Tensor):
+        found = [value]
+    elif isinstance(value, Mapping):
+        found = [v for v in value.values() if isinstance(v, Tensor)]
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        found = [t for v in value for t in tensors_in(v)]
+    else:
+        found = []
+    return list({id(t): t for t in found}.values())

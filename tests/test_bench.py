@@ -9,8 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import fmaml.bench as bench
-from fmaml.cli import main
+import fmaml.bench.harness as bench
+from fmaml.training.cli import main
 
 QUICK = {"repeats": 1, "min_seconds": 0.0, "orders": ["second"], "isolate": False}
 

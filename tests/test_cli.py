@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from conftest_images import OMNIGLOT_SUBSET, make_folder, make_omniglot
 
-from fmaml.cli import main
+from fmaml.training.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--val-every", "5", "--val-episodes", "4", "--checkpoint-every", "5"]
@@ -260,7 +260,7 @@ def test_training_within_one_alphabet(tmp_path, isolated_cache):
 def test_max_pool_or_stride_reaches_the_model_and_the_checkpoint(
     tmp_path, isolated_cache, flag, pooled
 ):
-    from fmaml.train import restore_state
+    from fmaml.training.train import restore_state
 
     run, _, _ = train_small_omniglot(tmp_path, flag)
     state = restore_state(run / "latest.pt")
@@ -273,8 +273,8 @@ def test_max_pool_or_stride_reaches_the_model_and_the_checkpoint(
 
 
 def test_resnet12_trains_and_tests_from_the_command_line(tmp_path, isolated_cache):
-    from fmaml.config import TrainConfig, resolve
-    from fmaml.train import restore_state
+    from fmaml.training.config import TrainConfig, resolve
+    from fmaml.training.train import restore_state
 
     run, _, _ = train_small_omniglot(tmp_path, "--model", "resnet12")  # --hidden 4
     state = restore_state(run / "latest.pt")
@@ -293,8 +293,8 @@ def test_resnet12_trains_and_tests_from_the_command_line(tmp_path, isolated_cach
 
 
 def test_a_preset_gives_its_settings_and_the_options_beside_it_win(tmp_path, isolated_cache):
-    from fmaml.presets import PRESETS
-    from fmaml.train import restore_state
+    from fmaml.training.presets import PRESETS
+    from fmaml.training.train import restore_state
 
     run, _, trained = train_small_omniglot(tmp_path, "--preset", "omniglot-unseen")
     preset = PRESETS["omniglot-unseen"]
@@ -311,7 +311,7 @@ def test_a_preset_gives_its_settings_and_the_options_beside_it_win(tmp_path, iso
 
 
 def test_an_unknown_preset_is_refused_with_the_known_ones():
-    from fmaml.presets import get_preset, with_preset
+    from fmaml.training.presets import get_preset, with_preset
 
     result = invoke("train", "--preset", "nope")
     assert result.exit_code == 2 and "omniglot-unseen" in result.output
@@ -322,7 +322,7 @@ def test_an_unknown_preset_is_refused_with_the_known_ones():
 
 
 def test_train_logs_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
-    import fmaml.cli
+    import fmaml.training.cli
 
     args = ["train", "--dataset", "sinusoid", "--meta-batch", "4", "--hidden", "8", *FAST]
     result = invoke(*args, "--iterations", "12", "--out", tmp_path / "a")
@@ -339,7 +339,7 @@ def test_train_logs_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypa
     done = kept.output.splitlines()[-1]
     assert done.startswith("done: 12 iterations; best validation mse ") and "nan" not in done
     assert re.search(r"at iteration (5|10|12) \(best\.pt; latest\.pt is iteration 12\)", done)
-    monkeypatch.setattr(fmaml.cli, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(fmaml.training.cli, "LOG_EVERY_S", 0.0)
     result = invoke(*args, "--iterations", "6", "--out", tmp_path / "b")
     lines = [line for line in result.output.splitlines() if line.startswith("iteration ")]
     assert [line.split(":")[0] for line in lines] == [f"iteration {i}/6" for i in range(1, 7)]
@@ -347,9 +347,9 @@ def test_train_logs_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypa
 
 
 def test_train_shows_a_progress_bar_on_a_terminal(tmp_path, monkeypatch):
-    import fmaml.cli
+    import fmaml.training.cli
 
-    monkeypatch.setattr(fmaml.cli, "_stderr_is_terminal", lambda: True)
+    monkeypatch.setattr(fmaml.training.cli, "_stderr_is_terminal", lambda: True)
     args = ["train", "--dataset", "sinusoid", "--meta-batch", "4", "--hidden", "8", *FAST]
     result = invoke(*args, "--iterations", "6", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
@@ -388,7 +388,7 @@ def test_train_redirected_to_a_file_writes_progress_lines(tmp_path):
 
 
 def test_plot_labels_say_what_each_curve_is(tmp_path):
-    from fmaml.plot import curve_labels, run_settings
+    from fmaml.training.plot import curve_labels, run_settings
 
     run = tmp_path / "run"
     args = ["train", "--dataset", "sinusoid", "--meta-batch", "4", "--hidden", "8", *FAST]
@@ -526,8 +526,8 @@ def test_every_config_field_is_a_train_option_built_from_its_metadata():
     """CLI options come from TrainConfig's fields: a new setting is one field."""
     import dataclasses
 
-    from fmaml.cli import train
-    from fmaml.config import TrainConfig
+    from fmaml.training.cli import train
+    from fmaml.training.config import TrainConfig
 
     options = {p.name: p for p in train.params}
     fields = [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)]

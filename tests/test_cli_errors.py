@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import importlib
 import subprocess
 import sys
@@ -11,11 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest_images import folder_train_args, isolated_cache, make_folder
+from test_layout import import_cycles, package_imports
 
-import fmaml.train as train_module
-from fmaml.checkpoint import CheckpointError
-from fmaml.cli import main
+import fmaml.training.train as train_module
 from fmaml.errors import ConfigError, FmamlError, InputError
+from fmaml.training.checkpoint import CheckpointError
+from fmaml.training.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 _ = isolated_cache
@@ -90,10 +90,10 @@ def test_a_bug_in_fmaml_keeps_its_traceback(tmp_path, monkeypatch):
 def test_a_bug_prints_a_traceback_from_a_real_process(tmp_path):
     """A ValueError that is not fmaml's input error reaches the terminal with its trace."""
     code = (
-        "import sys, fmaml.train as t\n"
+        "import sys, fmaml.training.train as t\n"
         "def broken(*a, **k): raise ValueError('an internal inconsistency')\n"
         "t.meta_step = broken\n"
-        "from fmaml.cli import main\n"
+        "from fmaml.training.cli import main\n"
         "sys.argv = ['fmaml', 'train', '--dataset', 'sinusoid', '--hidden', '4', '--out', "
         f"{str(tmp_path / 'r')!r}]\n"
         "main()\n"
@@ -132,7 +132,7 @@ def test_the_error_classes_keep_their_builtin_bases():
     [
         ("fmaml.tasks.images", "load_splits", "fmaml.tasks.datasets.load_splits"),
         ("fmaml.tasks.images", "DATASETS", "fmaml.tasks.datasets.DATASETS"),
-        ("fmaml.problems", "build_problem", "fmaml.train.build_problem"),
+        ("fmaml.training.problems", "build_problem", "fmaml.training.train.build_problem"),
     ],
 )
 def test_moved_names_say_where_they_went(module, name, new_home):
@@ -142,24 +142,11 @@ def test_moved_names_say_where_they_went(module, name, new_home):
 
 
 def test_no_two_modules_of_the_package_import_each_other():
-    """The import cycles that remain are listed here, so that none is added unnoticed."""
-    graph = {}
-    for path in (ROOT / "fmaml").rglob("*.py"):
-        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-        tree = ast.parse(path.read_text())
-        typing_only = {  # `if TYPE_CHECKING:` imports are for annotations, never run
-            id(inner)
-            for node in ast.walk(tree)
-            if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
-            for inner in ast.walk(node)
-        }
-        graph[name] = {
-            node.module
-            for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom)
-            and (node.module or "").startswith("fmaml")
-            and id(node) not in typing_only
-        }
+    """Nor any longer loop of imports, in the sub-packages too (fmaml/engine, fmaml/training,
+    fmaml/bench, ...); imports inside functions count, ``if TYPE_CHECKING:`` ones don't.
+    tests/test_layout.py checks which way the imports point."""
+    graph = package_imports()
+    assert {"fmaml.engine.strategy", "fmaml.training.train", "fmaml.bench.harness"} <= set(graph)
     pairs = sorted((a, b) for a in graph for b in graph[a] if a < b and a in graph.get(b, set()))
-    # meta_loss(strategy=s) calls s.run(...): the engine imports the objectives, not back
     assert pairs == []
+    assert import_cycles(graph) == []

@@ -25,13 +25,13 @@ from click.testing import CliRunner
 from conftest_images import make_omniglot
 
 import fmaml
-import fmaml.train as train_module
-from fmaml import distributed
-from fmaml.checkpoint import load_checkpoint
-from fmaml.cli import main
-from fmaml.config import TrainConfig, resolve
-from fmaml.distributed import task_range
-from fmaml.train import (
+import fmaml.training.train as train_module
+from fmaml.training import distributed
+from fmaml.training.checkpoint import load_checkpoint
+from fmaml.training.cli import main
+from fmaml.training.config import TrainConfig, resolve
+from fmaml.training.distributed import task_range
+from fmaml.training.train import (
     build_problem,
     evaluate_state,
     init_state,

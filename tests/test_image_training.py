@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest_images import make_omniglot
 
-from fmaml.config import TrainConfig, resolve
-from fmaml.train import evaluate_state, train
+from fmaml.training.config import TrainConfig, resolve
+from fmaml.training.train import evaluate_state, train
 
 
 def omniglot_config(root, **changes) -> TrainConfig:
@@ -62,7 +62,7 @@ def test_one_way_classification_is_refused():
 
 
 def _test_images(root, **changes) -> torch.Tensor:
-    from fmaml.train import build_problem
+    from fmaml.training.train import build_problem
 
     problem = build_problem(resolve(omniglot_config(root, **changes)))
     (task,) = problem.episodes("test", 4, 7, 4)

@@ -27,12 +27,12 @@ from fmaml.tasks.images import (
     DataError,
     EpisodeSampler,
     EpisodeSpec,
-    _split_counts,
     decode_image,
     decode_images,
     fixed_episodes,
     parse_fractions,
     split_classes,
+    split_counts,
     split_groups,
 )
 from fmaml.types import Task
@@ -155,7 +155,7 @@ def test_split_counts_sum_to_the_total_and_round_fairly(total, weights):
     if sum(weights) == 0:
         weights = [1, 0, 0]
     fractions = [w / sum(weights) for w in weights]
-    counts = _split_counts(total, fractions)
+    counts = split_counts(total, fractions)
     assert sum(counts) == total
     assert all(abs(c - total * f) < 1 for c, f in zip(counts, fractions, strict=True))
 

@@ -19,11 +19,11 @@ from test_core import setup as core_setup
 
 import fmaml
 from fmaml.algorithms import get_algorithm, head_keys
-from fmaml.cli import main
-from fmaml.config import TrainConfig, resolve
 from fmaml.errors import ConfigError
 from fmaml.implicit import conjugate_gradient
-from fmaml.train import evaluate_state, init_state, meta_gradient, train
+from fmaml.training.cli import main
+from fmaml.training.config import TrainConfig, resolve
+from fmaml.training.train import evaluate_state, init_state, meta_gradient, train
 
 DTYPE = torch.float64
 SCRIPTS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -692,7 +692,7 @@ def test_error_config_on_the_command_line(tmp_path):
 
 
 def test_imaml_refuses_an_inner_optimizer_and_a_prototype_head():
-    from fmaml.config import TrainConfig, resolve
+    from fmaml.training.config import TrainConfig, resolve
 
     torch.manual_seed(0)
     model = fmaml.nn.mlp(in_features=2, hidden=(4,), out_features=3).double()

@@ -195,7 +195,7 @@ def test_fields_a_function_cannot_honour_are_refused():
 
 
 def test_the_training_state_builds_its_inner_loop_from_the_algorithm():
-    from fmaml.train import init_state
+    from fmaml.training.train import init_state
 
     for name, expected in (
         ("fomaml", dict(first_order=True)),

@@ -15,11 +15,11 @@ from test_strategy import STRATEGIES, captured_temperature_loss
 from test_strategy import build as conv_build
 
 import fmaml
-from fmaml.cli import main
-from fmaml.config import TrainConfig, resolve
 from fmaml.errors import ConfigError
 from fmaml.inner_optim import InnerOptimizer, adam, get_inner_optimizer, momentum, proximal, sgd
-from fmaml.train import init_state, meta_gradient
+from fmaml.training.cli import main
+from fmaml.training.config import TrainConfig, resolve
+from fmaml.training.train import init_state, meta_gradient
 
 DTYPE = torch.float64
 
@@ -660,8 +660,8 @@ def test_cli_trains_resumes_and_tests_with_learned_momentum(tmp_path):
 
 def test_a_checkpoint_without_its_learned_betas_is_refused(tmp_path):
     state = init_state(sinusoid_config(inner_optimizer="momentum", learn_inner_hyper=True))
-    from fmaml.checkpoint import CheckpointError, save_checkpoint
-    from fmaml.train import state_dict
+    from fmaml.training.checkpoint import CheckpointError, save_checkpoint
+    from fmaml.training.train import state_dict
 
     contents = state_dict(state)
     contents["hyper_logits"] = None

@@ -12,11 +12,11 @@ from conftest_images import make_omniglot
 from torch import nn
 
 import fmaml
-from fmaml.checkpoint import load_checkpoint
-from fmaml.cli import main
-from fmaml.config import TrainConfig
 from fmaml.schedules import cosine_lr, first_order_at, msl_weights
-from fmaml.train import init_state, train
+from fmaml.training.checkpoint import load_checkpoint
+from fmaml.training.cli import main
+from fmaml.training.config import TrainConfig
+from fmaml.training.train import init_state, train
 
 DTYPE = torch.float64
 
@@ -186,7 +186,7 @@ def test_constant_lslr_rates_and_last_step_weights_are_maml():
 
 def test_da_switched_off_is_second_order(monkeypatch):
     seen = []
-    import fmaml.train as train_module
+    import fmaml.training.train as train_module
 
     real = train_module.meta_loss
 

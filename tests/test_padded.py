@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import fmaml
 from fmaml.algorithms import head_keys
+from fmaml.engine.strategy import Strategy
 from fmaml.nn.batchnorm import BatchNorm, with_stat_mask
-from fmaml.strategy import Strategy
 from fmaml.tasks import pad_tasks
 
 DTYPE = torch.float64

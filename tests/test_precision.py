@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from test_cli import FAST, invoke
 
 import fmaml
+from fmaml.engine.strategy import Strategy
 from fmaml.nn import BatchNorm
-from fmaml.strategy import Strategy
 
 MLP_TOL = {"loss": 2e-3, "grad": 0.15}
 CONV4_TOL = {"loss": 5e-2, "grad": 0.3, "cosine": 0.95}
@@ -202,8 +202,8 @@ def test_refuses_float64_parameters():
 
 
 def test_config_refuses_bf16_with_float64_and_unknown_precision():
-    from fmaml.config import TrainConfig, resolve
     from fmaml.errors import ConfigError
+    from fmaml.training.config import TrainConfig, resolve
 
     with pytest.raises(ConfigError, match=r"--precision must be one of \['float32', 'bf16'\]"):
         resolve(TrainConfig(precision="fp8"))
@@ -229,7 +229,7 @@ def test_cli_refuses_bf16_with_float64(tmp_path):
 def _check_run(run, iterations: int):
     """The checkpoint records bf16; parameters and Adam's state are float32; restored losses
     run under autocast."""
-    from fmaml.train import restore_state
+    from fmaml.training.train import restore_state
 
     saved = torch.load(run / "latest.pt", weights_only=False)
     assert saved["config"]["precision"] == "bf16" and saved["iteration"] == iterations
@@ -283,7 +283,7 @@ def test_a_non_finite_meta_gradient_under_bf16_points_to_float32(tmp_path, monke
     from test_run_folder import poison_gradient_from, tiny
 
     from fmaml.errors import NonFiniteError
-    from fmaml.train import train
+    from fmaml.training.train import train
 
     poison_gradient_from(monkeypatch, 2)
     with pytest.raises(
@@ -335,7 +335,7 @@ def test_variants_within_tolerance_of_float32(name):
 
 
 def test_bench_times_fmaml_in_bf16_and_skips_the_peers():
-    import fmaml.bench as bench
+    import fmaml.bench.harness as bench
     from fmaml.errors import ConfigError
 
     said = []

@@ -17,11 +17,11 @@ from torch.func import functional_call
 
 import fmaml
 from fmaml.algorithms import body_keys, get_algorithm
-from fmaml.cli import main
-from fmaml.config import TrainConfig, resolve
 from fmaml.errors import ConfigError
 from fmaml.nn.models import Classifier
-from fmaml.train import init_state
+from fmaml.training.cli import main
+from fmaml.training.config import TrainConfig, resolve
+from fmaml.training.train import init_state
 
 DTYPE = torch.float64
 WAYS = 3

@@ -16,10 +16,10 @@ from test_core import setup as core_setup
 
 import fmaml
 from fmaml.algorithms import get_algorithm, head_keys
-from fmaml.cli import main
-from fmaml.config import TrainConfig, resolve
 from fmaml.errors import ConfigError
-from fmaml.train import evaluate_state, init_state, meta_gradient, train
+from fmaml.training.cli import main
+from fmaml.training.config import TrainConfig, resolve
+from fmaml.training.train import evaluate_state, init_state, meta_gradient, train
 
 DTYPE = torch.float64
 

@@ -9,7 +9,7 @@ from test_gradients import image_tasks, oracle_meta_grad
 
 import fmaml
 from fmaml.algorithms import body_keys, head_keys
-from fmaml.strategy import Strategy
+from fmaml.engine.strategy import Strategy
 
 DTYPE = torch.float64
 TINY = (2, 3, 3, 4)

@@ -11,14 +11,14 @@ import torch
 from click.testing import CliRunner
 from conftest_images import folder_train_args, isolated_cache, make_folder
 
-import fmaml.checkpoint as checkpoint_module
-import fmaml.cli as cli_module
-import fmaml.train as train_module
-from fmaml.checkpoint import load_checkpoint, save_checkpoint
-from fmaml.cli import main
-from fmaml.config import TrainConfig
+import fmaml.training.checkpoint as checkpoint_module
+import fmaml.training.cli as cli_module
+import fmaml.training.train as train_module
 from fmaml.errors import NonFiniteError, WriteError
-from fmaml.train import train
+from fmaml.training.checkpoint import load_checkpoint, save_checkpoint
+from fmaml.training.cli import main
+from fmaml.training.config import TrainConfig
+from fmaml.training.train import train
 
 _ = isolated_cache
 

@@ -36,11 +36,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fmaml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fmaml.cli import main
 from fmaml.tasks.images import MAX_IMAGE_PIXELS, ClassImages, DataError, decode_image
 from fmaml.tasks.miniimagenet import load_miniimagenet
 from fmaml.tasks.safe_pickle import read_array_pickle
+from fmaml.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fmaml.training.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 _ = isolated_cache

@@ -77,7 +77,7 @@ def test_a_layer_of_unknown_initialisation_is_refused():
 
 
 def test_building_a_run_leaves_the_global_random_state_alone():
-    from fmaml.train import init_state
+    from fmaml.training.train import init_state
 
     before = torch.random.get_rng_state()
     state = init_state(fmaml.TrainConfig(dataset="sinusoid", meta_batch=2, hidden=8, seed=5))

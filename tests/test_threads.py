@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fmaml
-from fmaml.strategy import _intra_op_threads
+from fmaml.engine.strategy import _intra_op_threads
 
 DTYPE = torch.float64
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import fmaml.train as train_module
-from fmaml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fmaml.config import TrainConfig, resolve
-from fmaml.train import evaluate_state, restore_state, train
+import fmaml.training.train as train_module
+from fmaml.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fmaml.training.config import TrainConfig, resolve
+from fmaml.training.train import evaluate_state, restore_state, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -398,7 +398,7 @@ def parse_fractions(text: str, *, where: str = "parse_fractions()") -> tuple[flo
     return values  # type: ignore[return-value]
 
 
-def _split_counts(num_items: int, fractions: Sequence[float]) -> list[int]:
+def split_counts(num_items: int, fractions: Sequence[float]) -> list[int]:
     """Largest-remainder rounding of ``num_items * fractions`` to integers that sum to it."""
     exact = [num_items * f for f in fractions]
     counts = [math.floor(x + 1e-9) for x in exact]
@@ -426,7 +426,7 @@ def _assign(
     where: str,
 ) -> dict[str, ClassImages]:
     """Shuffle ``items`` (each a list of class ids), cut them by ``fractions``, build subsets."""
-    counts = _split_counts(len(item_classes), fractions)
+    counts = split_counts(len(item_classes), fractions)
     for name, count, fraction in zip(SPLIT_NAMES, counts, fractions, strict=True):
         if name != "val" and count == 0:
             raise DataError(

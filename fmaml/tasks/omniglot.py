@@ -32,10 +32,10 @@ from fmaml.tasks.images import (
     SPLIT_NAMES,
     ClassImages,
     DataError,
-    _split_counts,
     decode_images,
     parse_fractions,
     split_classes,
+    split_counts,
     split_groups,
 )
 
@@ -353,7 +353,7 @@ def _archive_split(
             f"{len(evaluation)} evaluation alphabets. Add {missing} (download=True fetches "
             f"it) or use a proportional split such as '{DEFAULT_PARTIAL_SPLIT}'."
         )
-    _, num_val = _split_counts(len(background), (1 - val_fraction, val_fraction))
+    _, num_val = split_counts(len(background), (1 - val_fraction, val_fraction))
     if num_val == len(background):
         raise DataError(
             f"{where}: a validation proportion of {val_fraction:g} leaves no background "

@@ -1,10 +1,10 @@
 """Named configurations: settings measured to work, under a name you can pass to ``train``.
 
-A preset is a partial :class:`~fmaml.config.TrainConfig`: ``train --preset NAME`` starts from
-its settings, every option given on the command line replaces the preset's, and what is left
-unset gets the paper's defaults (:func:`fmaml.config.resolve`). The run's ``config.json``
-records the preset's name and every resolved setting. Each preset says what it was measured
-on and why it is not the default (README, "Named configurations").
+A preset is a partial :class:`~fmaml.training.config.TrainConfig`: ``train --preset NAME``
+starts from its settings, every option given on the command line replaces the preset's, and
+what is left unset gets the paper's defaults (:func:`fmaml.training.config.resolve`). The
+run's ``config.json`` records the preset's name and every resolved setting. Each preset says
+what it was measured on and why it is not the default (README, "Named configurations").
 """
 
 from __future__ import annotations
@@ -58,19 +58,19 @@ def with_preset(name: str, **overrides: Any):
         **overrides: ``TrainConfig`` fields; they win over the preset's.
 
     Returns:
-        An unresolved :class:`~fmaml.config.TrainConfig` (pass it to
-        :func:`fmaml.config.resolve`), its ``preset`` field set to ``name``.
+        An unresolved :class:`~fmaml.training.config.TrainConfig` (pass it to
+        :func:`fmaml.training.config.resolve`), its ``preset`` field set to ``name``.
 
     Raises:
         ConfigError: an unknown preset or field.
 
     Example:
-        >>> from fmaml.presets import with_preset
+        >>> from fmaml.training.presets import with_preset
         >>> config = with_preset("omniglot-unseen", seed=1)
         >>> config.max_pool, config.seed, config.preset
         (True, 1, 'omniglot-unseen')
     """
-    from fmaml.config import TrainConfig
+    from fmaml.training.config import TrainConfig
 
     preset = get_preset(name)
     known = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -15,12 +15,12 @@ from pathlib import Path
 import click
 
 from fmaml.algorithms import ALGORITHMS
-from fmaml.checkpoint import CheckpointError, find_checkpoint
-from fmaml.config import PAPER_DEFAULTS, TrainConfig
-from fmaml.distributed import RankFailure
 from fmaml.errors import FmamlError, NonFiniteError
 from fmaml.inner_optim import INNER_OPTIMIZERS
-from fmaml.presets import PRESETS
+from fmaml.training.checkpoint import CheckpointError, find_checkpoint
+from fmaml.training.config import PAPER_DEFAULTS, TrainConfig
+from fmaml.training.distributed import RankFailure
+from fmaml.training.presets import PRESETS
 
 DEFAULTS_HELP = "\n".join(
     f"  {ds:<13} {'' if ways is None else f'{ways}-way':<7} "
@@ -83,8 +83,8 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 def config_options(command):
     """Give ``command`` one option per :class:`TrainConfig` field, built from the field's
-    metadata (:func:`fmaml.config.option`): its help, choices, on/off form and default. A new
-    setting is one field; its option follows."""
+    metadata (:func:`fmaml.training.config.option`): its help, choices, on/off form and
+    default. A new setting is one field; its option follows."""
     for spec in reversed(dataclasses.fields(TrainConfig)):
         if spec.metadata.get("cli", True):
             command = _field_option(spec)(command)
@@ -195,7 +195,7 @@ def train(
 
     Under torchrun every rank runs this command; the meta-batch is split across them.
     """
-    from fmaml import distributed
+    from fmaml.training import distributed
 
     if options["preset"] is not None:
         options, iterations = _with_preset(options, iterations)
@@ -258,9 +258,9 @@ def _preset_line(config: TrainConfig) -> str:
 
 
 def _train(out, resume, iterations, download, lead: bool, options: dict) -> None:
-    from fmaml import distributed
-    from fmaml.config import resolve
-    from fmaml.train import train as run_training
+    from fmaml.training import distributed
+    from fmaml.training.config import resolve
+    from fmaml.training.train import train as run_training
 
     if resume:
         out = Path(resume)
@@ -565,8 +565,8 @@ def test(
     Under torchrun the episodes are split across the ranks (each reads the checkpoint) and
     rank 0 prints the result of the whole set.
     """
-    from fmaml import distributed
-    from fmaml.train import TEST_SEED, evaluate_state, restore_state
+    from fmaml.training import distributed
+    from fmaml.training.train import TEST_SEED, evaluate_state, restore_state
 
     ranks = distributed.init_from_env()
     path = find_checkpoint(checkpoint)
@@ -644,8 +644,8 @@ def _inner_optimizer_words(config) -> str:
 
 def _test_sinusoid(state, path, split, episodes, inner_steps, shots, inner_lr, seed, echo) -> dict:
     """Test a sinusoid run at K=5 and K=10 (or ``shots``); print and return the report."""
-    from fmaml.problems import SINUSOID_EVAL_QUERY
-    from fmaml.train import evaluate_state
+    from fmaml.training.problems import SINUSOID_EVAL_QUERY
+    from fmaml.training.train import evaluate_state
 
     steps = 10 if inner_steps is None else inner_steps
     report = {
@@ -787,7 +787,7 @@ def _silent(*args, **kwargs) -> None:
 @friendly_errors
 def plot(run_dir, output) -> None:
     """Plot training and validation score against iteration to a PNG."""
-    from fmaml.plot import plot_run
+    from fmaml.training.plot import plot_run
 
     path = plot_run(run_dir, output)
     click.echo(f"wrote {path}")

@@ -24,7 +24,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def run_settings(run_dir: str | Path) -> dict | None:
     """The config of the run in ``run_dir`` (from ``latest.pt``, else ``best.pt``), or None."""
-    from fmaml.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint
+    from fmaml.training.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint
 
     for name in (LATEST, BEST):
         path = Path(run_dir) / name

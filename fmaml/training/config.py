@@ -28,7 +28,7 @@ def option(
     """A :class:`TrainConfig` field and what its command-line option needs.
 
     ``python cli.py train`` has one option per field, built from this metadata
-    (``fmaml.cli.config_options``), so a new setting is one field here.
+    (``fmaml.training.cli.config_options``), so a new setting is one field here.
 
     Args:
         default: the field's default.
@@ -452,7 +452,7 @@ def check(config: TrainConfig) -> None:
         _check_prototypes(config)
     _check_inner_optimizer(config)
     _check_imaml(config)
-    from fmaml.strategy import Strategy
+    from fmaml.engine.strategy import Strategy
 
     strategy_fields = {f.name for f in dataclasses.fields(Strategy)}
     unknown = sorted(set(config.strategy) - strategy_fields)

@@ -59,10 +59,15 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from fmaml.adapt import PLAIN_AUTOGRAD, STAND_INS, at_step, inner_step, step_rates, support_loss
 from fmaml.graph import depends_on, reached_leaves
 from fmaml.inner_loop import UNSET, InnerLoop, InnerLR, StepWeights, settings
+from fmaml.inner_optim import InnerOptimizer, check_inner_optimizer
 from fmaml.module import SupervisedLoss
-from fmaml.tree import KeySelector, select
+from fmaml.nn.batchnorm import BatchNorm
+from fmaml.objectives import check_step_weights, check_tasks, meta_loss, over_tasks, task_loss
+from fmaml.proto import HEAD_KEYS, prototype_head
+from fmaml.tree import KeySelector, select, tensors_in
 from fmaml.types import LossFn, Task
 
 
@@ -333,8 +338,6 @@ def value_and_grad(
         >>> loss.requires_grad, grads.params["head.weight"].shape
         (False, torch.Size([1, 40]))
     """
-    from fmaml.objectives import check_tasks, meta_loss
-
     inner = settings(
         inner,
         "value_and_grad",
@@ -390,22 +393,16 @@ def run_strategy(
     objective: object = "query",  # "query", "reptile" or an fmaml.IMAML
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`fmaml.meta_loss` under a non-default ``strategy``; same arguments and result."""
-    from fmaml.adapt import step_rates
-    from fmaml.inner_optim import check_inner_optimizer
-    from fmaml.objectives import _check_step_weights, check_tasks
-
     inner_lr, num_steps, step_weights = inner.inner_lr, inner.num_steps, inner.step_weights
     head_init, inner_optimizer = inner.head_init, inner.inner_optimizer
     num_tasks = check_tasks(tasks)
     check_inner_optimizer(inner_optimizer, "meta_loss")
     hyper = None if inner_optimizer is None else dict(inner_optimizer.hyper)
-    weights = _check_step_weights(step_weights, num_steps)
+    weights = check_step_weights(step_weights, num_steps)
     names = select(params.keys(), inner.adapt_keys, caller="meta_loss")
     rates = step_rates(inner_lr, params, names, num_steps, caller="meta_loss")
     _refuse_transforms()
     if strategy.checkpoint and head_init is not None and num_steps > 0:
-        from fmaml.proto import HEAD_KEYS
-
         if not set(HEAD_KEYS) <= set(names):
             raise ValueError(
                 f"meta_loss(): strategy '{strategy}' recomputes the prototype head inside "
@@ -427,8 +424,8 @@ def run_strategy(
             for k, t in (hyper or {}).items()
             if isinstance(t, Tensor)
         },
-        **{id(t): "a tensor of `step_weights`" for t in _tensors_in(step_weights)},
-        **{id(t): "a tensor of `inner_lr`" for t in _tensors_in(inner_lr)},
+        **{id(t): "a tensor of `step_weights`" for t in tensors_in(step_weights)},
+        **{id(t): "a tensor of `inner_lr`" for t in tensors_in(inner_lr)},
         **{id(t): f"params[{k!r}]" for k, t in params.items()},
     }
     # With grad enabled the chunks are differentiated even if nothing passed in requires
@@ -508,9 +505,6 @@ def _compiled_step(loss_fn, score_fn, inner: InnerLoop, objective) -> Callable:
     the life of the process (as torch.compile keeps its compiled code). The inner
     optimiser's hyper-parameters come in as ``hyper``: a learned one is a new tensor every
     step (``sigmoid(logit)``), so only its functions are part of the setting."""
-    from fmaml.inner_optim import InnerOptimizer
-    from fmaml.objectives import meta_loss
-
     num_steps, first_order, adapt_keys = inner.num_steps, inner.first_order, inner.adapt_keys
     head_init, inner_optimizer = inner.head_init, inner.inner_optimizer
     kind = None if inner_optimizer is None else (inner_optimizer.init, inner_optimizer.update)
@@ -556,8 +550,6 @@ def _compiled_step(loss_fn, score_fn, inner: InnerLoop, objective) -> Callable:
 
 def refuse_batchnorm(*losses) -> None:
     """Raise ``ValueError`` if a loss's ``module`` has BatchNorm (for ``compile=True``)."""
-    from fmaml.nn.batchnorm import BatchNorm
-
     for fn in losses:
         module = getattr(fn, "module", None)
         if isinstance(module, torch.nn.Module) and any(
@@ -613,8 +605,6 @@ class _Job:
         """(this chunk's share of the loss, its gradients for ``inputs``, ``{id: (tensor,
         gradient)}`` for the leaves requiring grad it reaches besides them (tensors the loss
         captures), its summed score)."""
-        from fmaml.adapt import PLAIN_AUTOGRAD, STAND_INS
-
         if self.checkpoint and self.objective == "query" and self.inner.num_steps > 0:
             # Reptile's and iMAML's gradients go through no inner step (the adapted
             # parameters are constants of them): there is nothing to recompute, and the
@@ -635,8 +625,6 @@ class _Job:
         return loss.detach(), grads, captured, None if score is None else score.sum()
 
     def _task_loss(self, task: Task):
-        from fmaml.objectives import task_loss
-
         return task_loss(
             self.loss_fn,
             self.params,
@@ -648,10 +636,8 @@ class _Job:
 
     def _over(self, per_task: Callable, chunk: Task, fast=None, batched: bool = False):
         """``per_task`` on every task of the chunk; ``fast`` per-task (batched) or shared."""
-        from fmaml.objectives import _over_tasks
-
         if fast is None:
-            return per_task(chunk) if self.unbatched else _over_tasks(per_task, chunk)
+            return per_task(chunk) if self.unbatched else over_tasks(per_task, chunk)
         if self.unbatched:
             return per_task(fast, chunk)
         return torch.func.vmap(per_task, in_dims=(0 if batched else None, 0))(fast, chunk)
@@ -661,8 +647,6 @@ class _Job:
         other tensor requiring grad that its graph reaches: one of ``inputs`` (the
         checkpointed path differentiates each piece for some of them) or a leaf the loss
         captures. The walk that finds them stops at ``wrt`` and ``inputs``."""
-        from fmaml.adapt import STAND_INS
-
         result: list = [None] * len(wrt)
         if not self.want_grad:
             return result, {}
@@ -710,8 +694,6 @@ class _Job:
         :func:`fmaml.adapt.inner_step` (the step :func:`fmaml.unroll` takes). ``state`` is
         the inner optimiser's: ``None`` before the first step, ``{}`` for plain SGD (vmap
         carries no ``None``)."""
-        from fmaml.adapt import _support_loss, at_step, inner_step
-
         frozen, rate, first_order = self._frozen(), self.rates[s], self.inner.first_order
         head_init = self.inner.head_init if s == 0 else None
         inner_optimizer = self.inner.inner_optimizer
@@ -721,11 +703,9 @@ class _Job:
             if head_init is not None:
                 # ProtoMAML: the head starts from this task's prototypes; recomputed with the
                 # first step in the backward, so the meta-gradient flows through it too
-                from fmaml.proto import prototype_head
-
                 start = prototype_head(self.loss_fn, {**frozen, **fast}, task.support)
                 fast = {k: start[k] for k in fast}
-            grads = torch.func.grad(_support_loss)(
+            grads = torch.func.grad(support_loss)(
                 fast, at_step(self.loss_fn, s), frozen, task.support
             )
             if first_order:
@@ -745,8 +725,6 @@ class _Job:
         return step
 
     def _query(self, s: int, fn: LossFn):
-        from fmaml.adapt import at_step
-
         frozen = self._frozen()
 
         def query(fast: dict, task: Task) -> Tensor:
@@ -821,7 +799,7 @@ class _Job:
         # adjoint is the parameters' and the optimiser state's (each state tensor's, in
         # tree_flatten's order); the last state feeds no loss.
         optimizer = self.inner.inner_optimizer
-        hyper = _tensors_in(None if optimizer is None else optimizer.hyper)
+        hyper = tensors_in(None if optimizer is None else optimizer.hyper)
         adjoint = query_grads.get(steps, dict.fromkeys(names))
         state_adjoint: list = []
         for s in reversed(range(steps)):
@@ -835,7 +813,7 @@ class _Job:
                 after, after_state = self._over(self._step(s), chunk, (start, state), s > 0)
             after_leaves = tree_flatten(after_state)[0]
             n, m = len(names), len(state_leaves)
-            wrt = [*start.values(), *state_leaves, *frozen_live, *_tensors_in(self.rates[s])]
+            wrt = [*start.values(), *state_leaves, *frozen_live, *tensors_in(self.rates[s])]
             wrt += [t for t in hyper if all(t is not w for w in wrt)]
             grads, others = self._grad(
                 [*(after[k] for k in names), *after_leaves],
@@ -1015,24 +993,11 @@ def _slice(tasks: Task, start: int, stop: int, unbatched: bool, channels_last: b
     return Task(*(tuple(t[start:stop] for t in pair) for pair in tasks))
 
 
-def _tensors_in(value) -> list[Tensor]:
-    """The distinct tensors in a rate, a rate dict, or a sequence of those."""
-    if isinstance(value, Tensor):
-        found = [value]
-    elif isinstance(value, Mapping):
-        found = [v for v in value.values() if isinstance(v, Tensor)]
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        found = [t for v in value for t in _tensors_in(v)]
-    else:
-        found = []
-    return list({id(t): t for t in found}.values())
-
-
 def _differentiable_inputs(params, inner_lr, step_weights, hyper=None) -> list[Tensor]:
     """The distinct tensors the meta-loss is differentiated with respect to."""
     found, seen = [], set()
-    tensors = [*params.values(), *_tensors_in(inner_lr), *_tensors_in(step_weights)]
-    for t in [*tensors, *_tensors_in(hyper)]:
+    tensors = [*params.values(), *tensors_in(inner_lr), *tensors_in(step_weights)]
+    for t in [*tensors, *tensors_in(hyper)]:
         if t.requires_grad and id(t) not in seen:
             seen.add(id(t))
             found.append(t)

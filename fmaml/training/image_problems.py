@@ -8,11 +8,17 @@ from pathlib import Path
 
 import torch
 
-from fmaml.config import TrainConfig
 from fmaml.errors import ConfigError
-from fmaml.problems import EmptySplit, Problem, classification_problem, dtype_of, image_model
 from fmaml.tasks.datasets import load_splits
 from fmaml.tasks.images import EpisodeSampler, fixed_episodes
+from fmaml.training.config import TrainConfig
+from fmaml.training.problems import (
+    EmptySplit,
+    Problem,
+    classification_problem,
+    dtype_of,
+    image_model,
+)
 from fmaml.types import Task
 
 DEFAULT_ROOTS = {"omniglot": "data/omniglot", "miniimagenet": "data/miniimagenet"}
@@ -34,7 +40,7 @@ def data_root(config: TrainConfig) -> Path:
 
 
 def image_problem(config: TrainConfig, *, check_train: bool = True) -> Problem:
-    """The :class:`~fmaml.problems.Problem` of an image config: data, conv4 and samplers.
+    """The :class:`~fmaml.training.problems.Problem` of an image config: data, conv4 and samplers.
 
     The images stay uint8 on ``config.device``; every meta-batch is drawn there at once. Omniglot
     classes are rotated by a random multiple of 90 degrees per task (MAML protocol); with

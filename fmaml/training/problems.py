@@ -1,8 +1,8 @@
 """A meta-learning problem: a model, its losses and where its tasks come from.
 
 The training loop and the evaluation command see only a :class:`Problem`. This module holds
-what every problem shares and the sinusoid problem; :mod:`fmaml.image_problems` builds on it
-for image data, and :func:`fmaml.train.build_problem` picks one per config.
+what every problem shares and the sinusoid problem; :mod:`fmaml.training.image_problems`
+builds on it for image data, and :func:`fmaml.training.train.build_problem` picks one per config.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmaml.config import TrainConfig
 from fmaml.errors import ConfigError, InputError
 from fmaml.module import SupervisedLoss, accuracy, supervised_loss
 from fmaml.nn import conv4, mlp, resnet12
 from fmaml.nn.init import seeded
 from fmaml.tasks.sinusoid import SinusoidTasks
+from fmaml.training.config import TrainConfig
 from fmaml.types import Task
 
 SINUSOID_EVAL_QUERY = 100
@@ -176,6 +176,7 @@ def image_model(config: TrainConfig, in_channels: int) -> nn.Module:
 def __getattr__(name: str):
     if name == "build_problem":  # moved so that this module and image_problems don't import
         raise ImportError(  # each other
-            "fmaml.problems.build_problem moved to fmaml.train.build_problem: import it from there."
+            "fmaml.training.problems.build_problem moved to fmaml.training.train.build_problem: "
+            "import it from there."
         )
-    raise AttributeError(f"module 'fmaml.problems' has no attribute {name!r}")
+    raise AttributeError(f"module 'fmaml.training.problems' has no attribute {name!r}")

@@ -7,14 +7,14 @@ share of the loss by ``share / meta_batch``. The gradients are then SUM-all-redu
 every rank the gradient of the mean over the whole meta-batch, exactly (up to the order of
 floating-point sums), uneven shares included. The second-order terms stay inside each rank's
 own backward pass, so the meta-gradient is as exact as a single process's. Every rank then
-takes the same optimizer step. :func:`fmaml.train.meta_gradient` sends the gradients, the
+takes the same optimizer step. :func:`fmaml.training.train.meta_gradient` sends the gradients, the
 loss and score shares and the ranks' NaN flags in one all-reduce per step.
 
 Nothing here runs without a process group: a single process never calls a collective.
 
 A loop of your own does the same (after ``torch.distributed.init_process_group``)::
 
-    ranks = fmaml.distributed.current()
+    ranks = fmaml.training.distributed.current()
     start, stop = ranks.share(num_tasks)                 # this rank's tasks of the meta-batch
     loss = fmaml.meta_loss(loss_fn, params, my_tasks, inner_lr=0.4)   # tasks start:stop
     (loss * (stop - start) / num_tasks).backward()

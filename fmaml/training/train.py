@@ -5,7 +5,7 @@ episodes, and keeps ``latest.pt`` and (with ``config.keep_best``, the default fo
 ``best.pt`` checkpoints that hold everything needed to resume bit-for-bit on the CPU.
 
 Under ``torch.distributed`` (``torchrun``) every rank runs the same loop on its share of each
-meta-batch (see :mod:`fmaml.distributed`); rank 0 alone writes metrics and checkpoints.
+meta-batch (see :mod:`fmaml.training.distributed`); rank 0 alone writes metrics and checkpoints.
 """
 
 from __future__ import annotations
@@ -21,18 +21,9 @@ from typing import Any, Literal
 
 import torch
 
-from fmaml import distributed
 from fmaml.adapt import InnerLR, init_rates
 from fmaml.algorithms import get_algorithm
-from fmaml.checkpoint import (
-    BEST,
-    LATEST,
-    CheckpointError,
-    load_checkpoint,
-    save_checkpoint,
-)
-from fmaml.config import LEARNED_HYPER, TrainConfig, resolve
-from fmaml.distributed import RankFailure, Ranks
+from fmaml.engine.strategy import Strategy, auto_strategy, refuse_batchnorm
 from fmaml.errors import ConfigError, NonFiniteError, WriteError
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.implicit import IMAML
@@ -40,9 +31,18 @@ from fmaml.inner_loop import InnerLoop
 from fmaml.inner_optim import InnerOptimizer, get_inner_optimizer, hyper_names, proximal
 from fmaml.module import params_of, per_step
 from fmaml.objectives import meta_loss
-from fmaml.problems import EmptySplit, Problem, sinusoid_problem
 from fmaml.schedules import cosine_lr, first_order_at, msl_weights
-from fmaml.strategy import Strategy, auto_strategy, refuse_batchnorm
+from fmaml.training import distributed
+from fmaml.training.checkpoint import (
+    BEST,
+    LATEST,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fmaml.training.config import LEARNED_HYPER, TrainConfig, resolve
+from fmaml.training.distributed import RankFailure, Ranks
+from fmaml.training.problems import EmptySplit, Problem, sinusoid_problem
 from fmaml.tree import tree_clone
 from fmaml.types import Params
 
@@ -131,8 +131,8 @@ class TrainState:
 
 
 def build_problem(config: TrainConfig, *, check_train: bool = True) -> Problem:
-    """The :class:`Problem` for a resolved config (see :func:`fmaml.config.resolve`): the one
-    place that knows each dataset.
+    """The :class:`Problem` for a resolved config (see :func:`fmaml.training.config.resolve`):
+    the one place that knows each dataset.
 
     With ``config.precision == "bf16"`` the loss and score run their model's forward pass in
     bfloat16 (:meth:`fmaml.SupervisedLoss.with_autocast`); parameters stay float32.
@@ -146,7 +146,8 @@ def build_problem(config: TrainConfig, *, check_train: bool = True) -> Problem:
     if config.dataset == "sinusoid":
         problem = sinusoid_problem(config)
     else:
-        from fmaml.image_problems import image_problem  # the data loaders, only when needed
+        # the data loaders, only when needed
+        from fmaml.training.image_problems import image_problem
 
         problem = image_problem(config, check_train=check_train)
     if config.precision == "bf16":  # the losses' forward passes in bf16, under autocast
@@ -322,7 +323,7 @@ def meta_step(state: TrainState, ranks: Ranks | None = None) -> dict[str, float]
 
     Args:
         state: the run; its parameters, optimizer, generator and iteration are updated.
-        ranks: split the meta-batch across these ranks (:func:`fmaml.distributed.current`);
+        ranks: split the meta-batch across these ranks (:func:`fmaml.training.distributed.current`);
             every rank must call. ``None``: all tasks here, no collectives.
 
     Raises:
@@ -854,7 +855,7 @@ def evaluate_state(
         "ways", "inner_lr", "protocol", "iteration", "seed", "steps": [{"step", "mean", "ci95",
         "median"}, ...]}`` with one entry per step 0..num_steps; ``"protocol"`` is the
         problem's description of how the episodes were drawn (see
-        :attr:`fmaml.problems.Problem.protocol`), e.g. ``{"protocol": "within-alphabet",
+        :attr:`fmaml.training.problems.Problem.protocol`), e.g. ``{"protocol": "within-alphabet",
         "alphabets": {...}, "skipped_alphabets": {...}}``.
 
     Raises:

@@ -55,12 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmaml.engine.strategy import Strategy, auto_strategy
 from fmaml.errors import ConfigError
 from fmaml.module import params_of, supervised_loss
 from fmaml.nn import BatchNorm, conv4, mlp
 from fmaml.nn.init import seeded
 from fmaml.objectives import meta_loss, task_loss
-from fmaml.strategy import Strategy, auto_strategy
 from fmaml.tasks.sinusoid import SinusoidTasks
 from fmaml.types import Task
 
@@ -511,7 +511,7 @@ def run_json_job(command: list[str], job: dict, what: str, env: dict | None = No
         RuntimeError: the process failed or printed nothing; names ``what`` and ends with
             the end of its standard error.
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run(
@@ -526,7 +526,7 @@ def run_json_job(command: list[str], job: dict, what: str, env: dict | None = No
 def _measure_in_subprocess(job: dict) -> dict:
     """:func:`measure` in a fresh Python process (its own peak RSS), same torch threads."""
     return run_json_job(
-        [sys.executable, "-c", "import fmaml.bench as b; b._worker()"],
+        [sys.executable, "-c", "import fmaml.bench.harness as b; b._worker()"],
         job,
         f"bench: measuring {job['impl']} on {job['setting']}",
     )
