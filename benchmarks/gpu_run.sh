@@ -46,10 +46,10 @@ if [ "${1:-}" = compile ]; then
   exit 0
 fi
 if [ "${1:-}" = engine ]; then  # issue 11: the value_and_grad engine; bf16; the CUDA tests
-  bench omniglot 100 --settings omniglot --compare --impls fmaml --impls loop --repeats 5 \
-    --min-seconds 0.5
-  bench sinusoid 45 --settings sinusoid --compare --impls fmaml --impls loop --repeats 10 \
-    --min-seconds 0.5
+  bench omniglot 150 --settings omniglot --compare --impls fmaml --impls loop --repeats 5 \
+    --min-seconds 0.5 --rounds 2
+  bench sinusoid 70 --settings sinusoid --compare --impls fmaml --impls loop --repeats 10 \
+    --min-seconds 0.5 --rounds 2
   bench miniimagenet 80 --settings miniimagenet --compare --impls fmaml --impls loop \
     --impls fmaml-checkpoint --repeats 5 --min-seconds 0.5
   bench miniimagenet-cudnn 40 --settings miniimagenet --orders second --impls fmaml \
