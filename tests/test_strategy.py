@@ -199,9 +199,8 @@ def test_auto_strategy_is_visible_and_per_device_and_model():
     conv_loss, *_ = build("maml")
     mlp_loss, *_ = build("maml", model_name="mlp")
     assert auto_strategy("cuda", conv_loss) == Strategy()
-    cpu = auto_strategy("cpu", conv_loss)
-    assert cpu.chunk_size == 1
-    assert cpu.workers == min(torch.get_num_threads(), fmaml.engine.strategy.available_cores())
+    cpu = auto_strategy("cpu", conv_loss)  # sizes not given: counted as large tasks
+    assert cpu == Strategy(chunk_size=1, channels_last=True)
     assert auto_strategy("cpu", mlp_loss) == Strategy(threads=1) == auto_strategy("cpu")
     assert str(Strategy(chunk_size=8, checkpoint=True)) == (
         "vmap over chunks of 8 tasks, inner steps recomputed"
@@ -220,7 +219,7 @@ def test_auto_strategy_vmaps_small_tasks_in_one_chunk_per_worker(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert small == Strategy(chunk_size=16, workers=2)
-    assert large == Strategy(chunk_size=1, workers=2)
+    assert large == Strategy(chunk_size=1, channels_last=True)  # one graph alive at a time
     assert odd.chunk_size == 3  # chunks of 3 and 2 tasks, one per worker
     assert auto_strategy("cuda", conv_loss, num_tasks=32, examples_per_task=10) == Strategy()
 
@@ -609,15 +608,19 @@ def test_auto_strategy_has_a_worker_per_core_it_may_use(monkeypatch):
     try:
         monkeypatch.setattr(fmaml.engine.strategy, "available_cores", lambda: 8)
         torch.set_num_threads(8)
-        assert auto_strategy("cpu", conv_loss).workers == 8
-        assert auto_strategy("cpu", conv_loss, num_tasks=4, examples_per_task=80).workers == 4
         many = auto_strategy("cpu", conv_loss, num_tasks=32, examples_per_task=10)
         assert many == Strategy(chunk_size=4, workers=8)
+        few = auto_strategy("cpu", conv_loss, num_tasks=3, examples_per_task=10)
+        assert few == Strategy(chunk_size=1, workers=3)  # no more workers than tasks
+        # large tasks: each op on all of torch's threads, whatever the cores
+        large = auto_strategy("cpu", conv_loss, num_tasks=4, examples_per_task=80)
+        assert large == Strategy(chunk_size=1, channels_last=True)
         torch.set_num_threads(2)  # torch may use 2 of the 8 cores
-        assert auto_strategy("cpu", conv_loss).workers == 2
+        assert auto_strategy("cpu", conv_loss, num_tasks=32, examples_per_task=10).workers == 2
         monkeypatch.setattr(fmaml.engine.strategy, "available_cores", lambda: 2)
         torch.set_num_threads(4)  # more threads than cores: one worker per core
-        assert auto_strategy("cpu", conv_loss) == Strategy(chunk_size=1, workers=2)
+        small = auto_strategy("cpu", conv_loss, num_tasks=32, examples_per_task=10)
+        assert small == Strategy(chunk_size=16, workers=2)
     finally:
         torch.set_num_threads(before)
 

@@ -18,8 +18,8 @@ computed: every strategy gives the same loss and the same meta-gradient (tested 
   op across the threads; it also keeps OpenMP's spinning barriers out of a busy machine.
 - ``channels_last``: with ``chunk_size=1``, give the network each task's query images in
   the channels-last memory format (CPU convolution, BatchNorm and max-pool kernels are
-  faster on it; the values are the same). Off by default: on the benchmark settings it
-  speeds up the query pass but not the meta-step (see ``benchmarks/README.md``).
+  faster on it; the values are the same). :func:`auto_strategy` turns it on for large tasks
+  on a CPU (mini-ImageNet, one task at a time on 2 threads: 2.58 -> 2.23 s a meta-step).
 - ``compile``: compile the whole meta-step (the vmapped inner loop, the query losses and the
   meta-gradient) with ``torch.compile`` (one vmap over all tasks). The first meta-batch pays
   the compilation (20-90 s on a CPU), later ones run about 2x faster on an MLP; a new
@@ -218,18 +218,22 @@ def auto_strategy(
     """The fastest strategy fmaml knows for ``device`` and the model behind ``loss_fn``.
 
     On CUDA: one vmap over all tasks (large batched kernels, few launches). On a CPU, for a
-    model with convolutions, one worker thread per core the meta-batch may use: torch's
-    intra-op thread count (``torch.get_num_threads()``), at most the cores this process may
-    run on (:func:`available_cores`) and at most ``num_tasks``; each worker runs its share of
-    the tasks on one intra-op thread (a 2-core machine gets 2 workers):
+    model with convolutions:
 
     - tasks of up to :data:`SMALL_TASK` examples (support + query; Omniglot 5-way 1-shot
-      with 1 query per class has 10): each worker vmaps its share at once (chunks of
-      ``ceil(num_tasks / workers)``): ops on one task's few images are too small to run
-      well, batched they are not;
+      with 1 query per class has 10): one worker thread per core the meta-batch may use
+      (torch's intra-op thread count, ``torch.get_num_threads()``, at most the cores this
+      process may run on, :func:`available_cores`, and at most ``num_tasks``), each vmapping
+      its share of the tasks at once (chunks of ``ceil(num_tasks / workers)``) on one
+      intra-op thread: ops on one task's few images are too small to split across threads,
+      batched they are not;
     - larger tasks, or sizes not given: one task at a time without ``vmap`` (plain
       convolution and BatchNorm kernels instead of grouped convolutions, which are slow on a
-      CPU).
+      CPU), each op on all of torch's intra-op threads, query images in channels-last (the
+      CPU's convolution and max-pool kernels are faster on it). Each op has enough work to
+      split, and only one task's graph is alive at a time: worker threads would hold one
+      graph per worker (mini-ImageNet, 2 cores: 1.24x faster at 1.3x the peak memory; pass
+      ``workers=`` for that).
 
     On a CPU for any other model (an MLP): one vmap over all tasks on one intra-op thread.
     The figures behind these choices are in ``benchmarks/README.md``.
@@ -260,13 +264,10 @@ def auto_strategy(
     )
     if not convolutional:
         return Strategy(threads=1)
-    workers = max(1, min(torch.get_num_threads(), available_cores()))
-    if num_tasks is not None:
-        workers = max(1, min(workers, num_tasks))
-    if num_tasks is not None and examples_per_task is not None and examples_per_task <= SMALL_TASK:
-        chunk = -(-num_tasks // workers)
-        return Strategy(chunk_size=chunk, workers=workers)
-    return Strategy(chunk_size=1, workers=workers)
+    if num_tasks is None or examples_per_task is None or examples_per_task > SMALL_TASK:
+        return Strategy(chunk_size=1, channels_last=True)
+    workers = max(1, min(torch.get_num_threads(), available_cores(), num_tasks))
+    return Strategy(chunk_size=-(-num_tasks // workers), workers=workers)
 
 
 class MetaGradients(NamedTuple):
