@@ -307,8 +307,8 @@ def value_and_grad(
     the tensors in ``inner_lr`` (Meta-SGD, LSLR) and ``step_weights`` that require grad, and
     the tensors in ``wrt`` (tensors the loss captures, e.g. a learned temperature). The
     meta-batch runs with ``strategy``, by default the one :func:`auto_strategy` picks for the
-    device, the model and the cores (chunks on worker threads on a CPU, one vmap on a GPU),
-    gradients accumulated chunk by chunk; every strategy gives the same values and gradients
+    device, the model and the cores (on a CPU one task at a time, or chunks of small tasks
+    on worker threads; one vmap on a GPU), gradients accumulated chunk by chunk; every strategy gives the same values and gradients
     (``tests/test_value_and_grad.py``, float64). For a second derivative, differentiate
     :func:`fmaml.meta_loss` itself (``strategy=None``): it is the pure definition.
 
