@@ -308,8 +308,9 @@ def value_and_grad(
     the tensors in ``wrt`` (tensors the loss captures, e.g. a learned temperature). The
     meta-batch runs with ``strategy``, by default the one :func:`auto_strategy` picks for the
     device, the model and the cores (on a CPU one task at a time, or chunks of small tasks
-    on worker threads; one vmap on a GPU), gradients accumulated chunk by chunk; every strategy gives the same values and gradients
-    (``tests/test_value_and_grad.py``, float64). For a second derivative, differentiate
+    on worker threads; one vmap on a GPU), gradients accumulated chunk by chunk; every
+    strategy gives the same values and gradients (``tests/test_value_and_grad.py``,
+    float64). For a second derivative, differentiate
     :func:`fmaml.meta_loss` itself (``strategy=None``): it is the pure definition.
 
     Args:
