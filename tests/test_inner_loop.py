@@ -11,25 +11,13 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest_tasks import small_conv_problem as setup
 
 import fmaml
 from fmaml.algorithms import ALGORITHMS, get_algorithm, head_keys
 from fmaml.inner_optim import adam
 
 DTYPE = torch.float64
-
-
-def setup():
-    torch.manual_seed(0)
-    model = fmaml.nn.conv4(3, hidden=4, image_size=12).to(DTYPE)
-    g = torch.Generator().manual_seed(1)
-    xs = torch.randn(4, 6, 1, 12, 12, generator=g, dtype=DTYPE)
-    xq = torch.randn(4, 9, 1, 12, 12, generator=g, dtype=DTYPE)
-    ys, yq = torch.arange(3).repeat(2).expand(4, -1), torch.arange(3).repeat(3).expand(4, -1)
-    tasks = fmaml.Task(support=(xs, ys), query=(xq, yq))
-    loss_fn = fmaml.supervised_loss(model, F.cross_entropy)
-    return loss_fn, fmaml.params_of(model), tasks
 
 
 def variants(params) -> dict[str, dict]:

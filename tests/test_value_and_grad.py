@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest_tasks import small_conv_problem
 
 import fmaml
 
@@ -21,15 +22,7 @@ STRATEGIES = [
 
 
 def setup(temperature: torch.Tensor):
-    torch.manual_seed(0)
-    model = fmaml.nn.conv4(3, hidden=4, image_size=12).to(DTYPE)
-    g = torch.Generator().manual_seed(1)
-    xs = torch.randn(4, 6, 1, 12, 12, generator=g, dtype=DTYPE)
-    xq = torch.randn(4, 9, 1, 12, 12, generator=g, dtype=DTYPE)
-    ys, yq = torch.arange(3).repeat(2).expand(4, -1), torch.arange(3).repeat(3).expand(4, -1)
-    tasks = fmaml.Task(support=(xs, ys), query=(xq, yq))
-    loss_fn = fmaml.supervised_loss(model, lambda out, y: F.cross_entropy(out * temperature, y))
-    return loss_fn, fmaml.params_of(model), tasks
+    return small_conv_problem(lambda out, y: F.cross_entropy(out * temperature, y))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
