@@ -121,14 +121,7 @@ def task_loss(
     num_steps = loop.num_steps
     if isinstance(objective, IMAML):
         _refuse_for_imaml(loop.step_weights, loop.first_order, loop.inner_optimizer)
-        return imaml_loss(
-            loss_fn,
-            params,
-            task,
-            loop.replace(head_init=None),
-            settings=objective,
-            score_fn=score_fn,
-        )
+        return imaml_loss(loss_fn, params, task, loop, settings=objective, score_fn=score_fn)
     if objective == "reptile":
         if loop.step_weights is not None:
             raise ValueError(
@@ -136,8 +129,7 @@ def task_loss(
                 "objective='reptile' has no query loss (its gradient is params - adapted). "
                 "Leave step_weights=None with Reptile."
             )
-        reptile = loop.replace(head_init=None, first_order=False)
-        return reptile_loss(loss_fn, params, task, reptile, score_fn=score_fn)
+        return reptile_loss(loss_fn, params, task, loop, score_fn=score_fn)
     weights = check_step_weights(loop.step_weights, num_steps)
     trajectory = _trajectory(loss_fn, params, task.support, loop)
     if weights is None:

@@ -131,13 +131,13 @@ def build(
     """The network (seeded initialisation) and one meta-batch (seeded data) for ``setting``;
     with ``precision="bf16"`` its loss runs under bf16 autocast (float32 parameters)."""
     generator = torch.Generator().manual_seed(0)
-    if setting.name == "sinusoid":
-        model = seeded(mlp, torch.Generator().manual_seed(0))
-    else:
-        model = seeded(
-            lambda: conv4(setting.ways, setting.channels, setting.hidden, setting.image_size),
-            torch.Generator().manual_seed(0),
-        )
+
+    def make() -> torch.nn.Module:
+        if setting.name == "sinusoid":
+            return mlp()
+        return conv4(setting.ways, setting.channels, setting.hidden, setting.image_size)
+
+    model = seeded(make, torch.Generator().manual_seed(0))
     model = model.to(device=device, dtype=dtype)
     n = setting.meta_batch
     if setting.name == "sinusoid":

@@ -101,26 +101,29 @@ class TrainState:
         return rates
 
     def inner_loop(self, epoch: int) -> InnerLoop:
-        """The inner loop of a training step in ``epoch``: the algorithm's setting of it,
-        with MAML++'s schedules (derivative order, multi-step loss weights) at ``epoch``."""
+        """The inner loop of a training step in ``epoch``: the run's rates, steps and adapted
+        keys (without per-step BatchNorm keys, MAML++ BNWB), the algorithm's order and head,
+        and MAML++'s schedules (derivative order, multi-step loss weights) at ``epoch``."""
         config = self.config
         algorithm = get_algorithm(config.algorithm)
-        return algorithm.inner_loop(self.inner_lr, config.inner_steps).replace(
-            num_steps=config.inner_steps,  # config.resolve already applied inner_steps
-            adapt_keys=self.adapt_keys,  # without per-step BatchNorm keys (MAML++ BNWB)
+        return InnerLoop(
+            inner_lr=self.inner_lr,
+            num_steps=config.inner_steps,
+            adapt_keys=self.adapt_keys,
             first_order=algorithm.first_order or first_order_at(epoch, config.da_epochs),
             step_weights=msl_weights(config.inner_steps, epoch, config.msl_epochs),
             inner_optimizer=self.inner_optimizer,
+            head_init=algorithm.head_init,
         )
 
     def eval_inner_loop(self, num_steps: int) -> InnerLoop:
         """The inner loop of validation and test with ``num_steps`` steps."""
-        algorithm = get_algorithm(self.config.algorithm)
-        return algorithm.inner_loop(self.inner_lr_for(num_steps)).replace(
+        return InnerLoop(
+            inner_lr=self.inner_lr_for(num_steps),
             num_steps=num_steps,
             adapt_keys=self.adapt_keys,
-            first_order=False,
             inner_optimizer=self.eval_inner_optimizer,
+            head_init=get_algorithm(self.config.algorithm).head_init,
         )
 
     def leaves(self) -> list[torch.Tensor]:
