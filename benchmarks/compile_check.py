@@ -63,9 +63,8 @@ def main() -> None:
         for first_order in (False, True):
 
             def step(params, tasks, loss_fn=loss_fn, first_order=first_order):
-                loss = fmaml.meta_loss(
-                    loss_fn, params, tasks, inner_lr=0.1, num_steps=2, first_order=first_order
-                )
+                inner = fmaml.InnerLoop(0.1, num_steps=2, first_order=first_order)
+                loss = fmaml.meta_loss(loss_fn, params, tasks, inner)
                 return torch.autograd.grad(loss, list(params.values()))
 
             eager = step(params, tasks)

@@ -70,8 +70,7 @@ def compare(lam: float, steps: int, lr: float, seed: int = 0) -> dict:
                 loss_fn,
                 params,
                 tasks,
-                inner_lr=lr,
-                num_steps=steps,
+                fmaml.InnerLoop(lr, num_steps=steps),
                 objective=fmaml.IMAML(lam=lam, cg_steps=cg),
             )
         )

@@ -5,7 +5,7 @@ Omniglot-shaped tasks (20-way 1-shot, 5 query per class, 28x28x1, random pixels)
 ``fmaml.nn.conv4``; each setting (algorithm x inner steps) runs in a fresh Python process and
 is measured as in ``benchmarks/resnet12_memory.py``: one warm-up meta-step on a single task
 (imports, lazy initialisation), then on a CPU the peak resident memory of one meta-step
-(``fmaml.meta_loss`` and ``torch.autograd.grad`` of every parameter) minus the resident
+(``fmaml.value_and_grad`` of every parameter) minus the resident
 memory before it, with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the
 resident set at once; on CUDA ``torch.cuda.max_memory_allocated`` minus the memory before.
 
@@ -72,17 +72,14 @@ def measure(job: dict) -> dict:
         if job["algorithm"] == "imaml"
         else "query"
     )
-    settings = {
-        "inner_lr": job["inner_lr"],
-        "num_steps": job["num_steps"],
-        "strategy": fmaml.Strategy(chunk_size=1),
-        "objective": objective,
-    }
+    inner = fmaml.InnerLoop(job["inner_lr"], num_steps=job["num_steps"])
+    strategy = fmaml.Strategy(chunk_size=1)
 
     def step(tasks):
-        loss = fmaml.meta_loss(loss_fn, params, tasks, **settings)
-        grads = torch.autograd.grad(loss, list(params.values()))
-        return loss.detach(), grads
+        loss, grads = fmaml.value_and_grad(
+            loss_fn, params, tasks, inner, strategy=strategy, objective=objective
+        )
+        return loss, list(grads.params.values())
 
     sizes = (job["num_ways"], job["num_shots"], job["num_query"], job["image_size"], device)
     step(tasks_of(1, *sizes, seed=1))  # warm-up: imports, lazy initialisation

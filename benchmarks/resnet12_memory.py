@@ -7,7 +7,7 @@ mini-ImageNet-shaped tasks (5-way 1-shot, 15 query per class, 84x84x3, random pi
    16x16 task with the same strategy (imports, lazy initialisation: ~150 MB of modules
    ``torch.func`` loads on first use are not the meta-step's);
 2. on a CPU: reset the process's peak resident memory (``/proc/self/clear_refs``), read the
-   resident memory, run one meta-step (``fmaml.meta_loss`` and ``torch.autograd.grad`` of
+   resident memory, run one meta-step (``fmaml.value_and_grad`` of
    every parameter), and report the peak minus the memory before it. The child runs with
    ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns every freed tensor above 64 KiB to
    the OS at once: resident memory then follows the live tensors, and a block freed and
@@ -87,12 +87,11 @@ def measure(job: dict) -> dict:
     params = fmaml.params_of(model)
     loss_fn = fmaml.supervised_loss(model, F.cross_entropy)
     strategy = STRATEGIES[job["strategy"]]
-    settings = {"inner_lr": 0.01, "num_steps": job["num_steps"], "strategy": strategy}
+    inner = fmaml.InnerLoop(0.01, num_steps=job["num_steps"])
 
     def step(tasks):
-        loss = fmaml.meta_loss(loss_fn, params, tasks, **settings)
-        grads = torch.autograd.grad(loss, list(params.values()))
-        return loss.detach(), grads
+        loss, grads = fmaml.value_and_grad(loss_fn, params, tasks, inner, strategy=strategy)
+        return loss, list(grads.params.values())
 
     sizes = (job["num_ways"], job["num_shots"], job["num_query"])
     step(tasks_of(1, *sizes, 16, device, seed=1))  # warm-up: imports, lazy initialisation

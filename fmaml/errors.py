@@ -8,10 +8,14 @@ Each class also derives from the built-in error a caller would catch without kno
 (:class:`ValueError` for bad input, :class:`OSError` for a failed write,
 :class:`FloatingPointError` for a diverged run), so ``except ValueError`` keeps working.
 
-This module imports nothing: every other module may use it.
+This module imports nothing of fmaml: every other module may use it.
 """
 
 from __future__ import annotations
+
+import functools
+import os
+import re
 
 __all__ = [
     "ConfigError",
@@ -20,6 +24,7 @@ __all__ = [
     "NonFiniteError",
     "WriteError",
     "check_positive_int",
+    "public",
 ]
 
 
@@ -56,3 +61,51 @@ def check_positive_int(value: object, name: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}: `{name}` must be a positive int, got {value!r}.")
     return value
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_NAMED = re.compile(r"^[A-Za-z_][\w.]*\(\): ")
+
+
+def public(fn):
+    """Make the errors fmaml raises under ``fn`` name ``fn``: the function the user called.
+
+    A ``ValueError`` or ``TypeError`` raised by fmaml's own code (its innermost frame is in
+    the package) whose message starts with a function's name, ``"select(): ..."``, is renamed
+    ``"fn(): ..."`` as it leaves ``fn``; nested public functions rename it in turn, so the
+    outermost, the one the user called, names it. The traceback is kept; errors raised by
+    torch or by the user's own code pass unchanged.
+
+    Example:
+        >>> from fmaml.tree import select
+        >>> @public
+        ... def pick(names, keys):
+        ...     return select(names, keys)
+        >>> pick(["w"], ["v"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: pick(): `adapt_keys` names parameters the model does not have...
+    """
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def named(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError) as error:
+            _rename(error, name)
+            raise
+
+    return named
+
+
+def _rename(error: Exception, name: str) -> None:
+    if not error.args or not isinstance(error.args[0], str):
+        return
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is None or not frame.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+        return
+    renamed = _NAMED.sub(f"{name}(): ", error.args[0], count=1)
+    error.args = (renamed, *error.args[1:])

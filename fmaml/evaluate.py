@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-from fmaml.adapt import InnerLR
-from fmaml.inner_loop import UNSET, InnerLoop, settings
-from fmaml.inner_optim import InnerOptimizer
+from fmaml.errors import public
+from fmaml.inner_loop import InnerLoop, InnerLR, check_inner
 from fmaml.objectives import meta_scores
-from fmaml.tree import KeySelector, tree_detach
+from fmaml.tree import tree_detach
 from fmaml.types import LossFn, Task
 
 
@@ -39,18 +37,13 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
     return values.mean().item(), 1.96 * std / math.sqrt(values.numel())
 
 
+@public
 def evaluate(
     score_fn: LossFn,
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     episodes: Iterable[Task],
-    inner: InnerLoop | None = None,
-    *,
-    inner_lr: InnerLR = UNSET,
-    num_steps: int = UNSET,
-    adapt_keys: KeySelector = UNSET,
-    head_init: Literal["prototypes"] | None = UNSET,
-    inner_optimizer: InnerOptimizer | None = UNSET,
+    inner: InnerLoop,
 ) -> Tensor:
     """Adapt on each episode's support and score its query after every inner step.
 
@@ -62,26 +55,13 @@ def evaluate(
         params: meta-parameters.
         episodes: meta-batches of tasks (chunks of the evaluation set), each a
             :class:`fmaml.Task` with a leading task axis.
-        inner: the inner loop as one :class:`fmaml.InnerLoop` (``first_order`` and
-            ``step_weights`` make no difference to scores), or, instead, the keywords below.
-        inner_lr: as in :func:`fmaml.adapt`; tensors are detached too.
-        num_steps: inner steps.
-        adapt_keys: as in :func:`fmaml.adapt`.
-        head_init: as in :func:`fmaml.task_loss` (``"prototypes"``: ProtoNet/ProtoMAML).
-        inner_optimizer: as in :func:`fmaml.adapt`; its hyper-parameter tensors are detached.
+        inner: the inner loop, one :class:`fmaml.InnerLoop` (``first_order`` and
+            ``step_weights`` make no difference to scores; its tensors are detached).
 
     Returns:
         ``[num_episodes, num_steps + 1]``: scores before adapting and after each step.
     """
-    loop = settings(
-        inner,
-        "evaluate",
-        inner_lr=inner_lr,
-        num_steps=num_steps,
-        adapt_keys=adapt_keys,
-        head_init=head_init,
-        inner_optimizer=inner_optimizer,
-    )
+    loop = check_inner(inner)
     params = tree_detach(params)
     inner_optimizer = loop.inner_optimizer
     if inner_optimizer is not None:

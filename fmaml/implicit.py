@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fmaml import inner_loop
-from fmaml.adapt import InnerLR, adapt, at_step
-from fmaml.inner_loop import UNSET, InnerLoop
+from fmaml.adapt import adapt, at_step
+from fmaml.errors import public
+from fmaml.inner_loop import InnerLoop, check_inner
 from fmaml.inner_optim import proximal
-from fmaml.tree import KeySelector, select, tensors_in
+from fmaml.tree import select, tensors_in
 from fmaml.types import LossFn, Params, Task, options_of
 
 
@@ -63,15 +63,13 @@ class IMAML:
             )
 
 
+@public
 def imaml_loss(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     task: Task,
-    inner: InnerLoop | None = None,
+    inner: InnerLoop,
     *,
-    inner_lr: InnerLR = UNSET,
-    num_steps: int = UNSET,
-    adapt_keys: KeySelector = UNSET,
     settings: IMAML = IMAML(),
     score_fn: LossFn | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -114,14 +112,10 @@ def imaml_loss(
         params: ``{name: tensor}``, the meta-parameters :math:`\theta`.
         task: one :class:`fmaml.Task`, no task axis: ``support = (x [n_s, *feature],
             y [n_s, *target])``, ``query`` likewise.
-        inner: the inner problem's ``inner_lr``, ``num_steps`` and ``adapt_keys`` as one
-            :class:`fmaml.InnerLoop` (its other fields at their defaults: iMAML takes no
-            other optimiser, step weights, prototype head or first-order switch), or,
-            instead, the keywords below.
-        inner_lr: a number, a 0-d tensor, a dict or a sequence of them as in
-            :func:`fmaml.unroll`; no tensor of it may require grad.
-        num_steps: gradient steps on the regularised inner loss, at least 1.
-        adapt_keys: which parameters the inner problem adapts (``None``: all).
+        inner: the inner problem's ``inner_lr`` (no tensor of it may require grad),
+            ``num_steps`` (at least 1) and ``adapt_keys``, one :class:`fmaml.InnerLoop`
+            (its other fields at their defaults: iMAML takes no other optimiser, step
+            weights, prototype head or first-order switch).
         settings: :class:`IMAML`, ``lam`` and ``cg_steps``.
         score_fn: if given, also return ``score_fn(adapted, query)`` (detached).
 
@@ -143,7 +137,7 @@ def imaml_loss(
         >>> params = {"w": torch.zeros(2, dtype=torch.float64, requires_grad=True)}
         >>> one = torch.ones(2, dtype=torch.float64)
         >>> task = fmaml.Task(support=(one, None), query=(2 * one, None))
-        >>> ell = imaml_loss(loss, params, task, inner_lr=0.5, num_steps=40,
+        >>> ell = imaml_loss(loss, params, task, fmaml.InnerLoop(0.5, num_steps=40),
         ...                  settings=IMAML(lam=1.0, cg_steps=3))
         >>> torch.autograd.grad(ell, params["w"])[0]  # (I + I)^-1 (0.5 - 2)
         tensor([-0.7500, -0.7500], dtype=torch.float64)
@@ -152,9 +146,7 @@ def imaml_loss(
         Rajeswaran, Finn, Kakade & Levine, "Meta-Learning with Implicit Gradients",
         NeurIPS 2019.
     """
-    loop = inner_loop.settings(
-        inner, "imaml_loss", inner_lr=inner_lr, num_steps=num_steps, adapt_keys=adapt_keys
-    )
+    loop = check_inner(inner)
     others = [
         k
         for k in ("first_order", "step_weights", "inner_optimizer", "head_init")
@@ -183,18 +175,14 @@ def imaml_loss(
             "inner step), but iMAML's inner problem is one loss whose Hessian at the solution "
             "gives the meta-gradient. Use the loss without per-step BatchNorm weights."
         )
-    names = select(params.keys(), adapt_keys, caller="imaml_loss")
+    names = select(params.keys(), adapt_keys)
     lam = settings.lam
     start = {k: v.detach() for k, v in params.items()}
     adapted = adapt(
         loss_fn,
         start,
         task.support,
-        inner_lr=inner_lr,
-        num_steps=num_steps,
-        adapt_keys=names,
-        first_order=True,
-        inner_optimizer=proximal(lam),
+        InnerLoop(inner_lr, num_steps, names, first_order=True, inner_optimizer=proximal(lam)),
     )
     adapted = {k: v.detach() for k, v in adapted.items()}
     fast = {k: adapted[k] for k in names}

@@ -4,13 +4,14 @@ Rates, steps, which parameters adapt, the order of the meta-gradient, the weight
 query loss after each step, the inner optimiser and the head's starting point travel
 together as one :class:`InnerLoop`; a variant is that value with a field changed::
 
-    maml = InnerLoop(inner_lr=0.4)
+    maml = InnerLoop(0.4)             # inner_lr, positional; the rest keep their defaults
     fomaml = maml.replace(first_order=True)
     anil = maml.replace(adapt_keys=fmaml.algorithms.head_keys)
 
 Every function that runs an inner loop (:func:`fmaml.unroll`, :func:`fmaml.adapt`,
 :func:`fmaml.task_loss`, :func:`fmaml.meta_loss`, :func:`fmaml.value_and_grad`,
-:func:`fmaml.evaluate`, ...) takes it as ``inner=``, or the same settings as keywords.
+:func:`fmaml.evaluate`, ...) takes it as its fourth argument, ``inner``; no other signature
+repeats its fields.
 """
 
 from __future__ import annotations
@@ -33,19 +34,6 @@ InnerLR = Rate | Sequence[Rate]
 
 StepWeights = Sequence[float | Tensor] | Tensor | None
 """Weights of the query loss after each inner step (MAML++ multi-step loss)."""
-
-
-class _Unset:
-    """The default of a keyword that :func:`settings` fills from :class:`InnerLoop`."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<InnerLoop default>"
-
-
-UNSET = _Unset()
-"""A keyword not given: the value comes from ``inner`` or from :class:`InnerLoop`'s default."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -95,35 +83,21 @@ class InnerLoop:
         return dataclasses.replace(self, **changes)
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(InnerLoop))
-
-
-def settings(inner: InnerLoop | None, caller: str, **keywords) -> InnerLoop:
-    """The inner loop a call describes: ``inner``, or the :class:`InnerLoop` its keywords
-    build (keywords left :data:`UNSET` take the field's default).
+def check_inner(inner: object) -> InnerLoop:
+    """``inner`` if it is an :class:`InnerLoop`.
 
     Raises:
-        TypeError: ``inner`` given together with a keyword (which one would win is not
-            obvious: change the value with ``inner.replace(...)`` instead); ``inner`` not an
-            :class:`InnerLoop`; neither ``inner`` nor ``inner_lr`` given.
+        TypeError: anything else, with the call that builds one.
     """
-    given = {k: v for k, v in keywords.items() if v is not UNSET}
-    if inner is not None:
-        if not isinstance(inner, InnerLoop):
-            raise TypeError(
-                f"{caller}(): `inner` must be an fmaml.InnerLoop, got {type(inner).__name__}. "
-                "Build one with fmaml.InnerLoop(inner_lr=..., num_steps=...)."
-            )
-        if given:
-            raise TypeError(
-                f"{caller}(): got `inner` and also {sorted(given)} as keywords. Give the "
-                f"settings one way: inner.replace({', '.join(f'{k}=...' for k in sorted(given))})"
-                ", or the keywords alone."
-            )
-        return inner
-    if "inner_lr" not in given:
-        raise TypeError(
-            f"{caller}(): missing the inner learning rate. Pass inner_lr=... (e.g. 0.4), or "
-            "inner=fmaml.InnerLoop(inner_lr=..., ...)."
+    if not isinstance(inner, InnerLoop):
+        got = type(inner).__name__
+        hint = (
+            f"fmaml.InnerLoop({inner!r})"
+            if isinstance(inner, (int, float))
+            else ("fmaml.InnerLoop(inner_lr, num_steps=..., ...)")
         )
-    return InnerLoop(**given)
+        raise TypeError(
+            f"inner_loop(): the inner loop's settings come as one fmaml.InnerLoop, got {got}. "
+            f"Pass {hint}."
+        )
+    return inner

@@ -7,43 +7,35 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from fmaml.adapt import InnerLR, adapt, at_step, unroll
+from fmaml.adapt import Call, Grad, at_step, direct, func_grad, trajectory
+from fmaml.errors import public
 from fmaml.implicit import IMAML, imaml_loss
-from fmaml.inner_loop import UNSET, InnerLoop, StepWeights, settings
-from fmaml.inner_optim import InnerOptimizer
+from fmaml.inner_loop import InnerLoop, check_inner
 from fmaml.padding import check_padded_tasks, is_padded
-from fmaml.proto import check_head, check_support_labels, prototype_head
-from fmaml.tree import KeySelector
+from fmaml.proto import check_head, check_support_labels
 from fmaml.types import LossFn, Task
-
-if TYPE_CHECKING:  # the engine imports this module, not the other way round
-    from fmaml.engine.strategy import Strategy
 
 Objective = Literal["query", "reptile", "imaml"] | IMAML
 """What the outer step follows: the query loss (MAML and its variants), Reptile's direction,
 or iMAML's implicit gradient (``"imaml"`` is ``IMAML()``)."""
 
 
+@public
 def task_loss(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     task: Task,
-    inner: InnerLoop | None = None,
+    inner: InnerLoop,
     *,
-    inner_lr: InnerLR = UNSET,
-    num_steps: int = UNSET,
-    adapt_keys: KeySelector = UNSET,
-    first_order: bool = UNSET,
-    step_weights: StepWeights = UNSET,
     score_fn: LossFn | None = None,
     objective: Objective = "query",
-    head_init: Literal["prototypes"] | None = UNSET,
-    inner_optimizer: InnerOptimizer | None = UNSET,
+    grad: Grad = func_grad,
+    call: Call = direct,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Adapt on ``task.support``, return the loss on ``task.query``; one task.
 
@@ -56,33 +48,24 @@ def task_loss(
         loss_fn: ``loss_fn(params, (x, y)) -> scalar``; used in the inner loop and on the query.
         params: ``{name: tensor}``, the meta-parameters.
         task: one :class:`fmaml.Task`, no task axis.
-        inner: the inner loop's settings as one :class:`fmaml.InnerLoop`; or, instead, the
-            keywords ``inner_lr``, ``num_steps``, ``adapt_keys``, ``first_order``,
-            ``step_weights``, ``head_init`` and ``inner_optimizer`` (its fields; defaults
-            as there).
-        inner_lr, num_steps, adapt_keys, first_order: as in :func:`fmaml.unroll`.
-        step_weights: ``num_steps`` weights of the query loss after each inner step
-            (MAML++ multi-step loss): a 1-d tensor, or a sequence of numbers and 0-d
-            tensors (each tensor differentiated, as in a stacked tensor); ``None`` scores
-            only the last step.
+        inner: the inner loop's settings, one :class:`fmaml.InnerLoop`. Its
+            ``step_weights`` (MAML++ multi-step loss) weight the query loss after each
+            inner step: a 1-d tensor, or a sequence of numbers and 0-d tensors (each tensor
+            differentiated, as in a stacked tensor); a weight that is the number 0 leaves
+            that step's query loss out; ``None`` scores only the last step. Its
+            ``head_init="prototypes"`` sets the linear head from the support set's class
+            prototypes before the inner loop (:func:`fmaml.prototype_head`; ProtoMAML,
+            Triantafillou et al. 2020), differentiably; ``num_steps=0`` then gives
+            ProtoNet's loss (Snell et al. 2017).
         score_fn: if given, also return ``score_fn(adapted, query)`` (detached), e.g. accuracy.
         objective: ``"query"`` (above), or ``"reptile"``: :func:`reptile_loss` instead, whose
             gradient is ``params - adapted`` (``first_order`` then has no effect: Reptile is
             first-order whatever it says); or ``"imaml"`` / :class:`fmaml.IMAML` ``(lam,
             cg_steps)``: :func:`fmaml.imaml_loss` instead, the query loss after the
             regularised inner problem, whose gradient is the implicit meta-gradient.
-        head_init: ``None``, or ``"prototypes"``: before the inner loop, set the linear head
-            from the support set's class prototypes (:func:`fmaml.prototype_head`;
-            ProtoMAML, Triantafillou et al. 2020), differentiably; the inner loop then
-            descends from ``(params, prototype head)``, the head a starting point of its own
-            (each step's gradient is the support loss's partial derivative in the body and
-            in the head, as in Meta-Dataset's code). ``num_steps=0`` is then
-            allowed and gives ProtoNet's loss (Snell et al. 2017). Needs a
-            :func:`fmaml.supervised_loss` of a model with ``body`` and a linear ``head``,
-            integer support labels ``y [n_s]`` covering ``0..num_ways-1``; not with
-            ``objective="reptile"``.
-        inner_optimizer: the inner step (:mod:`fmaml.inner_optim`), as in
-            :func:`fmaml.unroll`; ``None``: plain SGD.
+        grad, call: how each inner step and query loss is computed (:mod:`fmaml.adapt`);
+            the defaults are the definition. The engine (:func:`fmaml.value_and_grad`)
+            passes others; the result is the same.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
@@ -100,67 +83,58 @@ def task_loss(
         >>> loss_fn = fmaml.supervised_loss(model, F.cross_entropy)
         >>> y = torch.arange(3).repeat(2)
         >>> task = fmaml.Task((torch.randn(6, 2), y), (torch.randn(6, 2), y))
-        >>> protonet = task_loss(loss_fn, fmaml.params_of(model), task, inner_lr=0.1,
-        ...                      num_steps=0, head_init="prototypes")
+        >>> protonet_loop = fmaml.InnerLoop(0.1, num_steps=0, head_init="prototypes")
+        >>> protonet = task_loss(loss_fn, fmaml.params_of(model), task, protonet_loop)
         >>> protonet.shape
         torch.Size([])
     """
-    loop = settings(
-        inner,
-        "task_loss",
-        inner_lr=inner_lr,
-        num_steps=num_steps,
-        adapt_keys=adapt_keys,
-        first_order=first_order,
-        step_weights=step_weights,
-        head_init=head_init,
-        inner_optimizer=inner_optimizer,
-    )
-    objective = _check_objective(objective, "task_loss")
-    params = _with_head(loss_fn, params, task.support, loop.head_init, objective, "task_loss")
-    num_steps = loop.num_steps
+    check_inner(inner)
+    objective = check_objective(objective)
     if isinstance(objective, IMAML):
-        _refuse_for_imaml(loop.step_weights, loop.first_order, loop.inner_optimizer)
-        return imaml_loss(loss_fn, params, task, loop, settings=objective, score_fn=score_fn)
+        _refuse_for_imaml(inner)
+        return imaml_loss(loss_fn, params, task, inner, settings=objective, score_fn=score_fn)
     if objective == "reptile":
-        if loop.step_weights is not None:
+        if inner.step_weights is not None or inner.head_init is not None:
             raise ValueError(
-                "task_loss(): `step_weights` weight the query loss after each inner step, but "
-                "objective='reptile' has no query loss (its gradient is params - adapted). "
-                "Leave step_weights=None with Reptile."
+                "task_loss(): the inner loop has step_weights or head_init set, but Reptile's "
+                "gradient is params - adapted: there is no query loss to weight, and the "
+                "head is not set from prototypes. Use inner.replace(step_weights=None, "
+                "head_init=None)."
             )
-        return reptile_loss(loss_fn, params, task, loop, score_fn=score_fn)
-    weights = check_step_weights(loop.step_weights, num_steps)
-    trajectory = _trajectory(loss_fn, params, task.support, loop)
+        return reptile_loss(loss_fn, params, task, inner, score_fn=score_fn, grad=grad)
+    num_steps = inner.num_steps
+    weights = check_step_weights(inner.step_weights, num_steps)
+    steps = trajectory(loss_fn, params, task.support, inner, grad=grad, call=call)
+
+    def at(s: int, fn: LossFn):
+        def query(fast, task: Task) -> Tensor:
+            return at_step(fn, s, task.support)({**steps.frozen, **fast}, task.query)
+
+        return lambda: call(query, steps.fast[s], task, steps.shared[s])
+
     if weights is None:
-        loss = at_step(loss_fn, num_steps, task.support)(trajectory[-1], task.query)
+        loss = at(num_steps, loss_fn)()
     else:
-        losses = torch.stack(
-            [
-                at_step(loss_fn, s, task.support)(trajectory[s], task.query)
-                for s in range(1, num_steps + 1)
-            ]
-        )
-        loss = (_stack_weights(weights, losses) * losses).sum()
+        loss = 0
+        for s in range(1, num_steps + 1):
+            w = weights[s - 1]
+            if not (isinstance(w, (int, float)) and w == 0):
+                loss = loss + w * at(s, loss_fn)()
     if score_fn is None:
         return loss
     with torch.no_grad():
-        adapted = {k: v.detach() for k, v in trajectory[-1].items()}
-        score = at_step(score_fn, num_steps, task.support)(adapted, task.query)
-    return loss, score
+        return loss, at(num_steps, score_fn)()
 
 
+@public
 def reptile_loss(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     task: Task,
-    inner: InnerLoop | None = None,
+    inner: InnerLoop,
     *,
-    inner_lr: InnerLR = UNSET,
-    num_steps: int = UNSET,
-    adapt_keys: KeySelector = UNSET,
     score_fn: LossFn | None = None,
-    inner_optimizer: InnerOptimizer | None = UNSET,
+    grad: Grad = func_grad,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Reptile for one task: a loss whose gradient with respect to ``params`` is
     ``params - adapted``.
@@ -199,15 +173,13 @@ def reptile_loss(
         params: ``{name: tensor}``, the meta-parameters.
         task: one :class:`fmaml.Task`, no task axis: ``support = (x [n_s, *feature],
             y [n_s, *target])`` trains the inner loop; ``query`` likewise, for ``score_fn``.
-        inner: the settings as one :class:`fmaml.InnerLoop` (``first_order`` makes no
-            difference; ``step_weights`` and ``head_init`` must be ``None``), or, instead,
-            the keywords below.
-        inner_lr, num_steps, adapt_keys: as in :func:`fmaml.unroll`; ``inner_lr`` must not
-            require grad.
+        inner: the settings, one :class:`fmaml.InnerLoop` (``first_order`` makes no
+            difference; ``step_weights`` and ``head_init`` must be ``None``; ``inner_lr``
+            and the inner optimiser's hyper-parameters must not require grad). The paper's
+            few-shot runs used ``inner_optimizer=fmaml.inner_optim.adam(beta1=0.0)``.
         score_fn: if given, also return ``score_fn(adapted, query)`` (detached).
-        inner_optimizer: the inner step, as in :func:`fmaml.unroll` (the paper's few-shot
-            runs: ``fmaml.inner_optim.adam(beta1=0.0)``); its hyper-parameters must not
-            require grad either.
+        grad: how each inner gradient is computed (:mod:`fmaml.adapt`; the default is the
+            definition's).
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
@@ -218,11 +190,11 @@ def reptile_loss(
             :func:`fmaml.unroll` raises.
 
     Example:
-        >>> import torch
+        >>> import torch, fmaml
         >>> loss = lambda p, b: ((p["w"] - b[0]) ** 2).sum() / 2
         >>> params = {"w": torch.zeros(2, requires_grad=True)}
         >>> task = Task(support=(torch.ones(2), None), query=(torch.ones(2), None))
-        >>> ell = reptile_loss(loss, params, task, inner_lr=0.5, num_steps=2)
+        >>> ell = reptile_loss(loss, params, task, fmaml.InnerLoop(0.5, num_steps=2))
         >>> torch.autograd.grad(ell, params["w"])[0]  # params - adapted = 0 - 0.75
         tensor([-0.7500, -0.7500])
 
@@ -230,30 +202,22 @@ def reptile_loss(
         Nichol, Achiam & Schulman, "On First-Order Meta-Learning Algorithms",
         arXiv 1803.02999, 2018.
     """
-    loop = settings(
-        inner,
-        "reptile_loss",
-        inner_lr=inner_lr,
-        num_steps=num_steps,
-        adapt_keys=adapt_keys,
-        inner_optimizer=inner_optimizer,
-    )
-    if loop.step_weights is not None or loop.head_init is not None:
+    check_inner(inner)
+    if inner.step_weights is not None or inner.head_init is not None:
         raise ValueError(
             "reptile_loss(): the inner loop has step_weights or head_init set, but Reptile's "
             "gradient is params - adapted: there is no query loss to weight, and the head "
             "is not set from prototypes. Use inner.replace(step_weights=None, head_init=None)."
         )
-    _refuse_learned_rates(loop.inner_lr)
-    _refuse_learned_hyper(loop.inner_optimizer)
-    num_steps = loop.num_steps
-    adapted = adapt(loss_fn, params, task.support, loop.replace(first_order=True))
-    adapted = {k: v.detach() for k, v in adapted.items()}
+    _refuse_learned_rates(inner.inner_lr)
+    _refuse_learned_hyper(inner.inner_optimizer)
+    steps = trajectory(loss_fn, params, task.support, inner.replace(first_order=True), grad=grad)
+    adapted = {k: v.detach() for k, v in steps.params(inner.num_steps).items()}
     loss = sum(0.5 * (params[k] - adapted[k]).square().sum() for k in params)
     if score_fn is None:
         return loss
     with torch.no_grad():
-        score = at_step(score_fn, num_steps, task.support)(adapted, task.query)
+        score = at_step(score_fn, inner.num_steps, task.support)(adapted, task.query)
     return loss, score
 
 
@@ -290,112 +254,80 @@ def _refuse_learned_hyper(inner_optimizer) -> None:
         )
 
 
-def _check_objective(objective, caller: str) -> str | IMAML:
-    """``objective`` checked; ``"imaml"`` becomes ``IMAML()``."""
+def check_objective(objective) -> str | IMAML:
+    """``objective`` checked; ``"imaml"`` becomes ``IMAML()``.
+
+    Raises:
+        ValueError: anything but ``"query"``, ``"reptile"``, ``"imaml"`` or an
+            :class:`fmaml.IMAML`.
+    """
     if isinstance(objective, IMAML):
         return objective
     if isinstance(objective, str) and objective == "imaml":
         return IMAML()
     if not isinstance(objective, str) or objective not in ("query", "reptile"):
         raise ValueError(
-            f"{caller}(): `objective` must be 'query' (MAML and its variants), 'reptile', "
+            "task_loss(): `objective` must be 'query' (MAML and its variants), 'reptile', "
             f"'imaml' or fmaml.IMAML(lam=..., cg_steps=...), got {objective!r}."
         )
     return objective
 
 
-def _check_head_init(head_init, objective: str, caller: str) -> None:
-    if head_init not in (None, "prototypes"):
+def check_meta_batch(loss_fn: LossFn, params, tasks: Task, inner: InnerLoop, objective) -> int:
+    """Check a meta-batch and its settings where values can be read (before any ``vmap``):
+    the task axis, padded sets, and with a prototype head every task's support labels.
+    Returns the number of tasks.
+
+    Raises:
+        ValueError: tensors that disagree on the number of tasks; bad padded sets; a
+            prototype head with padded sets, Reptile or iMAML, or with support labels
+            outside ``0..num_ways-1`` or missing a class.
+    """
+    check_inner(inner)
+    num_tasks = check_tasks(tasks)
+    padded = check_padded_tasks(tasks, "meta_loss")
+    if inner.head_init is None:
+        return num_tasks
+    if objective == "reptile":
         raise ValueError(
-            f"{caller}(): `head_init` must be None (the meta-learned head) or 'prototypes' "
-            f"(ProtoMAML/ProtoNet), got {head_init!r}."
-        )
-    if head_init is not None and objective == "reptile":
-        raise ValueError(
-            f"{caller}(): head_init='prototypes' replaces the meta-learned head with one "
+            "meta_loss(): head_init='prototypes' replaces the meta-learned head with one "
             "computed from each task's support set, but objective='reptile' follows "
             "params - adapted, which has no term for it. Use objective='query' (ProtoMAML), "
             "or head_init=None with Reptile."
         )
-    if head_init is not None and isinstance(objective, IMAML):
+    if isinstance(objective, IMAML):
         raise ValueError(
-            f"{caller}(): head_init='prototypes' with iMAML is not supported: the implicit "
+            "meta_loss(): head_init='prototypes' with iMAML is not supported: the implicit "
             "meta-gradient is taken at the end of the inner problem, with no term for a "
-            "starting head computed from the support set. Use objective='query' (ProtoMAML), "
-            "or head_init=None with iMAML."
+            "starting head computed from the support set. Use objective='query' "
+            "(ProtoMAML), or head_init=None with iMAML."
         )
-
-
-def _with_head(loss_fn, params, support, head_init, objective: str, caller: str):
-    """``params``; with ``head_init="prototypes"``, the prototype head in place of the
-    meta-learned one (:func:`fmaml.prototype_head`), after checking the settings."""
-    if head_init is None:
-        return params
-    _check_head_init(head_init, objective, caller)
-    _refuse_padded_head(support, caller)
-    num_ways, _ = check_head(loss_fn, params, caller)
-    check_support_labels(support[1], num_ways, caller)
-    return prototype_head(loss_fn, params, support)
-
-
-def _refuse_padded_head(support, caller: str) -> None:
-    if is_padded(support):
+    if padded and is_padded(tasks.support):
         raise ValueError(
-            f"{caller}(): head_init='prototypes' averages every support example of a class, "
+            "meta_loss(): head_init='prototypes' averages every support example of a class, "
             "but the support set is padded (x, y, mask): padded rows would enter the "
             "prototypes. Use head_init=None with padded tasks, or tasks of one shape."
         )
+    num_ways, _ = check_head(loss_fn, params, "meta_loss")
+    check_support_labels(tasks.support[1], num_ways, "meta_loss")
+    return num_tasks
 
 
-def _check_padded_meta_batch(tasks, head_init, strategy, caller: str) -> None:
-    """Check a meta-batch's padded sets (values too: before the vmap) and refuse the
-    settings that don't handle a mask."""
-    if not isinstance(tasks, Task) or not check_padded_tasks(tasks, caller):
-        return
-    if head_init is not None:
-        _refuse_padded_head(tasks.support, caller)
-    if strategy is not None and strategy.compile:
-        raise ValueError(
-            f"{caller}(): Strategy(compile=True) is not tested with padded tasks (a mask), "
-            "so it is refused. Use compile=False."
-        )
-
-
-def _check_meta_head(loss_fn, params, tasks, head_init, objective: str, caller: str) -> None:
-    """With ``head_init``, check the settings and every task's support labels at once
-    (before the vmap, inside which values can't be checked)."""
-    if head_init is None:
-        return
-    _check_head_init(head_init, objective, caller)
-    num_ways, _ = check_head(loss_fn, params, caller)
-    check_tasks(tasks)
-    check_support_labels(tasks.support[1], num_ways, caller)
-
-
-def _trajectory(loss_fn, params, support, loop: InnerLoop) -> list:
-    """:func:`fmaml.unroll` from ``params`` (the prototype head already in them), or with a
-    prototype head and ``num_steps=0``, ``[params]`` (ProtoNet: no inner step;
-    :func:`fmaml.unroll` refuses 0 steps)."""
-    if loop.head_init is not None and loop.num_steps == 0:
-        return [dict(params)]
-    return unroll(loss_fn, params, support, loop.replace(head_init=None))
-
-
-def _refuse_for_imaml(step_weights, first_order: bool, inner_optimizer) -> None:
-    if inner_optimizer is not None:
+def _refuse_for_imaml(inner: InnerLoop) -> None:
+    if inner.inner_optimizer is not None:
         raise ValueError(
             "task_loss(): iMAML solves its regularised inner problem by plain gradient descent "
             "(its implicit gradient assumes the inner problem solved, whatever the optimiser), "
-            f"and takes no inner_optimizer; got {inner_optimizer!r}. Leave "
+            f"and takes no inner_optimizer; got {inner.inner_optimizer!r}. Leave "
             "inner_optimizer=None with iMAML."
         )
-    if step_weights is not None:
+    if inner.step_weights is not None:
         raise ValueError(
             "task_loss(): `step_weights` weight the query loss after each inner step, but "
             "iMAML's meta-gradient is taken at the end of the inner problem only (no inner "
             "step is differentiated). Leave step_weights=None with iMAML."
         )
-    if first_order:
+    if inner.first_order:
         raise ValueError(
             "task_loss(): `first_order=True` drops the second-order terms of the gradient "
             "through the inner steps, but iMAML differentiates no inner step: its implicit "
@@ -404,64 +336,42 @@ def _refuse_for_imaml(step_weights, first_order: bool, inner_optimizer) -> None:
         )
 
 
+@public
 def task_scores(
     score_fn: LossFn,
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     task: Task,
-    inner: InnerLoop | None = None,
-    *,
-    inner_lr: InnerLR = UNSET,
-    num_steps: int = UNSET,
-    adapt_keys: KeySelector = UNSET,
-    head_init: Literal["prototypes"] | None = UNSET,
-    inner_optimizer: InnerOptimizer | None = UNSET,
+    inner: InnerLoop,
 ) -> Tensor:
     """Adapt on the support with ``loss_fn``; score the query after every step; one task.
 
     Used for evaluation: ``score_fn`` may be the loss itself (regression MSE) or a metric
-    such as :func:`fmaml.accuracy` wrapped by :func:`fmaml.supervised_loss`. ``inner`` (or
-    the keywords) as in :func:`task_loss`; ``head_init``: the scores then start from the
-    prototype head; ``first_order`` and ``step_weights`` make no difference to scores.
+    such as :func:`fmaml.accuracy` wrapped by :func:`fmaml.supervised_loss`. ``inner`` as
+    in :func:`task_loss` (a prototype head: the scores start from it; ``first_order`` and
+    ``step_weights`` make no difference to scores).
 
     Returns:
         ``[num_steps + 1]``: the score before adapting and after each inner step.
     """
-    loop = settings(
-        inner,
-        "task_scores",
-        inner_lr=inner_lr,
-        num_steps=num_steps,
-        adapt_keys=adapt_keys,
-        head_init=head_init,
-        inner_optimizer=inner_optimizer,
-    )
-    params = _with_head(loss_fn, params, task.support, loop.head_init, "query", "task_scores")
-    trajectory = _trajectory(loss_fn, params, task.support, loop)
+    steps = trajectory(loss_fn, params, task.support, inner)
     return torch.stack(
         [
-            at_step(score_fn, s, task.support)(adapted, task.query)
-            for s, adapted in enumerate(trajectory)
+            at_step(score_fn, s, task.support)(steps.params(s), task.query)
+            for s in range(len(steps.fast))
         ]
     )
 
 
+@public
 def meta_loss(
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     tasks: Task,
-    inner: InnerLoop | None = None,
+    inner: InnerLoop,
     *,
-    inner_lr: InnerLR = UNSET,
-    num_steps: int = UNSET,
-    adapt_keys: KeySelector = UNSET,
-    first_order: bool = UNSET,
-    step_weights: StepWeights = UNSET,
     score_fn: LossFn | None = None,
-    strategy: Strategy | None = None,
     objective: Objective = "query",
-    head_init: Literal["prototypes"] | None = UNSET,
-    inner_optimizer: InnerOptimizer | None = UNSET,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""The mean query loss over a meta-batch of tasks, each adapted on its own support.
 
@@ -485,23 +395,12 @@ def meta_loss(
             classes [T, C] bool])`` from :func:`fmaml.tasks.pad_tasks`: each task's loss
             is then that of the task alone (real rows only, BatchNorm statistics too), on
             every strategy but ``compile``.
-        inner: the inner loop's settings as one :class:`fmaml.InnerLoop`, or, instead, its
-            fields as keywords (as in :func:`task_loss`).
-        inner_lr, num_steps, adapt_keys, first_order, step_weights: as in :func:`task_loss`.
+        inner: the inner loop's settings, one :class:`fmaml.InnerLoop` (as in
+            :func:`task_loss`; with a prototype head, the support labels of every task
+            are checked here, at once).
         score_fn: if given, also return the mean of ``score_fn(adapted, query)`` over tasks.
-        strategy: how to run the meta-batch (:class:`fmaml.Strategy`: chunks of tasks with
-            gradients accumulated, one task at a time, recomputed inner steps, CPU workers;
-            :func:`fmaml.auto_strategy` picks one per device). ``None``: one vmap over all
-            tasks. The value and meta-gradient are the same; see :class:`fmaml.Strategy` for
-            what the returned loss can then be differentiated with respect to.
         objective: ``"query"``, ``"reptile"``, ``"imaml"`` or an :class:`fmaml.IMAML`, as in
             :func:`task_loss`.
-        head_init: ``"prototypes"``: each task's linear head starts from its support set's
-            class prototypes (ProtoMAML; ProtoNet with ``num_steps=0``), as in
-            :func:`task_loss`; the support labels are checked here, for every task at once.
-        inner_optimizer: the inner step (:mod:`fmaml.inner_optim`; ``None``: plain SGD);
-            hyper-parameter tensors that require grad get their meta-gradient on every
-            strategy.
 
     Returns:
         A 0-d tensor; ``(loss, score)`` when ``score_fn`` is given.
@@ -509,8 +408,8 @@ def meta_loss(
     Raises:
         ValueError: tasks whose tensors disagree on the number of tasks; padded sets with
             a mask or ``classes`` of the wrong shape or dtype, a task with no real support
-            or query example or no class, or with ``head_init="prototypes"`` or
-            ``Strategy(compile=True)`` (refused); and everything :func:`task_loss` raises.
+            or query example or no class, or with ``head_init="prototypes"`` (refused); and
+            everything :func:`task_loss` raises.
 
     Example:
         >>> import torch, torch.nn.functional as F, fmaml
@@ -519,27 +418,15 @@ def meta_loss(
         >>> loss_fn = fmaml.supervised_loss(model, F.mse_loss)
         >>> g = torch.Generator().manual_seed(0)
         >>> tasks = fmaml.tasks.SinusoidTasks(num_shots=5).sample(4, g)
-        >>> loss = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.01)
+        >>> loss = fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.01))
         >>> grads = torch.autograd.grad(loss, list(params.values()))
     """
-    loop = settings(
-        inner,
-        "meta_loss",
-        inner_lr=inner_lr,
-        num_steps=num_steps,
-        adapt_keys=adapt_keys,
-        first_order=first_order,
-        step_weights=step_weights,
-        head_init=head_init,
-        inner_optimizer=inner_optimizer,
-    )
-    objective = _check_objective(objective, "meta_loss")
-    _check_padded_meta_batch(tasks, loop.head_init, strategy, "meta_loss")
-    _check_meta_head(loss_fn, params, tasks, loop.head_init, objective, "meta_loss")
-    if strategy is not None and not strategy.is_plain:
-        return strategy.run(loss_fn, params, tasks, loop, score_fn=score_fn, objective=objective)
+    objective = check_objective(objective)
+    check_meta_batch(loss_fn, params, tasks, inner, objective)
     per_task = over_tasks(
-        lambda task: task_loss(loss_fn, params, task, loop, score_fn=score_fn, objective=objective),
+        lambda task: task_loss(
+            loss_fn, params, task, inner, score_fn=score_fn, objective=objective
+        ),
         tasks,
     )
     if score_fn is None:
@@ -548,36 +435,21 @@ def meta_loss(
     return losses.mean(), scores.mean()
 
 
+@public
 def meta_scores(
     score_fn: LossFn,
     loss_fn: LossFn,
     params: Mapping[str, Tensor],
     tasks: Task,
-    inner: InnerLoop | None = None,
-    *,
-    inner_lr: InnerLR = UNSET,
-    num_steps: int = UNSET,
-    adapt_keys: KeySelector = UNSET,
-    head_init: Literal["prototypes"] | None = UNSET,
-    inner_optimizer: InnerOptimizer | None = UNSET,
+    inner: InnerLoop,
 ) -> Tensor:
     """:func:`task_scores` for every task of a meta-batch.
 
     Returns:
         ``[T, num_steps + 1]``: each task's query score before adapting and after each step.
     """
-    loop = settings(
-        inner,
-        "meta_scores",
-        inner_lr=inner_lr,
-        num_steps=num_steps,
-        adapt_keys=adapt_keys,
-        head_init=head_init,
-        inner_optimizer=inner_optimizer,
-    )
-    _check_padded_meta_batch(tasks, loop.head_init, None, "meta_scores")
-    _check_meta_head(loss_fn, params, tasks, loop.head_init, "query", "meta_scores")
-    return over_tasks(lambda task: task_scores(score_fn, loss_fn, params, task, loop), tasks)
+    check_meta_batch(loss_fn, params, tasks, inner, "query")
+    return over_tasks(lambda task: task_scores(score_fn, loss_fn, params, task, inner), tasks)
 
 
 def over_tasks(per_task, tasks: Task) -> Tensor:
@@ -608,14 +480,6 @@ def check_tasks(tasks: Task) -> int:
             "(for one task, use task_loss or add the axis with x[None])."
         )
     return counts.pop()
-
-
-def _stack_weights(weights: Sequence[float | Tensor] | Tensor, like: Tensor) -> Tensor:
-    """``weights`` as one tensor of ``like``'s dtype and device, keeping the graph of every
-    tensor among them (``torch.as_tensor`` of a list of tensors would copy their values)."""
-    if isinstance(weights, Tensor):
-        return weights.to(dtype=like.dtype, device=like.device)
-    return torch.stack([torch.as_tensor(w, dtype=like.dtype, device=like.device) for w in weights])
 
 
 def check_step_weights(step_weights, num_steps: int):

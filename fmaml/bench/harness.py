@@ -20,9 +20,9 @@ on CUDA the peak is ``torch.cuda.max_memory_allocated``.
 Implementations (``--impls``):
 
 ========================  ===================================================================
-``fmaml``                 :func:`fmaml.meta_loss` with :func:`fmaml.auto_strategy` (or the
+``fmaml``                 :func:`fmaml.value_and_grad` with :func:`fmaml.auto_strategy` (or the
                           strategy given with ``--chunk-size``/``--workers``/``--checkpoint``)
-``fmaml-vmap``            one vmap over all tasks (``strategy=None``)
+``fmaml-vmap``            :func:`fmaml.meta_loss` (one vmap over all tasks) and its backward
 ``fmaml-checkpoint``      the ``fmaml`` strategy with every inner step recomputed
 ``fmaml-compile``         the meta-step compiled (``Strategy(compile=True)``; the MLP only:
                           the strategy refuses BatchNorm); compilation is the warm-up step,
@@ -55,8 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmaml.engine.run import value_and_grad
 from fmaml.engine.strategy import Strategy, auto_strategy
 from fmaml.errors import ConfigError
+from fmaml.inner_loop import InnerLoop
 from fmaml.module import params_of, supervised_loss
 from fmaml.nn import BatchNorm, conv4, mlp
 from fmaml.nn.init import seeded
@@ -171,17 +173,13 @@ def _fmaml_step(problem: Problem, first_order: bool, strategy: Strategy | None):
     s, params = problem.setting, problem.params
     loss_fn, leaves = problem.loss_fn, list(params.values())
 
+    inner = InnerLoop(s.inner_lr, s.inner_steps, first_order=first_order)
+
     def step():
-        loss = meta_loss(
-            loss_fn,
-            params,
-            problem.tasks,
-            inner_lr=s.inner_lr,
-            num_steps=s.inner_steps,
-            first_order=first_order,
-            strategy=strategy,
-        )
-        return torch.autograd.grad(loss, leaves)
+        if strategy is None:  # the definition: one vmap, autograd's own backward
+            return torch.autograd.grad(meta_loss(loss_fn, params, problem.tasks, inner), leaves)
+        _, grads = value_and_grad(loss_fn, params, problem.tasks, inner, strategy=strategy)
+        return [grads.params[k] for k in params]
 
     return step
 
@@ -190,19 +188,13 @@ def _loop_step(problem: Problem, first_order: bool):
     s, params, tasks = problem.setting, problem.params, problem.tasks
     loss_fn, leaves = problem.loss_fn, list(params.values())
     num_tasks = tasks.support[0].shape[0]
+    inner = InnerLoop(s.inner_lr, s.inner_steps, first_order=first_order)
 
     def step():
         total = 0.0
         for t in range(num_tasks):
             task = Task(tuple(x[t] for x in tasks.support), tuple(x[t] for x in tasks.query))
-            total = total + task_loss(
-                loss_fn,
-                params,
-                task,
-                inner_lr=s.inner_lr,
-                num_steps=s.inner_steps,
-                first_order=first_order,
-            )
+            total = total + task_loss(loss_fn, params, task, inner)
         return torch.autograd.grad(total / num_tasks, leaves)
 
     return step

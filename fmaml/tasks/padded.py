@@ -54,7 +54,7 @@ def pad_tasks(tasks: Sequence[Task], *, num_ways: int | None = None) -> Task:
         (tensor([ 3, 10]), tensor([3, 5]))
         >>> model = fmaml.nn.mlp(in_features=2, hidden=(8,), out_features=5)
         >>> loss_fn = fmaml.supervised_loss(model, F.cross_entropy)
-        >>> fmaml.meta_loss(loss_fn, fmaml.params_of(model), batch, inner_lr=0.1).shape
+        >>> fmaml.meta_loss(loss_fn, fmaml.params_of(model), batch, fmaml.InnerLoop(0.1)).shape
         torch.Size([])
     """
     tasks = list(tasks)

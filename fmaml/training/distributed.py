@@ -16,7 +16,7 @@ A loop of your own does the same (after ``torch.distributed.init_process_group``
 
     ranks = fmaml.training.distributed.current()
     start, stop = ranks.share(num_tasks)                 # this rank's tasks of the meta-batch
-    loss = fmaml.meta_loss(loss_fn, params, my_tasks, inner_lr=0.4)   # tasks start:stop
+    loss = fmaml.meta_loss(loss_fn, params, my_tasks, fmaml.InnerLoop(0.4))  # tasks start:stop
     (loss * (stop - start) / num_tasks).backward()
     ranks.all_reduce_gradients(params.values())          # the whole meta-batch's gradient
     optimizer.step()                                     # the same step on every rank

@@ -23,14 +23,14 @@ import torch
 
 from fmaml.adapt import InnerLR, init_rates
 from fmaml.algorithms import get_algorithm
-from fmaml.engine.strategy import Strategy, auto_strategy, refuse_batchnorm
+from fmaml.engine.run import refuse_batchnorm, value_and_grad
+from fmaml.engine.strategy import Strategy, auto_strategy
 from fmaml.errors import ConfigError, NonFiniteError, WriteError
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.implicit import IMAML
 from fmaml.inner_loop import InnerLoop
 from fmaml.inner_optim import InnerOptimizer, get_inner_optimizer, hyper_names, proximal
 from fmaml.module import params_of, per_step
-from fmaml.objectives import meta_loss
 from fmaml.schedules import cosine_lr, first_order_at, msl_weights
 from fmaml.training import distributed
 from fmaml.training.checkpoint import (
@@ -387,26 +387,27 @@ def meta_gradient(state: TrainState, ranks: Ranks | None = None) -> dict[str, fl
     else:
         start, stop = ranks.share(config.meta_batch)
         tasks = state.problem.sample(config.meta_batch, state.generator, shard=(start, stop))
-    loss, score = meta_loss(
+    leaves = state.leaves()
+    loss, grads, score = value_and_grad(
         state.problem.loss_fn,
         state.params,
         tasks,
         state.inner_loop(epoch),
-        score_fn=state.problem.score_fn,
+        wrt=leaves,
         strategy=state.strategy,
+        score_fn=state.problem.score_fn,
         objective=objective_of(config),
     )
+    # with ranks, each holds the gradient of its share, weighted by its size
+    weight = 1.0 if ranks is None else (stop - start) / config.meta_batch
+    for leaf, grad in zip(leaves, grads.wrt, strict=True):
+        leaf.grad = None if grad is None else grad * weight
     if ranks is None:
         if not torch.isfinite(loss):
             raise _non_finite(loss, state.iteration, "")
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         _check_gradients(state)
         return {"loss": loss.item(), state.problem.score_name: score.item()}
-    weight = (stop - start) / config.meta_batch
     objective = loss * weight
-    state.optimizer.zero_grad(set_to_none=True)
-    objective.backward()
     # One all-reduce per step: the shares of the loss and score, which ranks went non-finite,
     # and the gradients. The step is decided on the sums, so every rank decides alike.
     totals = torch.zeros(2 + ranks.world_size, dtype=loss.dtype, device=loss.device)
