@@ -116,7 +116,7 @@ def value_and_grad(
     closure = [t for t in closure if not depends_on(t, closure)]  # roots: none counted twice
     job = _Job(loss_fn, params, inner, score_fn, objective, num_tasks, inputs, closure, strategy)
     job = dataclasses.replace(job, retain=bool(wrt))
-    with torch.enable_grad(), _THREAD_COUNT.scope(strategy.threads):
+    with torch.enable_grad(), intra_op_threads(strategy.threads):
         if strategy.compile:
             value, grads, score = _compiled(job, tasks)
         else:
@@ -205,7 +205,7 @@ def _run_chunks(job: _Job, tasks: Task) -> tuple:
         value, grads, score = _accumulate(job.run(c) for c in chunks)
     else:
         copies = [job] + [job.on_own_module() for _ in range(workers - 1)]
-        with _THREAD_COUNT.scope(max(1, torch.get_num_threads() // workers)):
+        with intra_op_threads(max(1, torch.get_num_threads() // workers)):
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 parts = pool.map(
                     lambda w: _accumulate(copies[w].run(c) for c in chunks[w::workers]),
@@ -453,43 +453,25 @@ def _refuse_entangled(inputs: list[Tensor], params, inner: InnerLoop) -> None:
 
 # --- torch's thread count -----------------------------------------------------------------------
 
+_THREADS = threading.RLock()
 
-class _ThreadCount:
-    """Scopes that set torch's intra-op thread count, one thread's at a time.
 
-    The count is process-wide (``torch.set_num_threads``): if two threads each set it for a
-    meta-batch and set it back, one may restore the other's value. A thread that opens a
-    scope waits until no other thread holds one; scopes nest within a thread; the outermost
-    exit restores the count found on entry. ``threads=None`` takes no part."""
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None):
+    """torch's intra-op thread count set to ``threads`` in this scope, then set back.
 
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._owner: int | None = None
-        self._depth = 0
-
-    @contextlib.contextmanager
-    def scope(self, threads: int | None):
-        if threads is None:
-            yield
-            return
-        me = threading.get_ident()
-        with self._condition:
-            while self._depth and self._owner != me:
-                self._condition.wait()
-            self._owner, self._depth = me, self._depth + 1
-            before = torch.get_num_threads()
-            if threads != before:
-                torch.set_num_threads(threads)
+    The count is process-wide (``torch.set_num_threads``), so scopes of different threads
+    take turns (one might otherwise restore the other's value); scopes nest within a thread.
+    ``None`` changes nothing and takes no turn."""
+    if threads is None:
+        yield
+        return
+    with _THREADS:
+        before = torch.get_num_threads()
+        if threads != before:
+            torch.set_num_threads(threads)
         try:
             yield
         finally:
-            with self._condition:
-                if torch.get_num_threads() != before:
-                    torch.set_num_threads(before)
-                self._depth -= 1
-                if not self._depth:
-                    self._owner = None
-                    self._condition.notify_all()
-
-
-_THREAD_COUNT = _ThreadCount()
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)

@@ -109,25 +109,16 @@ def auto_strategy(
 ) -> Strategy:
     """The fastest strategy fmaml knows for ``device`` and the model behind ``loss_fn``.
 
-    On CUDA: one vmap over all tasks (large batched kernels, few launches). On a CPU, for a
-    model with convolutions:
+    - CUDA: one vmap over all tasks (large batched kernels, few launches).
+    - CPU, convolutional model, tasks of up to :data:`SMALL_TASK` examples: one worker
+      thread per core it may use (``torch.get_num_threads()``, at most
+      :func:`available_cores` and ``num_tasks``), each vmapping its share of the tasks on one
+      intra-op thread (one task's few images are too small to split across threads).
+    - CPU, convolutional model, larger tasks or sizes not given: one task at a time without
+      ``vmap`` (plain kernels instead of slow grouped convolutions), each op on all of
+      torch's intra-op threads, query images channels-last; one task's graph alive at a time.
+    - CPU, any other model (an MLP): one vmap over all tasks on one intra-op thread.
 
-    - tasks of up to :data:`SMALL_TASK` examples (support + query; Omniglot 5-way 1-shot
-      with 1 query per class has 10): one worker thread per core the meta-batch may use
-      (torch's intra-op thread count, ``torch.get_num_threads()``, at most the cores this
-      process may run on, :func:`available_cores`, and at most ``num_tasks``), each vmapping
-      its share of the tasks at once (chunks of ``ceil(num_tasks / workers)``) on one
-      intra-op thread: ops on one task's few images are too small to split across threads,
-      batched they are not;
-    - larger tasks, or sizes not given: one task at a time without ``vmap`` (plain
-      convolution and BatchNorm kernels instead of grouped convolutions, which are slow on a
-      CPU), each op on all of torch's intra-op threads, query images in channels-last (the
-      CPU's convolution and max-pool kernels are faster on it). Each op has enough work to
-      split, and only one task's graph is alive at a time: worker threads would hold one
-      graph per worker (mini-ImageNet, 2 cores: 1.24x faster at 1.3x the peak memory; pass
-      ``workers=`` for that).
-
-    On a CPU for any other model (an MLP): one vmap over all tasks on one intra-op thread.
     The figures behind these choices are in ``benchmarks/README.md``.
 
     Args:
