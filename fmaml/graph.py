@@ -7,7 +7,7 @@ differentiated only for the inputs no other input is computed from.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import Tensor
 
@@ -39,3 +39,22 @@ def depends_on(tensor: Tensor, others: Iterable[Tensor]) -> list[Tensor]:
         seen.add(node)
         edges.extend(node.next_functions)
     return list(hits.values())
+
+
+def check_independent(tensors: list[Tensor], label: Callable[[Tensor], str]) -> None:
+    """Raise ``ValueError`` if one of ``tensors`` is computed from another: each is handed
+    its own gradient, and the one upstream would be counted twice by whoever adds them up.
+
+    Args:
+        tensors: the tensors to be differentiated.
+        label: names a tensor in the message (e.g. ``"params['w']"``).
+    """
+    for t in tensors:
+        upstream = depends_on(t, tensors)
+        if upstream:
+            raise ValueError(
+                f"value_and_grad(): {label(t)} is computed from "
+                f"{', '.join(label(u) for u in upstream)}, which it also differentiates: that "
+                "gradient would be counted twice. Pass only the tensors it is computed from "
+                "(compute the rest inside loss_fn), or differentiate fmaml.meta_loss."
+            )

@@ -4,7 +4,7 @@ Every strategy runs the one inner loop (:func:`fmaml.adapt.trajectory`, through
 :func:`fmaml.task_loss`) and applies a policy around it: which tasks are vmapped together,
 on which thread, whether the inner gradient comes from ``torch.func.grad`` or plain autograd
 (one task at a time), whether each piece of the loop is recomputed in the backward
-(:class:`_Recompute`), whether the step is compiled. The gradients of each chunk are taken
+(:func:`fmaml.recompute.recomputing`), whether the step is compiled. The gradients of each chunk are taken
 at once with ``torch.autograd.grad`` and summed, so one chunk's graph is alive at a time.
 """
 
@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import threading
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -25,14 +25,15 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from fmaml.adapt import autograd_grad, func_grad
 from fmaml.engine.strategy import Strategy, auto_strategy
 from fmaml.errors import public
-from fmaml.graph import depends_on
+from fmaml.graph import check_independent, depends_on
 from fmaml.inner_loop import InnerLoop
 from fmaml.inner_optim import InnerOptimizer
 from fmaml.module import SupervisedLoss
-from fmaml.nn.batchnorm import BatchNorm
+from fmaml.nn.batchnorm import has_batchnorm
 from fmaml.objectives import check_meta_batch, check_objective, meta_loss, over_tasks, task_loss
 from fmaml.padding import is_padded
 from fmaml.proto import HEAD_KEYS
+from fmaml.recompute import recomputing
 from fmaml.tree import select, tensors_in
 from fmaml.types import LossFn, Task
 
@@ -110,7 +111,13 @@ def value_and_grad(
     _refuse(strategy, loss_fn, params, tasks, inner)
     leaves, spec = tree_flatten((dict(params), inner.inner_lr, inner.step_weights, list(wrt)))
     inputs = list({id(t): t for t in leaves if isinstance(t, Tensor) and t.requires_grad}.values())
-    _refuse_entangled(inputs, params, inner)
+    labels = {
+        **{id(t): "a tensor of `wrt`" for t in inputs},
+        **{id(t): "a tensor of `step_weights`" for t in tensors_in(inner.step_weights)},
+        **{id(t): "a tensor of `inner_lr`" for t in tensors_in(inner.inner_lr)},
+        **{id(t): f"params[{k!r}]" for k, t in params.items()},
+    }
+    check_independent(inputs, lambda t: f"{labels[id(t)]} (shape {list(t.shape)}, {t.dtype})")
     hyper = tensors_in(None if inner.inner_optimizer is None else inner.inner_optimizer.hyper)
     closure = [t for t in {id(t): t for t in [*inputs, *hyper]}.values() if t.requires_grad]
     closure = [t for t in closure if not depends_on(t, closure)]  # roots: none counted twice
@@ -167,7 +174,7 @@ class _Job:
         grad = autograd_grad if one else func_grad
         options = {"score_fn": self.score_fn, "objective": self.objective}
         if self.strategy.checkpoint and self.objective == "query" and self.inner.num_steps:
-            call = _recomputing(self.closure, batched=not one)
+            call = recomputing(self.closure, batched=not one)
             out = task_loss(
                 self.loss_fn, self.params, chunk, self.inner, grad=grad, call=call, **options
             )
@@ -242,76 +249,6 @@ def _slice(tasks: Task, start: int, stop: int, strategy: Strategy) -> Task:
 
     support, query = tasks
     return Task(tuple(t[start] for t in support), tuple(layout(t[start]) for t in query))
-
-
-# --- recomputed pieces ------------------------------------------------------------------------
-
-
-def _recomputing(closure: list[Tensor], batched: bool) -> Callable:
-    """A ``call`` for the inner loop (:data:`fmaml.adapt.Call`) that runs each piece without
-    keeping its graph and recomputes it in the backward; vmapped over the chunk if
-    ``batched``. ``closure``: the tensors requiring grad the pieces use besides their carry."""
-
-    def call(piece, carry, data, shared=False):
-        fn = torch.func.vmap(piece, in_dims=(None if shared else 0, 0)) if batched else piece
-        flat, spec = tree_flatten(carry)
-        kinds = {type(t).__name__ for t in flat if not isinstance(t, Tensor)}
-        if kinds:
-            raise ValueError(
-                "value_and_grad(): Strategy(checkpoint=True) keeps the inner optimiser's state "
-                f"between steps, so it must hold tensors only, but it holds {sorted(kinds)}. "
-                "Keep a step counter as a 0-d tensor (as fmaml.inner_optim.adam does), or use "
-                "checkpoint=False."
-            )
-        out_spec: list = []
-
-        def run(*values):
-            return fn(tree_unflatten(list(values), spec), data)
-
-        out = _Recompute.apply(run, out_spec, len(flat), *flat, *closure)
-        return tree_unflatten(list(out), out_spec[0])
-
-    return call
-
-
-class _Recompute(torch.autograd.Function):
-    """``run(*carry)`` without a graph; its backward recomputes it and pulls the gradient
-    back to the carry and the closure tensors."""
-
-    @staticmethod
-    def forward(ctx, run, out_spec, num_carry, *tensors):
-        ctx.run, ctx.closure = run, tensors[num_carry:]
-        ctx.save_for_backward(*tensors[:num_carry])
-        flat, spec = tree_flatten(run(*tensors[:num_carry]))
-        out_spec.append(spec)
-        return tuple(flat)
-
-    @staticmethod
-    def backward(ctx, *grad_outputs):
-        carry = [
-            t.detach().requires_grad_(t.is_floating_point() or t.is_complex())
-            for t in ctx.saved_tensors
-        ]
-        with torch.enable_grad():
-            outputs = tree_flatten(ctx.run(*carry))[0]
-        pairs = [
-            (o, g)
-            for o, g in zip(outputs, grad_outputs, strict=True)
-            if g is not None and isinstance(o, Tensor) and o.requires_grad
-        ]
-        wrt = [*(c for c in carry if c.requires_grad), *ctx.closure]
-        grads = [None] * len(wrt)
-        if pairs:
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs],
-                wrt,
-                [g for _, g in pairs],
-                allow_unused=True,
-                retain_graph=True,  # the pieces reach tensors computed before them
-            )
-        grads = iter(grads)
-        carry_grads = [next(grads) if c.requires_grad else None for c in carry]
-        return (None, None, None, *carry_grads, *grads)
 
 
 # --- compiled ---------------------------------------------------------------------------------
@@ -411,44 +348,15 @@ def _refuse(strategy: Strategy, loss_fn, params, tasks: Task, inner: InnerLoop) 
         refuse_batchnorm(loss_fn)
 
 
-def refuse_batchnorm(*losses) -> None:
-    """Raise ``ValueError`` if a loss's ``module`` has BatchNorm (for ``compile=True``)."""
-    for fn in losses:
-        module = getattr(fn, "module", None)
-        if isinstance(module, torch.nn.Module) and any(
-            isinstance(m, (BatchNorm, torch.nn.modules.batchnorm._BatchNorm))
-            for m in module.modules()
-        ):
-            raise ValueError(
-                "Strategy(compile=True) refuses models with BatchNorm: an earlier form of "
-                "fmaml's BatchNorm compiled to wrong second-order gradients, and the current "
-                "one breaks the compiled graph, so nothing would be gained "
-                "(benchmarks/README.md). Use compile=False for this model."
-            )
-
-
-def _refuse_entangled(inputs: list[Tensor], params, inner: InnerLoop) -> None:
-    """Raise if an input is computed from another input: each gets its own gradient, and
-    the one upstream would be counted twice by whoever adds them up."""
-    labels = {
-        **{id(t): "a tensor of `wrt`" for t in inputs},
-        **{id(t): "a tensor of `step_weights`" for t in tensors_in(inner.step_weights)},
-        **{id(t): "a tensor of `inner_lr`" for t in tensors_in(inner.inner_lr)},
-        **{id(t): f"params[{k!r}]" for k, t in params.items()},
-    }
-
-    def describe(t: Tensor) -> str:
-        return f"{labels[id(t)]} (shape {list(t.shape)}, {t.dtype})"
-
-    for t in inputs:
-        upstream = depends_on(t, inputs)
-        if upstream:
-            raise ValueError(
-                f"value_and_grad(): {describe(t)} is computed from "
-                f"{', '.join(describe(u) for u in upstream)}, which it also differentiates: "
-                "that gradient would be counted twice. Pass only the tensors it is computed "
-                "from (compute the rest inside loss_fn), or differentiate fmaml.meta_loss."
-            )
+def refuse_batchnorm(loss_fn) -> None:
+    """Raise ``ValueError`` if the loss's ``module`` has BatchNorm (for ``compile=True``)."""
+    if has_batchnorm(getattr(loss_fn, "module", None)):
+        raise ValueError(
+            "Strategy(compile=True) refuses models with BatchNorm: an earlier form of fmaml's "
+            "BatchNorm compiled to wrong second-order gradients, and the current one breaks the "
+            "compiled graph, so nothing would be gained (benchmarks/README.md). Use "
+            "compile=False for this model."
+        )
 
 
 # --- torch's thread count -----------------------------------------------------------------------

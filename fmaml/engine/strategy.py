@@ -76,23 +76,20 @@ class Strategy:
             )
 
     def __str__(self) -> str:
-        if self.chunk_size is None:
-            text = "vmap over all tasks"
-        elif self.chunk_size == 1:
-            text = "one task at a time"
-        else:
-            text = f"vmap over chunks of {self.chunk_size} tasks"
-        if self.checkpoint:
-            text += ", inner steps recomputed"
-        if self.workers > 1:
-            text += f", {self.workers} workers"
-        if self.channels_last:
-            text += ", channels-last"
-        if self.compile:
-            text += ", compiled"
-        if self.threads is not None:
-            text += f", {self.threads} intra-op thread{'s' if self.threads > 1 else ''}"
-        return text
+        size = self.chunk_size
+        parts = [
+            "vmap over all tasks"
+            if size is None
+            else "one task at a time"
+            if size == 1
+            else f"vmap over chunks of {size} tasks",
+            "inner steps recomputed" * self.checkpoint,
+            f"{self.workers} workers" * (self.workers > 1),
+            "channels-last" * self.channels_last,
+            "compiled" * self.compile,
+            f"{self.threads} intra-op thread{'s' * (self.threads > 1)}" if self.threads else "",
+        ]
+        return ", ".join(p for p in parts if p)
 
 
 SMALL_TASK = 20

@@ -101,6 +101,14 @@ class BatchNorm(nn.Module):
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def has_batchnorm(module: object) -> bool:
+    """Whether ``module`` (an ``nn.Module``; anything else has none) holds a BatchNorm layer,
+    fmaml's or torch's."""
+    return isinstance(module, nn.Module) and any(
+        isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm)) for m in module.modules()
+    )
+
+
 def _autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` in this thread."""
     try:
