@@ -1,11 +1,10 @@
 """The runner: :func:`value_and_grad` computes a meta-batch under a :class:`Strategy`.
 
 Every strategy runs the one inner loop (:func:`fmaml.adapt.trajectory`, through
-:func:`fmaml.task_loss`) and applies a policy around it: which tasks are vmapped together,
-on which thread, whether the inner gradient comes from ``torch.func.grad`` or plain autograd
-(one task at a time), whether each piece of the loop is recomputed in the backward
-(:func:`fmaml.recompute.recomputing`), whether the step is compiled. The gradients of each chunk are taken
-at once with ``torch.autograd.grad`` and summed, so one chunk's graph is alive at a time.
+:func:`fmaml.task_loss`) with a policy around it: which tasks are vmapped together, on which
+thread, ``torch.func.grad`` or plain autograd for the inner gradient, pieces recomputed in
+the backward (:func:`fmaml.recompute.recomputing`), compiled or not. Each chunk's gradients
+are taken at once and summed: one chunk's graph is alive at a time.
 """
 
 from __future__ import annotations
