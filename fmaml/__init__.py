@@ -11,7 +11,7 @@ import importlib
 from fmaml import inner_optim, nn, schedules, tasks
 from fmaml.adapt import adapt, init_rates, unroll
 from fmaml.engine.run import MetaGradients, value_and_grad
-from fmaml.engine.strategy import Strategy, auto_strategy
+from fmaml.engine.strategy import MemoryPlan, Strategy, auto_strategy, plan_memory
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.implicit import IMAML, imaml_loss
 from fmaml.inner_loop import InnerLoop
@@ -53,6 +53,7 @@ __all__ = [
     "InnerLoop",
     "InnerOptimizer",
     "LossFn",
+    "MemoryPlan",
     "MetaGradients",
     "Params",
     "Strategy",
@@ -77,6 +78,7 @@ __all__ = [
     "params_of",
     "partition",
     "per_step",
+    "plan_memory",
     "prototype_head",
     "prototypes",
     "reptile_loss",
