@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmaml.engine.run import value_and_grad
-from fmaml.engine.strategy import Strategy, auto_strategy
+from fmaml.engine.strategy import Strategy, auto_strategy, plan_memory
 from fmaml.errors import ConfigError
 from fmaml.inner_loop import InnerLoop
 from fmaml.module import params_of, supervised_loss
@@ -298,15 +298,9 @@ def make_step(
     impl: str, problem: Problem, first_order: bool, strategy: Strategy | Mapping | None = None
 ):
     """``step()`` computing one meta-gradient with implementation ``impl``."""
-    chosen = chosen_strategy(problem, strategy)
-    if impl == "fmaml":
-        return _fmaml_step(problem, first_order, chosen)
-    if impl == "fmaml-vmap":
-        return _fmaml_step(problem, first_order, None)
-    if impl == "fmaml-checkpoint":
-        return _fmaml_step(problem, first_order, dataclasses.replace(chosen, checkpoint=True))
-    if impl == "fmaml-compile":
-        return _fmaml_step(problem, first_order, _compiled(chosen))
+    if impl in FMAML_IMPLS:
+        used = fmaml_strategy(impl, problem, strategy)
+        return _fmaml_step(problem, first_order, None if impl == "fmaml-vmap" else used)
     if impl == "loop":
         return _loop_step(problem, first_order)
     if impl == "learn2learn":
@@ -316,9 +310,19 @@ def make_step(
     raise ConfigError(f"bench: unknown implementation {impl!r}; expected one of {list(IMPLS)}.")
 
 
-def _compiled(chosen: Strategy) -> Strategy:
-    """The compiled strategy: one vmap over all tasks, on ``chosen``'s threads."""
-    return Strategy(compile=True, threads=chosen.threads)
+FMAML_IMPLS = ("fmaml", "fmaml-vmap", "fmaml-checkpoint", "fmaml-compile")
+
+
+def fmaml_strategy(impl: str, problem: Problem, strategy: Strategy | Mapping | None) -> Strategy:
+    """The strategy an fmaml implementation runs (``fmaml-vmap``: the definition's one vmap,
+    which :class:`fmaml.Strategy` ``()`` computes alike)."""
+    chosen = chosen_strategy(problem, strategy)
+    return {
+        "fmaml": chosen,
+        "fmaml-vmap": Strategy(),
+        "fmaml-checkpoint": dataclasses.replace(chosen, checkpoint=True),
+        "fmaml-compile": Strategy(compile=True, threads=chosen.threads),
+    }[impl]
 
 
 def not_applicable(impl: str, setting: Setting, precision: str = "float32") -> str | None:
@@ -338,12 +342,9 @@ def not_applicable(impl: str, setting: Setting, precision: str = "float32") -> s
 
 def strategy_of(impl: str, problem: Problem, strategy: Strategy | Mapping | None) -> str:
     """How ``impl`` runs a meta-batch, in words."""
-    chosen = chosen_strategy(problem, strategy)
+    if impl in FMAML_IMPLS:
+        return str(fmaml_strategy(impl, problem, strategy))
     return {
-        "fmaml": str(chosen),
-        "fmaml-vmap": str(Strategy()),
-        "fmaml-checkpoint": str(dataclasses.replace(chosen, checkpoint=True)),
-        "fmaml-compile": str(_compiled(chosen)),
         "loop": "python loop over tasks, one backward",
         "learn2learn": "python loop over tasks, backward per task",
         "higher": "python loop over tasks, backward per task",
@@ -470,6 +471,13 @@ def measure(
     """Time one implementation on one setting in this process; peak memory included."""
     problem = build(SETTINGS[setting], device, precision=precision)
     step = make_step(impl, problem, order == "first", strategy)
+    estimate = None
+    if impl in FMAML_IMPLS:  # the plan's estimate, to print beside the measured peak
+        s = problem.setting
+        inner = InnerLoop(s.inner_lr, s.inner_steps, first_order=order == "first")
+        used = fmaml_strategy(impl, problem, strategy)
+        args = (problem.loss_fn, problem.params, problem.tasks, inner)
+        estimate = plan_memory(*args, strategy=used).estimate / 2**20
     cuda = str(device).startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -491,6 +499,8 @@ def measure(
         "timed_steps": len(times),
         "peak_memory_mb": peak,
         "memory_before_mb": before,
+        "peak_growth_mb": peak - before,
+        "estimate_mb": estimate,
         "memory_kind": "cuda max_memory_allocated" if cuda else "peak RSS of the process",
     }
 
@@ -712,6 +722,11 @@ def run_bench(
                     f"{row['peak_memory_mb']:8.0f} MB  [{row['strategy']}"
                     + ("; bf16 autocast]" if precision == "bf16" else "]")
                 )
+                if row.get("estimate_mb") is not None:
+                    row["line"] += (
+                        f" step +{row['peak_growth_mb']:.0f} MB, plan estimate "
+                        f"+{row['estimate_mb']:.0f} MB"
+                    )
                 rows.append(row)
             yield from _with_ratios(rows, compare)
 

@@ -306,10 +306,14 @@ def _refusal(smallest: MemoryPlan, footprint: Footprint, inner: InnerLoop) -> st
     room = smallest.budget - FIXED[False] - 3 * footprint.params
     room = room / BACKWARD_FACTOR - 2 * max(footprint.pieces)
     steps = max(0, int(room // footprint.carry) - others) if footprint.carry else 0
+    fewer = (
+        f"fewer inner steps (about {steps} of {inner.num_steps}, every step recomputed), "
+        if 0 < steps < inner.num_steps
+        else ""
+    )
     return (
         f"plan_memory(): no plan fits the memory budget of {size(smallest.budget)}: the "
         f"smallest, {smallest.strategy}, needs about {size(smallest.estimate)}. What would "
-        f"fit: fewer inner steps (about {steps} of {inner.num_steps} with every step "
-        "recomputed), first_order=True (no inner step's graph is kept), a larger budget, or "
+        f"fit: {fewer}first_order=True (no inner step's graph is kept), a larger budget, or "
         "a smaller meta-batch per process on more processes (torchrun)."
     )

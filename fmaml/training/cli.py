@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from fmaml.algorithms import ALGORITHMS
+from fmaml.engine.memory import size
 from fmaml.errors import FmamlError, NonFiniteError
 from fmaml.inner_optim import INNER_OPTIMIZERS
 from fmaml.training.checkpoint import CheckpointError, find_checkpoint
@@ -314,6 +315,9 @@ def _train(out, resume, iterations, download, lead: bool, options: dict) -> None
         )
         raise SystemExit(130)
     click.echo(_done_line(state, out))
+    if state.memory_plan is not None:
+        measured = "not measured" if state.peak_growth is None else size(state.peak_growth)
+        click.echo(f"memory: {state.memory_plan}; measured peak {measured} above the start")
 
 
 def _done_line(state, out: Path) -> str:

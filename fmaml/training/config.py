@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -185,6 +186,11 @@ class TrainConfig:
     )
     cg_steps: int | None = option(
         None, "iMAML: conjugate-gradient iterations of the implicit meta-gradient [imaml: 5]."
+    )
+    memory_budget: str | None = option(
+        None,
+        "Memory one meta-step may use, e.g. 6GB or 500MB: the fastest strategy whose "
+        "estimated peak fits it (fmaml.plan_memory) [CUDA: free memory less 10%; CPU: none].",
     )
     # How meta-batches run (never what they compute): fields of fmaml.Strategy that replace
     # fmaml.auto_strategy's choice for the device and model, e.g. {"chunk_size": 8}. Set on
@@ -450,6 +456,7 @@ def check(config: TrainConfig) -> None:
             )
     if prototypes:
         _check_prototypes(config)
+    parse_size(config.memory_budget)
     _check_inner_optimizer(config)
     _check_imaml(config)
     from fmaml.engine.strategy import Strategy
@@ -627,3 +634,28 @@ def _check_imaml(config: TrainConfig) -> None:
             "(MAML++ settings of the inner loop and its per-step losses) would change nothing "
             "or never be trained. Drop them, or use --algorithm maml/mamlpp."
         )
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(text: str | None) -> int | None:
+    """Bytes in ``text`` (``"6GB"``, ``"500 MB"``, ``"2GiB"``, ``"1e9"``); ``None`` stays.
+
+    Raises:
+        ConfigError: anything else, naming the option.
+
+    Example:
+        >>> parse_size("6GB"), parse_size("512MiB")
+        (6000000000, 536870912)
+    """
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(
+            f"--memory-budget: expected a positive size such as 6GB, 500MB or 2GiB, got {text!r}."
+        )
+    return int(float(match.group(1)) * _UNITS[unit])

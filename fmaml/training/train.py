@@ -24,7 +24,7 @@ import torch
 from fmaml.adapt import InnerLR, init_rates
 from fmaml.algorithms import get_algorithm
 from fmaml.engine.run import refuse_batchnorm, value_and_grad
-from fmaml.engine.strategy import Strategy, auto_strategy
+from fmaml.engine.strategy import MemoryPlan, Strategy, auto_strategy, plan_memory
 from fmaml.errors import ConfigError, NonFiniteError, WriteError
 from fmaml.evaluate import evaluate, mean_ci95
 from fmaml.implicit import IMAML
@@ -32,7 +32,7 @@ from fmaml.inner_loop import InnerLoop
 from fmaml.inner_optim import InnerOptimizer, get_inner_optimizer, hyper_names, proximal
 from fmaml.module import params_of, per_step
 from fmaml.schedules import cosine_lr, first_order_at, msl_weights
-from fmaml.training import distributed
+from fmaml.training import distributed, peak
 from fmaml.training.checkpoint import (
     BEST,
     LATEST,
@@ -40,7 +40,7 @@ from fmaml.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fmaml.training.config import LEARNED_HYPER, TrainConfig, resolve
+from fmaml.training.config import LEARNED_HYPER, TrainConfig, parse_size, resolve
 from fmaml.training.distributed import RankFailure, Ranks
 from fmaml.training.problems import EmptySplit, Problem, sinusoid_problem
 from fmaml.tree import tree_clone
@@ -68,6 +68,9 @@ class TrainState:
     strategy: Strategy = field(default_factory=Strategy)
     # ``--learn-inner-hyper``: the logits of the inner optimiser's learned betas.
     hyper_logits: dict[str, torch.Tensor] | None = None
+    # --memory-budget (or CUDA): the plan the strategy came from; not saved (made anew)
+    memory_plan: MemoryPlan | None = None
+    peak_growth: int | None = None  # bytes above the process at rest, measured by train()
 
     @property
     def inner_optimizer(self) -> InnerOptimizer | None:
@@ -232,7 +235,27 @@ def init_state(config: TrainConfig) -> TrainState:
         hyper_logits=_hyper_logits(config, next(iter(params.values()))),
     )
     state.optimizer = torch.optim.Adam(state.leaves(), lr=config.outer_lr)
+    budget = parse_size(config.memory_budget)
+    if budget is not None or torch.device(config.device).type == "cuda":
+        _plan_memory(state, budget)
     return state
+
+
+def _plan_memory(state: TrainState, budget: int | None) -> None:
+    """Choose the strategy by :func:`fmaml.plan_memory` on a meta-batch like the run's (drawn
+    from its own generator: the run's tasks are not changed); the config's strategy fields
+    still replace the plan's."""
+    config = state.config
+    sample = state.problem.sample(
+        config.meta_batch, torch.Generator(device=config.device).manual_seed(config.seed)
+    )
+    options = {"objective": objective_of(config)}
+    args = (state.problem.loss_fn, state.params, sample, state.inner_loop(0))
+    plan = plan_memory(*args, memory_budget=budget, **options)
+    if config.strategy:
+        strategy = dataclasses.replace(plan.strategy, **config.strategy)
+        plan = plan_memory(*args, memory_budget=budget, strategy=strategy, **options)
+    state.memory_plan, state.strategy = plan, plan.strategy
 
 
 def _hyper_logits(config: TrainConfig, like: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -597,6 +620,7 @@ def train(
     checkpoints = (LATEST, BEST) if without_validation else (LATEST,)
     window_start, window_tasks = time.perf_counter(), 0
     log = open(out / METRICS, "a") if lead else None
+    rest = peak.reset(config.device)
     try:
         while state.iteration < total:
             try:
@@ -646,6 +670,7 @@ def train(
     finally:
         if log is not None:
             log.close()
+        state.peak_growth = peak.growth(config.device, rest)
     return state
 
 
