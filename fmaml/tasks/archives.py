@@ -144,8 +144,8 @@ def unpack(archive: str | os.PathLike[str], *, where: str) -> Path:
         DataError: the archive is truncated or damaged, holds a link or a path outside its
             folder, or the cache can't be written.
     """
-    archive = Path(archive)
-    key = source_key(archive.parent, [archive], "unpacked")[:16]
+    archive = Path(archive).resolve()
+    key = source_key("/", [archive], "unpacked")[:16]  # the full path, size and mtime
     stem = archive.name.split(".")[0]
     target = cache_dir() / "unpacked" / f"{stem}-{key}"
     if target.is_dir():
