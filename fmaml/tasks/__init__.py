@@ -1,7 +1,8 @@
 """Task samplers: sinusoid regression and N-way K-shot episodes over class images; tasks
-of different shapes padded into one meta-batch (:func:`pad_tasks`).
+of different shapes padded into one meta-batch (:func:`pad_tasks`); the dataset loaders
+(Omniglot, mini-ImageNet, CIFAR-FS, FC100, tiered-ImageNet, CUB, class folders).
 
-The image names (:class:`ClassImages`, :class:`EpisodeSampler`, ...) load
+The image names (:class:`ClassImages`, :class:`EpisodeSampler`, the loaders, ...) load
 :mod:`fmaml.tasks.images`, and with it PIL and numpy, when first used.
 """
 
@@ -14,18 +15,22 @@ _LAZY = {
     "ClassImages": "fmaml.tasks.images",
     "DataError": "fmaml.tasks.images",
     "EpisodeSampler": "fmaml.tasks.images",
+    "load_cifarfs_splits": "fmaml.tasks.cifar100",
+    "load_cub": "fmaml.tasks.cub",
+    "load_cub_splits": "fmaml.tasks.cub",
+    "load_fc100_splits": "fmaml.tasks.cifar100",
+    "load_folder": "fmaml.tasks.folder",
+    "load_miniimagenet_splits": "fmaml.tasks.miniimagenet",
+    "load_omniglot": "fmaml.tasks.omniglot",
     "load_splits": "fmaml.tasks.datasets",
+    "load_tieredimagenet": "fmaml.tasks.tieredimagenet",
+    "load_tieredimagenet_splits": "fmaml.tasks.tieredimagenet",
+    "published_split": "fmaml.tasks.published",
+    "read_cifar100": "fmaml.tasks.cifar100",
 }
 """Names whose modules import PIL: ``name -> module``, imported on first use."""
 
-__all__ = [
-    "ClassImages",
-    "DataError",
-    "EpisodeSampler",
-    "SinusoidTasks",
-    "load_splits",
-    "pad_tasks",
-]
+__all__ = ["SinusoidTasks", "pad_tasks", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -128,6 +128,7 @@ def cached_images(
     build: Callable[[], np.ndarray],
     *,
     enabled: bool = True,
+    num_images: int | None = None,
 ) -> np.ndarray:
     """The images ``build()`` returns for ``files``, from the cache when it is up to date.
 
@@ -139,11 +140,13 @@ def cached_images(
         root: the data folder; relative file paths in the key are taken from it.
         files: the source files, in the order of the rows ``build()`` returns.
         settings: what else determines the result, e.g. ``"28x28-L-inverted"``.
-        build: decodes ``files``, returning ``[len(files), C, H, W]`` uint8.
+        build: decodes ``files``, returning ``[num_images, C, H, W]`` uint8.
         enabled: False skips the cache entirely: just ``build()``.
+        num_images: how many images ``build()`` returns, when ``files`` is not one file per
+            image (a pickle or an archive holding them all); default ``len(files)``.
 
     Returns:
-        ``[len(files), C, H, W]`` uint8 array.
+        ``[num_images, C, H, W]`` uint8 array.
 
     Raises:
         DataError: a source file is missing, or the cache folder can't be written.
@@ -155,7 +158,7 @@ def cached_images(
     place = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:12]
     prefix = f"{name}-{settings}-{place}-"
     path = cache_dir() / f"{prefix}{key[:16]}.npz"
-    images = _read(path, key, len(files))
+    images = _read(path, key, len(files) if num_images is None else num_images)
     if images is not None:
         return images
     images = build()

@@ -1,7 +1,8 @@
 """Which images each dataset is, split into train / val / test: :func:`load_splits`.
 
 The one place that knows every image dataset: it calls the loaders
-(:mod:`fmaml.tasks.omniglot`, :mod:`fmaml.tasks.miniimagenet`, :mod:`fmaml.tasks.folder`),
+(:mod:`fmaml.tasks.omniglot`, :mod:`fmaml.tasks.miniimagenet`, :mod:`fmaml.tasks.folder`,
+:mod:`fmaml.tasks.cifar100`, :mod:`fmaml.tasks.tieredimagenet`, :mod:`fmaml.tasks.cub`),
 which build on :mod:`fmaml.tasks.images`; nothing imports back.
 """
 
@@ -12,14 +13,32 @@ import os
 import torch
 
 from fmaml.errors import ConfigError, check_positive_int
+from fmaml.tasks.cifar100 import load_cifarfs_splits, load_fc100_splits
+from fmaml.tasks.cub import load_cub_splits
 from fmaml.tasks.folder import load_folder
 from fmaml.tasks.images import ClassImages, parse_fractions, split_classes
 from fmaml.tasks.miniimagenet import load_miniimagenet_splits
 from fmaml.tasks.omniglot import load_omniglot, split_omniglot
+from fmaml.tasks.tieredimagenet import load_tieredimagenet_splits
 
-__all__ = ["DATASETS", "load_splits"]
+__all__ = ["DATASETS", "DOWNLOADABLE", "FIXED_SPLITS", "load_splits"]
 
-DATASETS = ("omniglot", "miniimagenet", "folder")
+DATASETS = ("omniglot", "miniimagenet", "folder", "cifarfs", "fc100", "tieredimagenet", "cub")
+
+DOWNLOADABLE = ("omniglot", "cifarfs", "fc100", "cub")
+"""The datasets with a stable official URL: ``download=True`` fetches them."""
+
+FIXED_SPLITS = {
+    "miniimagenet": "ravi",
+    "cifarfs": "bertinetto",
+    "fc100": "oreshkin",
+    "tieredimagenet": "ren",
+    "cub": "chen",
+}
+"""The datasets with one published split, and its name (the only ``split`` they take)."""
+
+_IMAGE_SIZES = {"omniglot": 28, "cifarfs": 32, "fc100": 32}
+"""Default image sides where they are not 84."""
 
 
 def load_splits(
@@ -30,6 +49,7 @@ def load_splits(
     image_size: int | None = None,
     channels: int | None = None,
     download: bool = False,
+    verify: bool = True,
     seed: int = 0,
     cache: bool = True,
 ) -> dict[str, ClassImages]:
@@ -54,15 +74,26 @@ def load_splits(
       (Ravi & Larochelle: 64 / 16 / 20 classes); ``seed`` is not used.
     * ``"folder"`` (root: ``<root>/<class>/<image>``): ``"T,V,E"`` proportions of the classes,
       default ``"0.7,0.1,0.2"``.
+    * ``"cifarfs"`` and ``"fc100"`` (root: ``cifar-100-python.tar.gz`` or
+      ``cifar-100-python/``): ``"bertinetto"`` (64 / 16 / 20 classes) and ``"oreshkin"``
+      (12 / 4 / 4 superclasses, 60 / 20 / 20 classes), the only splits; 32x32.
+    * ``"tieredimagenet"`` (root: ``{train,val,test}_labels.pkl`` with
+      ``{split}_images_png.pkl`` or ``{split}_images.npz``): ``"ren"``, the release's
+      351 / 97 / 160 classes.
+    * ``"cub"`` (root: ``CUB_200_2011/images/`` or ``CUB_200_2011.tgz``): ``"chen"``, the
+      100 / 50 / 50 classes of Hilliard et al. and Chen et al.
 
     Args:
-        dataset: ``"omniglot"``, ``"miniimagenet"`` or ``"folder"``.
+        dataset: one of :data:`DATASETS`.
         data_root: the dataset's folder.
         split: a split string as above, or None for the default.
-        image_size: side of the square images; default 28 (Omniglot) or 84.
+        image_size: side of the square images; default 28 (Omniglot), 32 (CIFAR-FS, FC100)
+            or 84.
         channels: ``folder`` only: 1 (grey) or 3 (RGB, the default).
-        download: ``omniglot`` only: fetch the official archives into ``data_root`` if no
-            Omniglot images are there.
+        download: :data:`DOWNLOADABLE` only: fetch the official archives if they are not in
+            ``data_root`` (Omniglot into ``data_root``, the others into fmaml's cache).
+        verify: check archives against their published md5 (False: accept a re-packed or
+            modified copy).
         seed: seeds the shuffle of the proportional and MAML splits.
         cache: keep the decoded, resized images in a cache file (see :mod:`fmaml.tasks.cache`).
 
@@ -90,21 +121,29 @@ def load_splits(
             f"{where}: `channels` applies to dataset='folder' only ({dataset} has fixed "
             "channels). Leave it unset."
         )
-    if download and dataset != "omniglot":
+    if download and dataset not in DOWNLOADABLE:
         raise ConfigError(
-            f"{where}: download=True is only possible for omniglot; {dataset} must be put in "
-            f"{os.fspath(data_root)!r} by hand (see the README)."
+            f"{where}: download=True is only possible for {', '.join(DOWNLOADABLE)}; {dataset} "
+            f"must be put in {os.fspath(data_root)!r} by hand (see docs/data.md)."
         )
+    if dataset in FIXED_SPLITS and split not in (None, FIXED_SPLITS[dataset]):
+        raise ConfigError(
+            f"{where}: {dataset} has one split, {FIXED_SPLITS[dataset]!r} (the published one), "
+            f"got {split!r}. Leave --split unset."
+        )
+    size = image_size or _IMAGE_SIZES.get(dataset, 84)
     if dataset == "omniglot":
-        data = load_omniglot(data_root, image_size=image_size or 28, download=download, cache=cache)
+        data = load_omniglot(data_root, image_size=size, download=download, cache=cache)
         return split_omniglot(data, split, seed=seed)
     if dataset == "miniimagenet":
-        if split not in (None, "ravi"):
-            raise ConfigError(
-                f"{where}: miniimagenet has one split, 'ravi' (its train/val/test files), got "
-                f"{split!r}. Leave --split unset."
-            )
-        return load_miniimagenet_splits(data_root, image_size=image_size or 84, cache=cache)
-    data = load_folder(data_root, image_size=image_size or 84, channels=channels or 3, cache=cache)
+        return load_miniimagenet_splits(data_root, image_size=size, cache=cache)
+    if dataset in ("cifarfs", "fc100", "cub"):
+        load = {"cifarfs": load_cifarfs_splits, "fc100": load_fc100_splits, "cub": load_cub_splits}
+        return load[dataset](
+            data_root, image_size=size, download=download, verify=verify, cache=cache
+        )
+    if dataset == "tieredimagenet":
+        return load_tieredimagenet_splits(data_root, image_size=size, cache=cache)
+    data = load_folder(data_root, image_size=size, channels=channels or 3, cache=cache)
     fractions = parse_fractions(split or "0.7,0.1,0.2", where=f"{where} (folder split)")
     return split_classes(data, fractions, torch.Generator().manual_seed(seed))

@@ -357,6 +357,32 @@ def decode_images(
     return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2))
 
 
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize decoded images to ``size x size`` with LANCZOS, as the decoders do.
+
+    Args:
+        images: ``[N, C, H, W]`` uint8, ``C`` 1 or 3.
+        size: the side of the output.
+
+    Returns:
+        ``[N, C, size, size]`` uint8.
+    """
+    if images.shape[-2:] == (size, size):
+        return images
+    resized = [
+        np.asarray(
+            Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).resize(
+                (size, size), Image.Resampling.LANCZOS
+            )
+        )
+        for image in images
+    ]
+    stacked = np.stack(resized) if resized else np.zeros((0, size, size, 3), np.uint8)
+    if stacked.ndim == 3:
+        return stacked[:, None]
+    return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2))
+
+
 # --------------------------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------------------------

@@ -145,7 +145,15 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
     "--download/--no-download",
     default=True,
     show_default=True,
-    help="Download Omniglot into --data-root when it is not there.",
+    help="Download the data when it is not in --data-root: Omniglot into it; CIFAR-FS, FC100 "
+    "and CUB (official archives) into fmaml's cache.",
+)
+@click.option(
+    "--checksum/--no-checksum",
+    default=True,
+    show_default=True,
+    help="Check archives against their published md5; --no-checksum accepts a re-packed or "
+    "modified copy.",
 )
 @click.option(
     "--chunk-size",
@@ -182,6 +190,7 @@ def train(
     resume,
     iterations,
     download,
+    checksum,
     chunk_size,
     workers,
     recompute_steps,
@@ -218,7 +227,7 @@ def train(
         )
     lead = not distributed.launched_by_torchrun() or os.environ["RANK"] == "0"
     try:
-        _train(out, resume, iterations, download, lead, options)
+        _train(out, resume, iterations, {"download": download, "verify": checksum}, lead, options)
     except (CheckpointError, NonFiniteError) as error:
         # Every rank meets these alike (rank 0 read the folder and sent what it found; the
         # NaN check is on the all-reduced loss): rank 0 says why. Other errors, such as data
@@ -258,7 +267,7 @@ def _preset_line(config: TrainConfig) -> str:
     return line + (f"; replaced by the options given: {', '.join(replaced)}" if replaced else "")
 
 
-def _train(out, resume, iterations, download, lead: bool, options: dict) -> None:
+def _train(out, resume, iterations, extra: dict, lead: bool, options: dict) -> None:
     from fmaml.training import distributed
     from fmaml.training.config import resolve
     from fmaml.training.train import train as run_training
@@ -267,9 +276,7 @@ def _train(out, resume, iterations, download, lead: bool, options: dict) -> None
         out = Path(resume)
         config = None
     else:
-        config = resolve(
-            TrainConfig(**options, iterations=iterations, extra={"download": download})
-        )
+        config = resolve(TrainConfig(**options, iterations=iterations, extra=extra))
         iterations = None
         if config.preset is not None and lead:
             click.echo(_preset_line(config))

@@ -1,4 +1,5 @@
-"""Few-shot image classification problems: Omniglot, mini-ImageNet and class folders."""
+"""Few-shot image classification problems: Omniglot, mini-ImageNet, CIFAR-FS, FC100,
+tiered-ImageNet, CUB and class folders."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fmaml.errors import ConfigError
-from fmaml.tasks.datasets import load_splits
+from fmaml.tasks.datasets import DOWNLOADABLE, load_splits
 from fmaml.tasks.images import EpisodeSampler, fixed_episodes
 from fmaml.training.config import TrainConfig
 from fmaml.training.problems import (
@@ -21,10 +22,18 @@ from fmaml.training.problems import (
 )
 from fmaml.types import Task
 
-DEFAULT_ROOTS = {"omniglot": "data/omniglot", "miniimagenet": "data/miniimagenet"}
+DEFAULT_ROOTS = {
+    "omniglot": "data/omniglot",
+    "miniimagenet": "data/miniimagenet",
+    "cifarfs": "data/cifar100",
+    "fc100": "data/cifar100",
+    "tieredimagenet": "data/tieredimagenet",
+    "cub": "data/cub",
+}
 """Where ``--data-root`` points when it is not given."""
 
-CHANNELS = {"omniglot": 1, "miniimagenet": 3, "folder": 3}
+CHANNELS = {"omniglot": 1, "folder": 3}
+"""Image channels per dataset where they are not 3 (RGB)."""
 
 
 def data_root(config: TrainConfig) -> Path:
@@ -55,14 +64,15 @@ def image_problem(config: TrainConfig, *, check_train: bool = True) -> Problem:
     Raises:
         DataError: the data is missing or cannot serve ``ways``-way ``shots + query`` tasks.
     """
-    channels = CHANNELS[config.dataset]
+    channels = CHANNELS.get(config.dataset, 3)
     splits = load_splits(
         config.dataset,
         data_root(config),
         split=config.split,
         image_size=config.image_size,
         channels=channels if config.dataset == "folder" else None,
-        download=config.dataset == "omniglot" and bool(config.extra.get("download", False)),
+        download=config.dataset in DOWNLOADABLE and bool(config.extra.get("download", False)),
+        verify=bool(config.extra.get("verify", True)),
         seed=config.split_seed,
     )
     device, dtype = torch.device(config.device), dtype_of(config)
