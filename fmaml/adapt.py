@@ -59,6 +59,12 @@ def autograd_grad(
     so tensors a ``loss_fn`` captures are differentiated through the step as under
     :func:`func_grad`; parameters that don't require grad get stand-in leaves (constants)."""
     keep = torch.is_grad_enabled() and not first_order
+    tensors = [*fast.values(), *frozen.values(), *(t for t in support if isinstance(t, Tensor))]
+    if keep and not any(t.requires_grad for t in tensors):
+        # nothing passed in is differentiated: keep the graph only for a tensor the loss
+        # captures (one more forward, in this rare case: evaluation with grad enabled)
+        probe = support_loss({k: v.detach() for k, v in fast.items()}, loss_fn, frozen, support)
+        keep = probe.requires_grad
     with torch.enable_grad():
         # A view, not ``v`` itself: the gradient is the one through the loss's use of
         # ``fast``, as torch.func.grad gives it, not also through a tensor the loss captures

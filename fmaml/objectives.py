@@ -16,6 +16,7 @@ from fmaml.adapt import Call, Grad, at_step, direct, func_grad, trajectory
 from fmaml.errors import public
 from fmaml.implicit import IMAML, imaml_loss
 from fmaml.inner_loop import InnerLoop, check_inner
+from fmaml.inner_optim import check_inner_optimizer
 from fmaml.padding import check_padded_tasks, is_padded
 from fmaml.proto import check_head, check_support_labels
 from fmaml.types import LossFn, Task
@@ -284,6 +285,7 @@ def check_meta_batch(loss_fn: LossFn, params, tasks: Task, inner: InnerLoop, obj
             outside ``0..num_ways-1`` or missing a class.
     """
     check_inner(inner)
+    check_inner_optimizer(inner.inner_optimizer, "meta_loss")
     num_tasks = check_tasks(tasks)
     padded = check_padded_tasks(tasks, "meta_loss")
     if inner.head_init is None:

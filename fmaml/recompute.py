@@ -32,16 +32,20 @@ def recomputing(closure: list[Tensor], batched: bool) -> Call:
     """
 
     def call(piece, carry, data, shared=False):
-        fn = torch.func.vmap(piece, in_dims=(None if shared else 0, 0)) if batched else piece
+        def checked(carry, data):
+            out = piece(carry, data)
+            kinds = {type(t).__name__ for t in tree_flatten(out)[0] if not isinstance(t, Tensor)}
+            if kinds:
+                raise ValueError(
+                    "recomputing(): Strategy(checkpoint=True) keeps the inner optimiser's state "
+                    f"between steps, so it must hold tensors only, but it holds {sorted(kinds)}. "
+                    "Keep a step counter as a 0-d tensor (as fmaml.inner_optim.adam does), or "
+                    "use checkpoint=False."
+                )
+            return out
+
+        fn = torch.func.vmap(checked, in_dims=(None if shared else 0, 0)) if batched else checked
         flat, spec = tree_flatten(carry)
-        kinds = {type(t).__name__ for t in flat if not isinstance(t, Tensor)}
-        if kinds:
-            raise ValueError(
-                "recomputing(): Strategy(checkpoint=True) keeps the inner optimiser's state "
-                f"between steps, so it must hold tensors only, but it holds {sorted(kinds)}. "
-                "Keep a step counter as a 0-d tensor (as fmaml.inner_optim.adam does), or use "
-                "checkpoint=False."
-            )
         out_spec: list = []
 
         def run(*values):

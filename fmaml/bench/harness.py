@@ -298,8 +298,8 @@ def make_step(
     impl: str, problem: Problem, first_order: bool, strategy: Strategy | Mapping | None = None
 ):
     """``step()`` computing one meta-gradient with implementation ``impl``."""
-    if impl in FMAML_IMPLS:
-        used = fmaml_strategy(impl, problem, strategy)
+    if impl in _FMAML_IMPLS:
+        used = _fmaml_strategy(impl, problem, strategy)
         return _fmaml_step(problem, first_order, None if impl == "fmaml-vmap" else used)
     if impl == "loop":
         return _loop_step(problem, first_order)
@@ -310,10 +310,10 @@ def make_step(
     raise ConfigError(f"bench: unknown implementation {impl!r}; expected one of {list(IMPLS)}.")
 
 
-FMAML_IMPLS = ("fmaml", "fmaml-vmap", "fmaml-checkpoint", "fmaml-compile")
+_FMAML_IMPLS = ("fmaml", "fmaml-vmap", "fmaml-checkpoint", "fmaml-compile")
 
 
-def fmaml_strategy(impl: str, problem: Problem, strategy: Strategy | Mapping | None) -> Strategy:
+def _fmaml_strategy(impl: str, problem: Problem, strategy: Strategy | Mapping | None) -> Strategy:
     """The strategy an fmaml implementation runs (``fmaml-vmap``: the definition's one vmap,
     which :class:`fmaml.Strategy` ``()`` computes alike)."""
     chosen = chosen_strategy(problem, strategy)
@@ -342,8 +342,8 @@ def not_applicable(impl: str, setting: Setting, precision: str = "float32") -> s
 
 def strategy_of(impl: str, problem: Problem, strategy: Strategy | Mapping | None) -> str:
     """How ``impl`` runs a meta-batch, in words."""
-    if impl in FMAML_IMPLS:
-        return str(fmaml_strategy(impl, problem, strategy))
+    if impl in _FMAML_IMPLS:
+        return str(_fmaml_strategy(impl, problem, strategy))
     return {
         "loop": "python loop over tasks, one backward",
         "learn2learn": "python loop over tasks, backward per task",
@@ -472,10 +472,10 @@ def measure(
     problem = build(SETTINGS[setting], device, precision=precision)
     step = make_step(impl, problem, order == "first", strategy)
     estimate = None
-    if impl in FMAML_IMPLS:  # the plan's estimate, to print beside the measured peak
+    if impl in _FMAML_IMPLS:  # the plan's estimate, to print beside the measured peak
         s = problem.setting
         inner = InnerLoop(s.inner_lr, s.inner_steps, first_order=order == "first")
-        used = fmaml_strategy(impl, problem, strategy)
+        used = _fmaml_strategy(impl, problem, strategy)
         args = (problem.loss_fn, problem.params, problem.tasks, inner)
         estimate = plan_memory(*args, strategy=used).estimate / 2**20
     cuda = str(device).startswith("cuda")

@@ -108,6 +108,7 @@ SMALL_TASK = 20
 tasks on a CPU instead of running them one at a time."""
 
 
+@public
 def auto_strategy(
     device: torch.device | str = "cpu",
     loss_fn: LossFn | None = None,
