@@ -4,7 +4,9 @@ Second-order MAML, conv4-32 on 84x84 images (mini-ImageNet 5-way 1-shot, 15 quer
 class), meta-batch 4, on random data. Each (implementation, inner steps) runs one meta-step
 in a fresh Python process; the figure is the growth of its peak resident memory (VmHWM,
 reset through ``/proc/self/clear_refs`` once the model, the data and the imports are in
-place) over the process at rest. fmaml's rows also give :func:`fmaml.plan_memory`'s estimate.
+place) over the process at rest, with glibc made to return every freed tensor above 64 KiB at
+once (``MALLOC_MMAP_THRESHOLD_``), so that it follows the live tensors. fmaml's rows also give
+:func:`fmaml.plan_memory`'s estimate.
 
     python benchmarks/memory_steps.py --steps 1 5 10 25 50 100 --json results/memory-steps.jsonl
 
@@ -87,7 +89,12 @@ def main() -> None:
             job = {"impl": impl, "steps": steps, "threads": args.threads}
             try:
                 row = run_json_job(
-                    [sys.executable, os.path.abspath(__file__), "--worker"], job, impl
+                    [sys.executable, os.path.abspath(__file__), "--worker"],
+                    job,
+                    impl,
+                    # glibc returns every freed tensor above 64 KiB at once, so that the
+                    # resident memory follows the live tensors (as benchmarks/resnet12_memory.py)
+                    env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"),
                 )
             except RuntimeError as error:  # out of memory, or a peer missing: say so
                 row = {**job, "error": str(error).splitlines()[-1][:200]}

@@ -1,10 +1,10 @@
-"""Second-order MAML with many inner steps in bounded memory: recomputed inner steps.
+"""Second-order MAML with many inner steps in bounded memory: a plan for a memory budget.
 
-`fmaml.Strategy(chunk_size=1, checkpoint=True)` runs one task at a time and keeps only each
-inner step's parameters; the backward pass recomputes each step. Memory then grows with the
-steps by one copy of the parameters per step instead of every activation of the support pass.
-What is computed does not change: the meta-gradient equals the default strategy's and the
-definition's (`fmaml.meta_loss` with plain autograd).
+`fmaml.plan_memory` measures one task of the meta-batch and picks the fastest strategy whose
+estimated peak fits the budget: fewer tasks at a time, then recomputed inner steps
+(`fmaml.Strategy(chunk_size=1, checkpoint=True)` keeps only each step's parameters, and the
+backward pass recomputes each step). What is computed does not change: the meta-gradient
+equals the default strategy's and the definition's (`fmaml.meta_loss` with plain autograd).
 
     python examples/memory_bounded.py           # conv4-32, 10 inner steps, 4 tasks
     python examples/memory_bounded.py --tiny
@@ -40,8 +40,12 @@ def main() -> None:
     tasks = fmaml.Task(support=(xs, ys), query=(xq, yq))
     inner = fmaml.InnerLoop(0.1, num_steps=num_steps)  # second order
 
-    low_memory = fmaml.Strategy(chunk_size=1, checkpoint=True)
-    loss, grads = fmaml.value_and_grad(loss_fn, params, tasks, inner, strategy=low_memory)
+    one_vmap = fmaml.plan_memory(loss_fn, params, tasks, inner, strategy=fmaml.Strategy())
+    budget = one_vmap.estimate // 2  # bytes: half of what one vmap over all tasks needs
+    plan = fmaml.plan_memory(loss_fn, params, tasks, inner, memory_budget=budget)
+    print(f"one vmap over all tasks: about {one_vmap.estimate / 1e6:.0f} MB")
+    print(f"plan: {plan}")
+    loss, grads = fmaml.value_and_grad(loss_fn, params, tasks, inner, strategy=plan.strategy)
     default_loss, default_grads = fmaml.value_and_grad(loss_fn, params, tasks, inner)
 
     definition = fmaml.meta_loss(loss_fn, params, tasks, inner)
@@ -55,7 +59,7 @@ def main() -> None:
     worst = max((grads.params[k] - expected[k]).abs().max().item() for k in params) / scale
     torch.testing.assert_close(loss, default_loss)
     print(f"{num_steps} inner steps, second order, {num_tasks} tasks")
-    print(f"recomputed = default strategy = definition; largest difference {worst:.1e}")
+    print(f"planned = default strategy = definition; largest difference {worst:.1e}")
     print(f"final meta-loss: {loss.item():.6f}")
 
 

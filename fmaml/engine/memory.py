@@ -35,7 +35,7 @@ BACKWARD_FACTOR = 1.5
 """Peak over saved bytes, one task at a time: the gradients the backward allocates while
 saved tensors are still alive."""
 
-VMAP_FACTOR = 2.5
+VMAP_FACTOR = 3.0
 """The same for vmapped chunks: batched kernels (grouped convolutions) keep more on the side."""
 
 FIXED = {False: 128 * 10**6, True: 256 * 10**6}
@@ -51,20 +51,20 @@ class Footprint(NamedTuple):
     carry: int  # the adapted parameters (and inner-optimiser state) one step keeps
     params: int  # the meta-parameters (their gradients take as much again)
 
-    def task(self, checkpoint: bool) -> int:
-        """One task: every piece's graph at once, or every step's carry and one piece."""
+    def task(self, checkpoint: bool, vmapped: bool = False) -> int:
+        """One task: every piece's graph at once, or every step's carry and one piece (two
+        under ``vmap``, whose batched backward keeps more beside it)."""
         if not checkpoint:
             return sum(self.pieces)
-        # the recomputed piece's graph and its gradients
-        return self.carry * len(self.pieces) + 2 * max(self.pieces, default=0)
+        return self.carry * len(self.pieces) + (1 + vmapped) * max(self.pieces, default=0)
 
 
 def estimate(footprint: Footprint, strategy, num_tasks: int) -> int:
     """The estimated peak bytes of one meta-step under ``strategy`` (a Strategy)."""
     chunk = num_tasks if strategy.chunk_size is None else min(strategy.chunk_size, num_tasks)
     at_once = min(num_tasks, chunk * strategy.workers)
-    per_task = footprint.task(strategy.checkpoint)
     vmapped = strategy.chunk_size != 1
+    per_task = footprint.task(strategy.checkpoint, vmapped)
     factor = VMAP_FACTOR if vmapped else BACKWARD_FACTOR
     return int(FIXED[vmapped] + factor * at_once * per_task + 3 * footprint.params)
 

@@ -305,7 +305,7 @@ def _refusal(smallest: MemoryPlan, footprint: Footprint, inner: InnerLoop) -> st
     """What no plan fitting says: the numbers, and what would fit."""
     others = len(footprint.pieces) - inner.num_steps  # the head and query pieces
     room = smallest.budget - FIXED[False] - 3 * footprint.params
-    room = room / BACKWARD_FACTOR - 2 * max(footprint.pieces)
+    room = room / BACKWARD_FACTOR - max(footprint.pieces)
     steps = max(0, int(room // footprint.carry) - others) if footprint.carry else 0
     fewer = (
         f"fewer inner steps (about {steps} of {inner.num_steps}, every step recomputed), "
