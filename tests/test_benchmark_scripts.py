@@ -57,7 +57,9 @@ def test_sinusoid_reference_meta_gradient_equals_fmamls():
     tasks = fmaml.tasks.SinusoidTasks(num_shots=10).sample(
         25, torch.Generator().manual_seed(0), dtype=torch.float64
     )
-    loss = fmaml.meta_loss(fmaml.supervised_loss(model, F.mse_loss), params, tasks, inner_lr=0.01)
+    loss = fmaml.meta_loss(
+        fmaml.supervised_loss(model, F.mse_loss), params, tasks, fmaml.InnerLoop(0.01)
+    )
     grads = torch.autograd.grad(loss, list(params.values()))
     renamed = {"body.0": "0", "body.2": "2", "head": "4"}
     theirs = {

@@ -27,24 +27,25 @@ def setup(num_tasks=3, seed=0):
     return model, params, fmaml.supervised_loss(model, F.cross_entropy), tasks
 
 
-def variant_kwargs(name, params):
-    """The library's own algorithm table, turned into meta_loss arguments."""
+def variant(name, params):
+    """The library's own algorithm table, turned into meta_loss arguments:
+    ``(inner, objective)``."""
     algorithm = get_algorithm(name)
-    kwargs = {
-        "num_steps": 2,
-        "first_order": algorithm.first_order,
-        "adapt_keys": algorithm.adapt_keys,
-        "inner_lr": 0.1,
-        "objective": algorithm.objective,
-    }
+    inner_lr = 0.1
     if algorithm.learned_rates:
-        kwargs["inner_lr"] = fmaml.init_rates(
+        inner_lr = fmaml.init_rates(
             params,
             0.1,
             adapt_keys=algorithm.adapt_keys,
             per_element=algorithm.learned_rates == "element",
         )
-    return kwargs
+    inner = fmaml.InnerLoop(
+        inner_lr,
+        num_steps=2,
+        first_order=algorithm.first_order,
+        adapt_keys=algorithm.adapt_keys,
+    )
+    return inner, algorithm.objective
 
 
 def grads_of(loss, params):
@@ -54,8 +55,8 @@ def grads_of(loss, params):
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_vmap_equals_python_loop(name):
     _, params, loss_fn, tasks = setup()
-    kwargs = variant_kwargs(name, params)
-    batched = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+    inner, objective = variant(name, params)
+    batched = fmaml.meta_loss(loss_fn, params, tasks, inner, objective=objective)
     looped = (
         sum(
             fmaml.task_loss(
@@ -65,7 +66,8 @@ def test_vmap_equals_python_loop(name):
                     (tasks.support[0][t], tasks.support[1][t]),
                     (tasks.query[0][t], tasks.query[1][t]),
                 ),
-                **kwargs,
+                inner,
+                objective=objective,
             )
             for t in range(3)
         )
@@ -79,13 +81,12 @@ def test_vmap_equals_python_loop(name):
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_functions_are_pure(name):
     _, params, loss_fn, tasks = setup()
-    kwargs = variant_kwargs(name, params)
+    inner, objective = variant(name, params)
     before = {k: v.detach().clone() for k, v in params.items()}
     tasks_before = [t.clone() for t in (*tasks.support, *tasks.query)]
     support = (tasks.support[0][0], tasks.support[1][0])
-    inner = {k: v for k, v in kwargs.items() if k != "objective"}  # the inner loop's settings
-    adapted = fmaml.adapt(loss_fn, params, support, **inner)
-    fmaml.meta_loss(loss_fn, params, tasks, **kwargs).backward()
+    adapted = fmaml.adapt(loss_fn, params, support, inner)
+    fmaml.meta_loss(loss_fn, params, tasks, inner, objective=objective).backward()
     assert set(adapted) == set(params) and list(adapted) == list(params)
     for k in params:
         assert torch.equal(params[k].detach(), before[k]), k
@@ -97,13 +98,12 @@ def test_functions_are_pure(name):
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_adapting_lowers_the_support_loss(name):
     _, params, loss_fn, tasks = setup()
-    kwargs = variant_kwargs(name, params)
-    kwargs.pop("first_order")
-    kwargs.pop("objective")
+    inner, _ = variant(name, params)
+    inner = inner.replace(first_order=False)
     support = (tasks.support[0][0], tasks.support[1][0])
-    adapted = fmaml.adapt(loss_fn, params, support, **kwargs)
+    adapted = fmaml.adapt(loss_fn, params, support, inner)
     assert loss_fn(adapted, support) < loss_fn(params, support)
-    chosen = [k for k in params if kwargs["adapt_keys"] is None or kwargs["adapt_keys"](k)]
+    chosen = [k for k in params if inner.adapt_keys is None or inner.adapt_keys(k)]
     for k in params:
         assert (adapted[k] is params[k]) != (k in chosen), k  # frozen keys pass through
 
@@ -111,7 +111,10 @@ def test_adapting_lowers_the_support_loss(name):
 def test_unroll_returns_every_step():
     _, params, loss_fn, tasks = setup()
     steps = fmaml.unroll(
-        loss_fn, params, (tasks.support[0][0], tasks.support[1][0]), inner_lr=0.1, num_steps=3
+        loss_fn,
+        params,
+        (tasks.support[0][0], tasks.support[1][0]),
+        fmaml.InnerLoop(0.1, num_steps=3),
     )
     assert len(steps) == 4 and steps[0] == dict(params)
 
@@ -129,8 +132,8 @@ def test_metasgd_with_uniform_rates_is_maml():
     rates = fmaml.init_rates(params, 0.1)
     assert_same_meta_gradient(
         params,
-        fmaml.meta_loss(loss_fn, params, tasks, inner_lr=rates, num_steps=2),
-        fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, num_steps=2),
+        fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(rates, num_steps=2)),
+        fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=2)),
     )
 
 
@@ -138,16 +141,19 @@ def test_anil_over_every_key_is_maml():
     _, params, loss_fn, tasks = setup()
     assert_same_meta_gradient(
         params,
-        fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, adapt_keys=list(params)),
-        fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1),
+        fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.1, adapt_keys=list(params))),
+        fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.1)),
     )
 
 
 def test_last_step_weights_and_constant_per_step_rates_are_maml():
     _, params, loss_fn, tasks = setup()
-    maml = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, num_steps=3)
+    maml = fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=3))
     weighted = fmaml.meta_loss(
-        loss_fn, params, tasks, inner_lr=[0.1, 0.1, 0.1], num_steps=3, step_weights=[0.0, 0.0, 1.0]
+        loss_fn,
+        params,
+        tasks,
+        fmaml.InnerLoop([0.1, 0.1, 0.1], num_steps=3, step_weights=[0.0, 0.0, 1.0]),
     )
     assert_same_meta_gradient(params, weighted, maml)
 
@@ -155,7 +161,7 @@ def test_last_step_weights_and_constant_per_step_rates_are_maml():
 def test_per_tensor_rates_receive_meta_gradients():
     _, params, loss_fn, tasks = setup()
     rates = fmaml.init_rates(params, 0.1, per_element=False, num_steps=2)
-    loss = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=rates, num_steps=2)
+    loss = fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(rates, num_steps=2))
     grads = torch.autograd.grad(loss, [r for step in rates for r in step.values()])
     assert all(g.shape == () for g in grads)
     assert sum(g.abs() for g in grads) > 0
@@ -163,9 +169,9 @@ def test_per_tensor_rates_receive_meta_gradients():
 
 def test_first_order_differs_from_second_order():
     _, params, loss_fn, tasks = setup()
-    second = grads_of(fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.4), params)
+    second = grads_of(fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.4)), params)
     first = grads_of(
-        fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.4, first_order=True), params
+        fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.4, first_order=True)), params
     )
     assert not all(torch.allclose(a, b) for a, b in zip(first, second))
 
@@ -173,7 +179,11 @@ def test_first_order_differs_from_second_order():
 def test_score_fn_reports_query_accuracy():
     _, params, loss_fn, tasks = setup()
     loss, score = fmaml.meta_loss(
-        loss_fn, params, tasks, inner_lr=0.1, score_fn=loss_fn.with_criterion(fmaml.accuracy)
+        loss_fn,
+        params,
+        tasks,
+        fmaml.InnerLoop(0.1),
+        score_fn=loss_fn.with_criterion(fmaml.accuracy),
     )
     assert loss.requires_grad and not score.requires_grad
     assert 0.0 <= score.item() <= 1.0
@@ -194,7 +204,9 @@ def test_model_with_unused_parameters_works():
     model = Partly().to(DTYPE)
     params = fmaml.params_of(model)
     tasks = fmaml.tasks.SinusoidTasks(5).sample(2, torch.Generator().manual_seed(0), dtype=DTYPE)
-    loss = fmaml.meta_loss(fmaml.supervised_loss(model, F.mse_loss), params, tasks, inner_lr=0.01)
+    loss = fmaml.meta_loss(
+        fmaml.supervised_loss(model, F.mse_loss), params, tasks, fmaml.InnerLoop(0.01)
+    )
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     assert grads[0] is not None and grads[2] is None
 
@@ -255,7 +267,7 @@ def test_error_rate_dict_keys(small):
         match=r"(?s)keys don't match.*missing:    \['head.weight'\]"
         r".*unexpected: \['head.wieght'\].*same partition as `adapt_keys`",
     ):
-        fmaml.adapt(loss_fn, params, support, inner_lr=rates, adapt_keys=head_keys)
+        fmaml.adapt(loss_fn, params, support, fmaml.InnerLoop(rates, adapt_keys=head_keys))
 
 
 def test_error_rate_shape(small):
@@ -263,64 +275,66 @@ def test_error_rate_shape(small):
     rates = fmaml.init_rates(params, 0.1, adapt_keys=head_keys)
     rates["head.bias"] = torch.ones(7)
     with pytest.raises(ValueError, match=r"inner_lr\['head.bias'\]` has shape \[7\]; expected"):
-        fmaml.adapt(loss_fn, params, support, inner_lr=rates, adapt_keys=head_keys)
+        fmaml.adapt(loss_fn, params, support, fmaml.InnerLoop(rates, adapt_keys=head_keys))
 
 
 def test_error_tensor_rate_not_scalar(small):
     params, loss_fn, _, support = small
     with pytest.raises(ValueError, match="must be 0-d, got shape \\[2\\]"):
-        fmaml.adapt(loss_fn, params, support, inner_lr=torch.ones(2))
+        fmaml.adapt(loss_fn, params, support, fmaml.InnerLoop(torch.ones(2)))
 
 
 def test_error_rate_type(small):
     params, loss_fn, _, support = small
     with pytest.raises(TypeError, match="must be a number, a 0-d tensor, a dict"):
-        fmaml.adapt(loss_fn, params, support, inner_lr="0.1")
+        fmaml.adapt(loss_fn, params, support, fmaml.InnerLoop("0.1"))
 
 
 def test_error_rate_sequence_length(small):
     params, loss_fn, _, support = small
     with pytest.raises(ValueError, match="sequence of 2 per-step rates but `num_steps` is 3"):
-        fmaml.adapt(loss_fn, params, support, inner_lr=[0.1, 0.1], num_steps=3)
+        fmaml.adapt(loss_fn, params, support, fmaml.InnerLoop([0.1, 0.1], num_steps=3))
 
 
 def test_error_empty_selection(small):
     params, loss_fn, _, support = small
     with pytest.raises(ValueError, match="selects no parameter to adapt"):
-        fmaml.adapt(loss_fn, params, support, inner_lr=0.1, adapt_keys=lambda k: False)
+        fmaml.adapt(loss_fn, params, support, fmaml.InnerLoop(0.1, adapt_keys=lambda k: False))
 
 
 def test_error_unknown_keys(small):
     params, loss_fn, _, support = small
     with pytest.raises(ValueError, match=r"names parameters the model does not have"):
-        fmaml.adapt(loss_fn, params, support, inner_lr=0.1, adapt_keys=["head.wieght"])
+        fmaml.adapt(loss_fn, params, support, fmaml.InnerLoop(0.1, adapt_keys=["head.wieght"]))
 
 
 def test_error_string_keys(small):
     params, loss_fn, _, support = small
     with pytest.raises(TypeError, match=r"Wrap it in a list: adapt_keys=\['head.weight'\]"):
-        fmaml.adapt(loss_fn, params, support, inner_lr=0.1, adapt_keys="head.weight")
+        fmaml.adapt(loss_fn, params, support, fmaml.InnerLoop(0.1, adapt_keys="head.weight"))
 
 
 @pytest.mark.parametrize("steps", [0, -1, 1.5, True])
 def test_error_num_steps(small, steps):
     params, loss_fn, _, support = small
     with pytest.raises(ValueError, match="`num_steps` must be a positive integer"):
-        fmaml.adapt(loss_fn, params, support, inner_lr=0.1, num_steps=steps)
+        fmaml.adapt(loss_fn, params, support, fmaml.InnerLoop(0.1, num_steps=steps))
 
 
 def test_error_step_weights_length(small):
     params, loss_fn, tasks, _ = small
     with pytest.raises(ValueError, match="`step_weights` has 1 entries but `num_steps` is 2"):
-        fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, num_steps=2, step_weights=[1.0])
+        fmaml.meta_loss(
+            loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=2, step_weights=[1.0])
+        )
 
 
 def test_error_task_axis(small):
     params, loss_fn, tasks, support = small
     with pytest.raises(ValueError, match=r"same leading task axis.*add the axis with x\[None\]"):
-        fmaml.meta_loss(loss_fn, params, fmaml.Task(support, tasks.query), inner_lr=0.1)
+        fmaml.meta_loss(loss_fn, params, fmaml.Task(support, tasks.query), fmaml.InnerLoop(0.1))
     with pytest.raises(TypeError, match="must be an fmaml.Task"):
-        fmaml.meta_loss(loss_fn, params, (tasks.support, tasks.query), inner_lr=0.1)
+        fmaml.meta_loss(loss_fn, params, (tasks.support, tasks.query), fmaml.InnerLoop(0.1))
 
 
 def test_error_params_keys(small):

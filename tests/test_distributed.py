@@ -226,7 +226,10 @@ def _job_closed_form(rank, w, c_s, c_q, rate, num_steps, first_order):
     params = {"w": w.clone().requires_grad_()}
     tasks = fmaml.Task(support=(c_s[start:stop],) * 2, query=(c_q[start:stop],) * 2)
     loss = fmaml.meta_loss(
-        quadratic, params, tasks, inner_lr=rate, num_steps=num_steps, first_order=first_order
+        quadratic,
+        params,
+        tasks,
+        fmaml.InnerLoop(rate, num_steps=num_steps, first_order=first_order),
     )
     (loss * (stop - start) / len(c_s)).backward()
     ranks.all_reduce_gradients(params.values())
@@ -244,19 +247,22 @@ def _job_train(rank, config=None, out=None, copy_to=None, **kwargs):
 
 
 def _job_nan_on_rank_one(rank, config, out):
-    real = train_module.meta_loss
+    real = train_module.value_and_grad
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
-        loss, score = real(*args, **kwargs)
-        return (loss * float("nan"), score) if calls["n"] > 25 else (loss, score)
+        loss, grads, score = real(*args, **kwargs)
+        if calls["n"] <= 25:
+            return loss, grads, score
+        nan = [None if g is None else g * float("nan") for g in grads.wrt]
+        return loss * float("nan"), grads._replace(wrt=nan), score
 
-    train_module.meta_loss = poisoned if rank == 1 else real
+    train_module.value_and_grad = poisoned if rank == 1 else real
     try:
         train(config, out)
     finally:
-        train_module.meta_loss = real
+        train_module.value_and_grad = real
     return {}
 
 

@@ -37,12 +37,17 @@ def test_closed_form_meta_gradient(dim, num_steps, rate, seed, first_order):
     c_s, c_q = torch.randn(2, dim, generator=g, dtype=DTYPE)
     task = fmaml.Task(support=(c_s, c_s), query=(c_q, c_q))
 
-    adapted = fmaml.adapt(quadratic, {"w": w}, task.support, inner_lr=rate, num_steps=num_steps)
+    adapted = fmaml.adapt(
+        quadratic, {"w": w}, task.support, fmaml.InnerLoop(rate, num_steps=num_steps)
+    )
     expected_w = c_s + (1 - rate) ** num_steps * (w - c_s)
     torch.testing.assert_close(adapted["w"], expected_w, rtol=1e-12, atol=1e-12)
 
     loss = fmaml.task_loss(
-        quadratic, {"w": w}, task, inner_lr=rate, num_steps=num_steps, first_order=first_order
+        quadratic,
+        {"w": w},
+        task,
+        fmaml.InnerLoop(rate, num_steps=num_steps, first_order=first_order),
     )
     (meta_grad,) = torch.autograd.grad(loss, [w])
     factor = 1.0 if first_order else (1 - rate) ** num_steps
@@ -55,7 +60,7 @@ def test_inner_lr_gradient_matches_closed_form():
     w, c_s, c_q = torch.randn(3, 4, generator=g, dtype=DTYPE)
     rate = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
     task = fmaml.Task(support=(c_s, c_s), query=(c_q, c_q))
-    loss = fmaml.task_loss(quadratic, {"w": w}, task, inner_lr=rate)
+    loss = fmaml.task_loss(quadratic, {"w": w}, task, fmaml.InnerLoop(rate))
     (d_rate,) = torch.autograd.grad(loss, [rate])
     w_1 = w - 0.3 * (w - c_s)
     torch.testing.assert_close(d_rate, -((w_1 - c_q) * (w - c_s)).sum())
@@ -176,7 +181,7 @@ def test_vmapped_meta_gradient_equals_autograd_oracle(model_name, variant_name):
     if model_name == "custom-batchnorm" and kwargs.get("adapt_keys") is body_keys:
         kwargs["adapt_keys"] = lambda k: k.startswith("features.")
     loss_fn = fmaml.supervised_loss(model, criterion)
-    loss = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+    loss = fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(**kwargs))
     leaves = list(params.values()) + _rate_leaves(kwargs["inner_lr"])
     ours = torch.autograd.grad(loss, leaves, allow_unused=True)
     reference = oracle_meta_grad(model, criterion, params, tasks, **kwargs)
@@ -196,7 +201,7 @@ def test_torch_batchnorm_under_vmap_is_why_we_replace_it():
     ours = fmaml.supervised_loss(model, criterion)
     grads = {}
     for name, loss_fn in (("ours", ours), ("eval-mode torch", raw)):
-        loss = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+        loss = fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(**kwargs))
         grads[name] = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     reference = oracle_meta_grad(model.train(), criterion, params, tasks, **kwargs)
     torch.testing.assert_close(grads["ours"][0], reference[0])
@@ -212,7 +217,9 @@ def test_gradcheck_and_gradgradcheck_meta_loss():
     names = list(params)
 
     def f(*leaves):
-        return fmaml.meta_loss(loss_fn, dict(zip(names, leaves)), tasks, inner_lr=0.1, num_steps=2)
+        return fmaml.meta_loss(
+            loss_fn, dict(zip(names, leaves)), tasks, fmaml.InnerLoop(0.1, num_steps=2)
+        )
 
     leaves = tuple(params.values())
     assert torch.autograd.gradcheck(f, leaves)
@@ -223,7 +230,7 @@ def test_finite_differences_on_conv4():
     torch.manual_seed(0)
     model, criterion, params, tasks, kwargs = build("conv4", "maml")
     loss_fn = fmaml.supervised_loss(model, criterion)
-    loss = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+    loss = fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(**kwargs))
     (grad,) = torch.autograd.grad(loss, [params["head.bias"]])
     eps = 1e-6
     for i in range(grad.numel()):
@@ -233,5 +240,5 @@ def test_finite_differences_on_conv4():
             delta = torch.zeros_like(params["head.bias"])
             delta[i] = sign * eps
             shifted["head.bias"] = params["head.bias"].detach() + delta
-            bumped.append(fmaml.meta_loss(loss_fn, shifted, tasks, **kwargs).item())
+            bumped.append(fmaml.meta_loss(loss_fn, shifted, tasks, fmaml.InnerLoop(**kwargs)).item())
         assert abs((bumped[0] - bumped[1]) / (2 * eps) - grad[i].item()) < 1e-7

@@ -127,7 +127,7 @@ def test_the_implicit_gradient_is_the_exact_one_on_quadratics(num_tasks, dim, la
     rate = 1.0 / (lam + 2.0)
     objective = fmaml.IMAML(lam=lam, cg_steps=dim + 2)
     loss = fmaml.meta_loss(
-        quadratic_loss, params, tasks, inner_lr=rate, num_steps=300, objective=objective
+        quadratic_loss, params, tasks, fmaml.InnerLoop(rate, num_steps=300), objective=objective
     )
     value, expected = closed_form(params, tasks, lam)
     torch.testing.assert_close(loss.detach(), value)
@@ -142,8 +142,7 @@ def test_the_implicit_gradient_is_not_the_first_order_one():
         quadratic_loss,
         params,
         tasks,
-        inner_lr=0.2,
-        num_steps=300,
+        fmaml.InnerLoop(0.2, num_steps=300),
         objective=fmaml.IMAML(lam=lam, cg_steps=6),
     )
     got = grads(loss, params)["w"]
@@ -168,8 +167,7 @@ def test_few_cg_steps_approximate_and_more_converge():
             quadratic_loss,
             params,
             tasks,
-            inner_lr=0.2,
-            num_steps=300,
+            fmaml.InnerLoop(0.2, num_steps=300),
             objective=fmaml.IMAML(lam=1.0, cg_steps=cg_steps),
         )
         errors.append((grads(loss, params)["w"] - exact).norm().item())
@@ -249,7 +247,7 @@ def test_matches_a_hand_written_autograd_and_cg_oracle(setup, num_steps, lam, cg
     params, loss_fn, tasks = setup()
     objective = fmaml.IMAML(lam=lam, cg_steps=cg_steps)
     loss = fmaml.meta_loss(
-        loss_fn, params, tasks, inner_lr=0.05, num_steps=num_steps, objective=objective
+        loss_fn, params, tasks, fmaml.InnerLoop(0.05, num_steps=num_steps), objective=objective
     )
     expected = oracle(loss_fn, params, tasks, 0.05, num_steps, lam, cg_steps)
     got = grads(loss, params)
@@ -273,9 +271,7 @@ def dense_oracle(loss_fn, params, task, inner_lr, num_steps, lam, adapt_keys):
         ),
         {k: v.detach() for k, v in params.items()},
         task.support,
-        inner_lr=inner_lr,
-        num_steps=num_steps,
-        adapt_keys=fast,
+        fmaml.InnerLoop(inner_lr, num_steps=num_steps, adapt_keys=fast),
     )
     shapes = {k: adapted[k].shape for k in params}
     order = fast + frozen
@@ -310,9 +306,7 @@ def test_frozen_keys_get_the_exact_implicit_gradient(setup):
         loss_fn,
         params,
         tasks,
-        inner_lr=inner_lr,
-        num_steps=num_steps,
-        adapt_keys=head_keys,
+        fmaml.InnerLoop(inner_lr, num_steps=num_steps, adapt_keys=head_keys),
         objective=objective,
     )
     got = grads(loss, params)
@@ -329,11 +323,11 @@ def test_frozen_keys_get_the_exact_implicit_gradient(setup):
 def test_vmap_equals_a_python_loop_and_is_pure():
     params, loss_fn, tasks = conv_setup()
     before = {k: v.detach().clone() for k, v in params.items()}
-    kwargs = dict(inner_lr=0.1, num_steps=2)
+    inner = fmaml.InnerLoop(0.1, num_steps=2)
     objective = fmaml.IMAML(lam=2.0, cg_steps=3)
-    batched = fmaml.meta_loss(loss_fn, params, tasks, objective=objective, **kwargs)
+    batched = fmaml.meta_loss(loss_fn, params, tasks, inner, objective=objective)
     looped = sum(
-        fmaml.imaml_loss(loss_fn, params, task_at(tasks, t), settings=objective, **kwargs)
+        fmaml.imaml_loss(loss_fn, params, task_at(tasks, t), inner, settings=objective)
         for t in range(num_tasks(tasks))
     ) / num_tasks(tasks)
     torch.testing.assert_close(batched, looped)
@@ -344,17 +338,20 @@ def test_vmap_equals_a_python_loop_and_is_pure():
 
 def test_imaml_string_is_the_default_settings():
     params, loss_fn, tasks = sinusoid_setup()
-    kwargs = dict(inner_lr=0.1, num_steps=2)
-    a = fmaml.meta_loss(loss_fn, params, tasks, objective="imaml", **kwargs)
-    b = fmaml.meta_loss(loss_fn, params, tasks, objective=fmaml.IMAML(), **kwargs)
+    inner = fmaml.InnerLoop(0.1, num_steps=2)
+    a = fmaml.meta_loss(loss_fn, params, tasks, inner, objective="imaml")
+    b = fmaml.meta_loss(loss_fn, params, tasks, inner, objective=fmaml.IMAML())
     assert_dicts_close(grads(a, params), grads(b, params))
 
 
 def test_torch_func_grad_gives_the_same_gradient():
     params, loss_fn, tasks = sinusoid_setup()
-    kwargs = dict(inner_lr=0.1, num_steps=2, objective=fmaml.IMAML(lam=1.0, cg_steps=3))
-    expected = grads(fmaml.meta_loss(loss_fn, params, tasks, **kwargs), params)
-    got = torch.func.grad(lambda p: fmaml.meta_loss(loss_fn, p, tasks, **kwargs))(dict(params))
+    inner = fmaml.InnerLoop(0.1, num_steps=2)
+    objective = fmaml.IMAML(lam=1.0, cg_steps=3)
+    expected = grads(fmaml.meta_loss(loss_fn, params, tasks, inner, objective=objective), params)
+    got = torch.func.grad(lambda p: fmaml.meta_loss(loss_fn, p, tasks, inner, objective=objective))(
+        dict(params)
+    )
     assert_dicts_close({k: v.detach() for k, v in got.items()}, expected)
 
 
@@ -362,7 +359,7 @@ def test_memory_does_not_keep_the_inner_steps():
     """The returned loss's graph is one node over ``params``: no inner step is kept."""
     params, loss_fn, tasks = sinusoid_setup()
     loss = fmaml.meta_loss(
-        loss_fn, params, tasks, inner_lr=0.1, num_steps=20, objective=fmaml.IMAML()
+        loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=20), objective=fmaml.IMAML()
     )
     seen, pending = set(), [loss.grad_fn]
     while pending:
@@ -400,44 +397,53 @@ STRATEGIES = [
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
 def test_every_strategy_gives_the_plain_value_gradient_and_score(setup, strategy):
     params, loss_fn, tasks = setup()
-    kwargs = dict(
-        inner_lr=0.1, num_steps=3, score_fn=loss_fn, objective=fmaml.IMAML(lam=2.0, cg_steps=3)
+    inner = fmaml.InnerLoop(0.1, num_steps=3)
+    options = dict(score_fn=loss_fn, objective=fmaml.IMAML(lam=2.0, cg_steps=3))
+    loss, score = fmaml.meta_loss(loss_fn, params, tasks, inner, **options)
+    loss_s, grads_s, score_s = fmaml.value_and_grad(
+        loss_fn, params, tasks, inner, strategy=strategy, **options
     )
-    loss, score = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
-    loss_s, score_s = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
-    torch.testing.assert_close(loss_s, loss)
+    torch.testing.assert_close(loss_s, loss.detach())
     torch.testing.assert_close(score_s, score)
-    assert_dicts_close(grads(loss_s, params), grads(loss, params))
+    assert_dicts_close(grads_s.params, grads(loss, params))
 
 
 @pytest.mark.parametrize("strategy", [fmaml.Strategy(chunk_size=1), fmaml.Strategy(chunk_size=2)])
 def test_strategies_with_frozen_keys(strategy):
     params, loss_fn, tasks = conv_setup()
-    kwargs = dict(inner_lr=0.1, num_steps=2, adapt_keys=head_keys, objective=fmaml.IMAML())
-    plain = grads(fmaml.meta_loss(loss_fn, params, tasks, **kwargs), params)
-    chunked = grads(fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs), params)
-    assert_dicts_close(chunked, plain)
+    inner = fmaml.InnerLoop(0.1, num_steps=2, adapt_keys=head_keys)
+    objective = fmaml.IMAML()
+    plain = grads(fmaml.meta_loss(loss_fn, params, tasks, inner, objective=objective), params)
+    _, chunked = fmaml.value_and_grad(
+        loss_fn, params, tasks, inner, objective=objective, strategy=strategy
+    )
+    assert_dicts_close(chunked.params, plain)
 
 
 def test_the_compiled_strategy_gives_the_plain_gradient():
     params, loss_fn, tasks = sinusoid_setup()
-    kwargs = dict(inner_lr=0.1, num_steps=2, objective=fmaml.IMAML(lam=1.0, cg_steps=2))
-    plain = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
-    compiled = fmaml.meta_loss(
-        loss_fn, params, tasks, strategy=fmaml.Strategy(compile=True), **kwargs
+    inner = fmaml.InnerLoop(0.1, num_steps=2)
+    objective = fmaml.IMAML(lam=1.0, cg_steps=2)
+    plain = fmaml.meta_loss(loss_fn, params, tasks, inner, objective=objective)
+    compiled, compiled_grads = fmaml.value_and_grad(
+        loss_fn, params, tasks, inner, objective=objective, strategy=fmaml.Strategy(compile=True)
     )
-    torch.testing.assert_close(compiled, plain)
-    assert_dicts_close(grads(compiled, params), grads(plain, params))
+    torch.testing.assert_close(compiled, plain.detach())
+    assert_dicts_close(compiled_grads.params, grads(plain, params))
 
 
 def test_without_grad_only_the_value():
     params, loss_fn, tasks = sinusoid_setup()
-    kwargs = dict(inner_lr=0.1, num_steps=2, objective=fmaml.IMAML())
-    expected = fmaml.meta_loss(loss_fn, params, tasks, **kwargs).detach()
+    inner = fmaml.InnerLoop(0.1, num_steps=2)
+    expected = fmaml.meta_loss(loss_fn, params, tasks, inner, objective=fmaml.IMAML()).detach()
     with torch.no_grad():
-        for strategy in (None, fmaml.Strategy(chunk_size=1)):
-            got = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
-            torch.testing.assert_close(got, expected)
+        got = fmaml.meta_loss(loss_fn, params, tasks, inner, objective=fmaml.IMAML())
+        assert not got.requires_grad
+        torch.testing.assert_close(got, expected)
+        value, _ = fmaml.value_and_grad(
+            loss_fn, params, tasks, inner, objective="imaml", strategy=fmaml.Strategy(chunk_size=1)
+        )
+        torch.testing.assert_close(value, expected)
 
 
 # --- the training loop and the command line ---
@@ -560,46 +566,61 @@ def test_error_cg_steps(cg_steps):
 def test_error_settings_type():
     params, loss_fn, tasks = sinusoid_setup()
     with pytest.raises(TypeError, match=r"imaml_loss\(\): `settings` must be an fmaml.IMAML"):
-        fmaml.imaml_loss(loss_fn, params, task_at(tasks, 0), inner_lr=0.1, settings={"lam": 1})
+        fmaml.imaml_loss(
+            loss_fn, params, task_at(tasks, 0), fmaml.InnerLoop(0.1), settings={"lam": 1}
+        )
 
 
 def test_error_learned_inner_rates():
     params, loss_fn, tasks = sinusoid_setup()
     rates = fmaml.init_rates(params, 0.1)
     with pytest.raises(ValueError, match=r"imaml_loss\(\): `inner_lr` holds a tensor that "):
-        fmaml.imaml_loss(loss_fn, params, task_at(tasks, 0), inner_lr=rates)
-    for strategy in (None, fmaml.Strategy(chunk_size=1)):
-        with pytest.raises(ValueError, match=r"not on the rate that gets there.*metasgd"):
-            fmaml.meta_loss(
-                loss_fn, params, tasks, inner_lr=rates, objective="imaml", strategy=strategy
-            )
+        fmaml.imaml_loss(loss_fn, params, task_at(tasks, 0), fmaml.InnerLoop(rates))
+    with pytest.raises(
+        ValueError, match=r"meta_loss\(\): .*not on the rate that gets there.*metasgd"
+    ):
+        fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(rates), objective="imaml")
+    with pytest.raises(
+        ValueError, match=r"value_and_grad\(\): .*not on the rate that gets there.*metasgd"
+    ):
+        fmaml.value_and_grad(
+            loss_fn,
+            params,
+            tasks,
+            fmaml.InnerLoop(rates),
+            objective="imaml",
+            strategy=fmaml.Strategy(chunk_size=1),
+        )
     detached = {k: v.detach() for k, v in rates.items()}  # constants: accepted, as the number
     assert_dicts_close(
         grads(
-            fmaml.meta_loss(loss_fn, params, tasks, inner_lr=detached, objective="imaml"), params
+            fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(detached), objective="imaml"),
+            params,
         ),
-        grads(fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, objective="imaml"), params),
+        grads(
+            fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.1), objective="imaml"), params
+        ),
     )
 
 
 def test_error_step_weights():
     params, loss_fn, tasks = sinusoid_setup()
-    with pytest.raises(ValueError, match=r"task_loss\(\): `step_weights` .* Leave step_weights"):
+    with pytest.raises(ValueError, match=r"meta_loss\(\): `step_weights` .* Leave step_weights"):
         fmaml.meta_loss(
             loss_fn,
             params,
             tasks,
-            inner_lr=0.1,
-            num_steps=2,
-            step_weights=[0.5, 0.5],
+            fmaml.InnerLoop(0.1, num_steps=2, step_weights=[0.5, 0.5]),
             objective="imaml",
         )
 
 
 def test_error_first_order():
     params, loss_fn, tasks = sinusoid_setup()
-    with pytest.raises(ValueError, match=r"task_loss\(\): `first_order=True` .* iMAML"):
-        fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, first_order=True, objective="imaml")
+    with pytest.raises(ValueError, match=r"meta_loss\(\): `first_order=True` .* iMAML"):
+        fmaml.meta_loss(
+            loss_fn, params, tasks, fmaml.InnerLoop(0.1, first_order=True), objective="imaml"
+        )
 
 
 def test_error_stepwise_loss():
@@ -607,8 +628,10 @@ def test_error_stepwise_loss():
     bn = [k for k in params if "norm" in k or "bn" in k]
     assert bn, list(params)
     stepwise, params = fmaml.per_step(loss_fn, params, bn, 2)
-    with pytest.raises(ValueError, match=r"imaml_loss\(\): `loss_fn` is stepwise"):
-        fmaml.meta_loss(stepwise, params, tasks, inner_lr=0.1, num_steps=2, objective="imaml")
+    with pytest.raises(ValueError, match=r"meta_loss\(\): `loss_fn` is stepwise"):
+        fmaml.meta_loss(
+            stepwise, params, tasks, fmaml.InnerLoop(0.1, num_steps=2), objective="imaml"
+        )
 
 
 def test_error_captured_tensor():
@@ -616,17 +639,14 @@ def test_error_captured_tensor():
     scale = torch.tensor(2.0, dtype=DTYPE, requires_grad=True)
     model = fmaml.nn.mlp(hidden=(8, 8)).to(DTYPE)
     loss_fn = fmaml.supervised_loss(model, lambda out, y: scale * F.mse_loss(out, y))
-    with pytest.raises(ValueError, match=r"imaml_loss\(\): `loss_fn` uses a tensor that requires"):
-        fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, objective="imaml")
+    with pytest.raises(ValueError, match=r"meta_loss\(\): `loss_fn` uses a tensor that requires"):
+        fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.1), objective="imaml")
 
 
-@pytest.mark.parametrize("strategy", [None, fmaml.Strategy(chunk_size=1)], ids=str)
-def test_error_second_derivative(strategy):
+def test_error_second_derivative():
     params, loss_fn, tasks = sinusoid_setup()
-    loss = fmaml.meta_loss(
-        loss_fn, params, tasks, inner_lr=0.1, objective="imaml", strategy=strategy
-    )
-    owner = r"imaml_loss\(\): the iMAML loss" if strategy is None else r"meta_loss\(\): the loss"
+    loss = fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.1), objective="imaml")
+    owner = r"imaml_loss\(\): the iMAML loss"
     with pytest.raises(RuntimeError, match=owner + r".* is differentiable once"):
         first = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         torch.autograd.grad(sum(g.sum() for g in first), list(params.values()))
@@ -638,7 +658,7 @@ def test_error_second_derivative_with_torch_func():
     params, loss_fn, tasks = sinusoid_setup()
 
     def f(p):
-        return fmaml.meta_loss(loss_fn, p, tasks, inner_lr=0.1, objective="imaml")
+        return fmaml.meta_loss(loss_fn, p, tasks, fmaml.InnerLoop(0.1), objective="imaml")
 
     message = r"imaml_loss\(\): the iMAML loss is differentiable once, in reverse mode"
     with pytest.raises(RuntimeError, match=message + r".*again \(a second derivative\)"):
@@ -658,7 +678,7 @@ def test_error_unknown_objective(caller):
     with pytest.raises(
         ValueError, match=rf"{caller}\(\): `objective` must be .* 'imaml' or fmaml.IMAML\(.*'iMAML'"
     ):
-        getattr(fmaml, caller)(loss_fn, params, task, inner_lr=0.1, objective="iMAML")
+        getattr(fmaml, caller)(loss_fn, params, task, fmaml.InnerLoop(0.1), objective="iMAML")
 
 
 @pytest.mark.parametrize("changes", [dict(imaml_lam=2.0), dict(cg_steps=3)])
@@ -705,13 +725,14 @@ def test_imaml_refuses_an_inner_optimizer_and_a_prototype_head():
             loss_fn,
             params,
             task,
-            inner_lr=0.1,
+            fmaml.InnerLoop(0.1, inner_optimizer=fmaml.inner_optim.momentum(0.5)),
             objective="imaml",
-            inner_optimizer=fmaml.inner_optim.momentum(0.5),
         )
-    with pytest.raises(ValueError, match="head_init='prototypes' with iMAML is not supported"):
+    with pytest.raises(
+        ValueError, match=r"task_loss\(\): the inner loop sets \['head_init'\], but iMAML"
+    ):
         fmaml.task_loss(
-            loss_fn, params, task, inner_lr=0.1, objective="imaml", head_init="prototypes"
+            loss_fn, params, task, fmaml.InnerLoop(0.1, head_init="prototypes"), objective="imaml"
         )
     config = TrainConfig(algorithm="imaml", inner_optimizer="adam")
     with pytest.raises(ValueError, match="got --inner-optimizer adam. Drop --inner-optimizer"):

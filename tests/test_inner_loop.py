@@ -1,9 +1,9 @@
 """fmaml.InnerLoop: the inner loop's settings as one immutable value.
 
-Every entry point gives the same values and gradients for an InnerLoop as for the same
-settings as keywords (float64), on every variant and strategy; a variant is the value with
-a field changed; a call that mixes the two forms, or gives a field the function cannot
-honour, is refused."""
+Every entry point takes the settings only as an InnerLoop, and the engine gives the
+definition's values and gradients for it (float64), on every variant and strategy; a
+variant is the value with a field changed; anything else in its place, or a field the
+function cannot honour, is refused with the name of the function called."""
 
 from __future__ import annotations
 
@@ -52,23 +52,20 @@ def learned(settings: dict) -> list[torch.Tensor]:
     [None, fmaml.Strategy(chunk_size=1), fmaml.Strategy(chunk_size=2, checkpoint=True)],
     ids=str,
 )
-def test_an_inner_loop_value_is_its_keywords(name, strategy):
+def test_the_engine_gives_the_definition_for_an_inner_loop_value(name, strategy):
     loss_fn, params, tasks = setup()
     settings = variants(params)[name]
     if strategy is not None and strategy.checkpoint and name == "protonet":
         strategy = fmaml.Strategy(chunk_size=2)  # nothing to recompute without inner steps
     leaves = [*params.values(), *learned(settings)]
-    by_keywords = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **settings)
-    expected = torch.autograd.grad(by_keywords, leaves)
     value = fmaml.InnerLoop(**settings)
-    by_value = fmaml.meta_loss(loss_fn, params, tasks, value, strategy=strategy)
-    torch.testing.assert_close(by_value, by_keywords, rtol=0, atol=0)
-    got = torch.autograd.grad(by_value, leaves)
-    for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    loss, grads = fmaml.value_and_grad(loss_fn, params, tasks, value, strategy=strategy)
-    torch.testing.assert_close(loss, by_keywords.detach(), rtol=1e-12, atol=1e-12)
+    definition = fmaml.meta_loss(loss_fn, params, tasks, value)
+    expected = torch.autograd.grad(definition, leaves)
+    loss, grads = fmaml.value_and_grad(loss_fn, params, tasks, value, wrt=leaves, strategy=strategy)
+    torch.testing.assert_close(loss, definition.detach(), rtol=1e-12, atol=1e-12)
     for a, b in zip(grads.params.values(), expected, strict=False):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    for a, b in zip(grads.wrt, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
@@ -77,40 +74,34 @@ def test_reptile_and_imaml_take_the_value_too(objective):
     loss_fn, params, tasks = setup()
     leaves = list(params.values())
     value = fmaml.InnerLoop(inner_lr=0.1, num_steps=2)
-    keywords = fmaml.meta_loss(
-        loss_fn, params, tasks, inner_lr=0.1, num_steps=2, objective=objective
-    )
     by_value = fmaml.meta_loss(loss_fn, params, tasks, value, objective=objective)
-    for a, b in zip(
-        torch.autograd.grad(by_value, leaves), torch.autograd.grad(keywords, leaves), strict=True
-    ):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    loss, grads = fmaml.value_and_grad(loss_fn, params, tasks, value, objective=objective)
+    torch.testing.assert_close(loss, by_value.detach(), rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads.params.values(), torch.autograd.grad(by_value, leaves), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 def test_unroll_adapt_task_loss_and_evaluate_take_the_value():
     loss_fn, params, tasks = setup()
     task = fmaml.Task(tuple(t[0] for t in tasks.support), tuple(t[0] for t in tasks.query))
     value = fmaml.InnerLoop(inner_lr=0.1, num_steps=2, adapt_keys=head_keys)
-    keywords = dict(inner_lr=0.1, num_steps=2, adapt_keys=head_keys)
-    for a, b in zip(
-        fmaml.unroll(loss_fn, params, task.support, value),
-        fmaml.unroll(loss_fn, params, task.support, **keywords),
-        strict=True,
-    ):
-        for k in params:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    steps = fmaml.unroll(loss_fn, params, task.support, value)
+    assert len(steps) == 3
+    adapted = fmaml.adapt(loss_fn, params, task.support, value)
+    for k in params:
+        torch.testing.assert_close(adapted[k], steps[-1][k], rtol=0, atol=0)
+        if not head_keys(k):  # ANIL: the body is held fixed
+            assert steps[-1][k] is params[k]
+    scores = fmaml.task_scores(loss_fn, loss_fn, params, task, value)
     torch.testing.assert_close(
-        fmaml.task_loss(loss_fn, params, task, value),
-        fmaml.task_loss(loss_fn, params, task, **keywords),
-        rtol=0,
-        atol=0,
+        fmaml.task_loss(loss_fn, params, task, value), scores[-1], rtol=0, atol=0
     )
     score_fn = loss_fn.with_criterion(fmaml.accuracy)
     torch.testing.assert_close(
-        fmaml.evaluate(score_fn, loss_fn, params, [tasks], value),
-        fmaml.evaluate(score_fn, loss_fn, params, [tasks], **keywords),
+        fmaml.evaluate(score_fn, loss_fn, params, [tasks, tasks], value),
+        fmaml.meta_scores(score_fn, loss_fn, params, tasks, value).repeat(2, 1),
         rtol=0,
-        atol=0,
+        atol=1e-12,
     )
 
 
@@ -156,25 +147,50 @@ def test_every_named_algorithm_is_maml_with_knobs_changed():
     assert get_algorithm("protonet").inner_loop(0.4, num_steps=3).num_steps == 0
 
 
-def test_mixing_the_value_and_keywords_is_refused_and_says_how():
+def test_anything_but_an_inner_loop_value_is_refused_and_says_how():
     loss_fn, params, tasks = setup()
-    value = fmaml.InnerLoop(inner_lr=0.1)
-    with pytest.raises(TypeError, match=r"got `inner` and also \['num_steps'\].*inner.replace"):
-        fmaml.meta_loss(loss_fn, params, tasks, value, num_steps=2)
-    with pytest.raises(TypeError, match="value_and_grad.*\\['first_order', 'inner_lr'\\]"):
-        fmaml.value_and_grad(loss_fn, params, tasks, value, inner_lr=0.2, first_order=True)
-    with pytest.raises(TypeError, match=r"missing the inner learning rate.*inner_lr="):
-        fmaml.meta_loss(loss_fn, params, tasks, num_steps=2)
-    with pytest.raises(TypeError, match=r"`inner` must be an fmaml.InnerLoop, got dict"):
+    task = fmaml.Task(tuple(t[0] for t in tasks.support), tuple(t[0] for t in tasks.query))
+    with pytest.raises(
+        TypeError,
+        match=r"meta_loss\(\): .*fmaml.InnerLoop, got float.*"
+        r"fmaml.InnerLoop\(0.1\)",
+    ):
+        fmaml.meta_loss(loss_fn, params, tasks, 0.1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"meta_loss\(\): .*fmaml.InnerLoop, got dict"):
         fmaml.meta_loss(loss_fn, params, tasks, {"inner_lr": 0.1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"value_and_grad\(\): .*fmaml.InnerLoop, got float"):
+        fmaml.value_and_grad(loss_fn, params, tasks, 0.1)  # type: ignore[arg-type]
+    calls = {
+        "unroll": lambda v: fmaml.unroll(loss_fn, params, task.support, v),
+        "adapt": lambda v: fmaml.adapt(loss_fn, params, task.support, v),
+        "task_loss": lambda v: fmaml.task_loss(loss_fn, params, task, v),
+        "reptile_loss": lambda v: fmaml.reptile_loss(loss_fn, params, task, v),
+        "imaml_loss": lambda v: fmaml.imaml_loss(loss_fn, params, task, v),
+        "task_scores": lambda v: fmaml.task_scores(loss_fn, loss_fn, params, task, v),
+        "meta_scores": lambda v: fmaml.meta_scores(loss_fn, loss_fn, params, tasks, v),
+        "evaluate": lambda v: fmaml.evaluate(loss_fn, loss_fn, params, [tasks], v),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"{name}\(\): .*fmaml.InnerLoop, got int"):
+            call(1)
+    # the keywords of the settings are gone from every signature
+    value = fmaml.InnerLoop(inner_lr=0.1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_steps'"):
+        fmaml.meta_loss(loss_fn, params, tasks, value, num_steps=2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'inner_lr'"):
+        fmaml.value_and_grad(loss_fn, params, tasks, inner_lr=0.2)  # type: ignore[call-arg]
 
 
 def test_fields_a_function_cannot_honour_are_refused():
     loss_fn, params, tasks = setup()
     task = fmaml.Task(tuple(t[0] for t in tasks.support), tuple(t[0] for t in tasks.query))
-    proto = fmaml.InnerLoop(inner_lr=0.1, head_init="prototypes")
-    with pytest.raises(ValueError, match=r"unroll\(\): .*head_init='prototypes'.*task_loss"):
-        fmaml.adapt(loss_fn, params, task.support, proto)
+    # adapt runs the one inner loop with every field: a prototype head too (ProtoNet's head
+    # without inner steps)
+    protonet = fmaml.InnerLoop(inner_lr=0.1, num_steps=0, head_init="prototypes")
+    adapted = fmaml.adapt(loss_fn, params, task.support, protonet)
+    head = fmaml.prototype_head(loss_fn, params, task.support)
+    for k in params:
+        torch.testing.assert_close(adapted[k], head[k], rtol=0, atol=0)
     weighted = fmaml.InnerLoop(inner_lr=0.1, num_steps=2, step_weights=[0.5, 0.5])
     with pytest.raises(ValueError, match=r"reptile_loss\(\): .*step_weights"):
         fmaml.reptile_loss(loss_fn, params, task, weighted)

@@ -141,9 +141,9 @@ def test_meta_gradient_matches_a_hand_written_autograd_loop(kind, rates):
         tanh_loss,
         params,
         tasks,
-        inner_lr=inner_lr,
-        num_steps=num_steps,
-        inner_optimizer=make(kind, learned_hyper(kind, raw)),
+        fmaml.InnerLoop(
+            inner_lr, num_steps=num_steps, inner_optimizer=make(kind, learned_hyper(kind, raw))
+        ),
     )
     expected_loss = oracle_meta_loss(
         tanh_loss, params, tasks, inner_lr, num_steps, kind, learned_hyper(kind, raw)
@@ -164,7 +164,10 @@ def test_adapted_parameters_match_torch_optim(kind):
     support = task_at(tasks, 0).support
     hyper = dict(beta=0.8) if kind == "momentum" else dict(beta1=0.7, beta2=0.95, eps=1e-6)
     trajectory = fmaml.unroll(
-        tanh_loss, params, support, inner_lr=0.1, num_steps=4, inner_optimizer=make(kind, hyper)
+        tanh_loss,
+        params,
+        support,
+        fmaml.InnerLoop(0.1, num_steps=4, inner_optimizer=make(kind, hyper)),
     )
     leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     if kind == "momentum":
@@ -197,18 +200,18 @@ def test_sgd_and_momentum_zero_are_todays_inner_loop_exactly(optimizer, rates):
         inner_lr = fmaml.init_rates(params, 0.1, per_element=False, num_steps=num_steps)
     chosen = sgd() if optimizer == "sgd" else momentum(0.0)
     support = task_at(tasks, 0).support
-    kwargs = dict(inner_lr=inner_lr, num_steps=num_steps)
+    inner = fmaml.InnerLoop(inner_lr, num_steps=num_steps)
     for a, b in zip(
-        fmaml.unroll(loss_fn, params, support, **kwargs),
-        fmaml.unroll(loss_fn, params, support, inner_optimizer=chosen, **kwargs),
+        fmaml.unroll(loss_fn, params, support, inner),
+        fmaml.unroll(loss_fn, params, support, inner.replace(inner_optimizer=chosen)),
         strict=True,
     ):
         assert all(torch.equal(a[k], b[k]) for k in a)
     leaves = list(params.values())
     if rates != "number":
         leaves += [v for r in (inner_lr if rates == "lslr" else [inner_lr]) for v in r.values()]
-    today = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
-    other = fmaml.meta_loss(loss_fn, params, tasks, inner_optimizer=chosen, **kwargs)
+    today = fmaml.meta_loss(loss_fn, params, tasks, inner)
+    other = fmaml.meta_loss(loss_fn, params, tasks, inner.replace(inner_optimizer=chosen))
     assert torch.equal(today, other)
     for a, b in zip(
         torch.autograd.grad(today, leaves), torch.autograd.grad(other, leaves), strict=True
@@ -223,8 +226,12 @@ def test_metasgd_is_the_per_element_rate_case_of_every_optimizer():
     support = task_at(tasks, 0).support
     ones = {k: torch.ones_like(v) for k, v in params.items()}
     for opt in [momentum(0.5), adam(0.5, 0.9)]:
-        a = fmaml.adapt(tanh_loss, params, support, inner_lr=ones, num_steps=2, inner_optimizer=opt)
-        b = fmaml.adapt(tanh_loss, params, support, inner_lr=1.0, num_steps=2, inner_optimizer=opt)
+        a = fmaml.adapt(
+            tanh_loss, params, support, fmaml.InnerLoop(ones, num_steps=2, inner_optimizer=opt)
+        )
+        b = fmaml.adapt(
+            tanh_loss, params, support, fmaml.InnerLoop(1.0, num_steps=2, inner_optimizer=opt)
+        )
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -249,7 +256,9 @@ def test_adams_first_step_is_rate_times_g_over_abs_g_plus_eps(dim, rate, eps, se
     w, c = torch.randn(dim, generator=g, dtype=DTYPE), torch.randn(dim, generator=g, dtype=DTYPE)
     for betas in [(0.9, 0.999), (0.0, 0.5)]:
         opt = adam(*betas, eps=eps)
-        adapted = fmaml.adapt(quadratic, {"w": w}, (c, None), inner_lr=rate, inner_optimizer=opt)
+        adapted = fmaml.adapt(
+            quadratic, {"w": w}, (c, None), fmaml.InnerLoop(rate, inner_optimizer=opt)
+        )
         grad = w - c
         torch.testing.assert_close(
             adapted["w"], w - rate * grad / (grad.abs() + eps), rtol=1e-12, atol=1e-14
@@ -272,9 +281,7 @@ def test_momentum_on_a_quadratic_is_the_heavy_ball_recursion(steps, rate, beta, 
         quadratic,
         {"w": w},
         (c, None),
-        inner_lr=rate,
-        num_steps=steps,
-        inner_optimizer=momentum(beta),
+        fmaml.InnerLoop(rate, num_steps=steps, inner_optimizer=momentum(beta)),
     )
     before, d = w - c, w - c
     for s in range(1, steps + 1):
@@ -297,9 +304,7 @@ def test_meta_gradient_for_learned_betas_matches_finite_differences(kind):
             tanh_loss,
             params,
             tasks,
-            inner_lr=0.05,
-            num_steps=3,
-            inner_optimizer=make(kind, hyper),
+            fmaml.InnerLoop(0.05, num_steps=3, inner_optimizer=make(kind, hyper)),
         )
 
     got = torch.autograd.grad(value(list(raw.values())), list(raw.values()))
@@ -326,9 +331,7 @@ def test_adam_meta_gradient_is_finite_where_a_gradient_is_exactly_zero():
             support_loss,
             {"w": w},
             (target, None),
-            inner_lr=0.1,
-            num_steps=2,
-            inner_optimizer=adam(0.5, 0.9, eps=1e-3),
+            fmaml.InnerLoop(0.1, num_steps=2, inner_optimizer=adam(0.5, 0.9, eps=1e-3)),
         )
         return (adapted["w"] ** 2 * torch.tensor([1.0, 2.0, 3.0], dtype=DTYPE)).sum()
 
@@ -346,10 +349,9 @@ def test_adam_meta_gradient_is_finite_where_a_gradient_is_exactly_zero():
 
 
 def conv_case(kind, rates):
-    loss_fn, params, tasks, kwargs = conv_build("metasgd" if rates == "metasgd" else "maml")
-    kwargs["num_steps"] = 2
+    loss_fn, params, tasks, inner = conv_build("metasgd" if rates == "metasgd" else "maml")
     raw = logits(**RAW[kind])
-    return loss_fn, params, tasks, kwargs, raw
+    return loss_fn, params, tasks, inner.replace(num_steps=2), raw
 
 
 @pytest.mark.parametrize("rates", ["number", "metasgd"])
@@ -357,43 +359,43 @@ def conv_case(kind, rates):
 @pytest.mark.parametrize("strategy_name", list(STRATEGIES))
 def test_every_strategy_gives_the_same_loss_and_meta_gradient(strategy_name, kind, rates):
     """conv4 with BatchNorm, 2 steps, learned betas (and Meta-SGD rates): each strategy
-    equals strategy=None, the betas' gradients included, by grad and by backward()."""
-    loss_fn, params, tasks, kwargs, raw = conv_case(kind, rates)
-    rate_leaves = list(kwargs["inner_lr"].values()) if rates == "metasgd" else []
+    equals the definition, the betas' gradients included (through `wrt`)."""
+    loss_fn, params, tasks, inner, raw = conv_case(kind, rates)
+    rate_leaves = list(inner.inner_lr.values()) if rates == "metasgd" else []
     leaves = [*params.values(), *rate_leaves, *raw.values()]
 
-    def run(strategy):
-        opt = make(kind, learned_hyper(kind, raw))
-        return fmaml.meta_loss(
-            loss_fn, params, tasks, strategy=strategy, inner_optimizer=opt, **kwargs
-        )
+    def loop():
+        return inner.replace(inner_optimizer=make(kind, learned_hyper(kind, raw)))
 
-    reference = run(None)
+    reference = fmaml.meta_loss(loss_fn, params, tasks, loop())
     expected = torch.autograd.grad(reference, leaves)
-    loss = run(STRATEGIES[strategy_name])
-    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
-    got = torch.autograd.grad(loss, leaves)
-    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+    loss, grads = fmaml.value_and_grad(
+        loss_fn, params, tasks, loop(), wrt=leaves, strategy=STRATEGIES[strategy_name]
+    )
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
+    for i, (a, b) in enumerate(zip(grads.wrt, expected, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, i=i: f"{i}: {m}")
     assert all(g.abs() > 1e-8 for g in expected[-len(raw) :])
-    run(STRATEGIES[strategy_name]).backward()
-    for leaf, b in zip(raw.values(), expected[-len(raw) :], strict=True):
-        torch.testing.assert_close(leaf.grad, b, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("strategy_name", list(STRATEGIES))
 def test_sgd_on_every_strategy_is_todays_meta_gradient(strategy_name):
     """sgd() (no state, no hyper-parameters) through each path, Meta-SGD rates, 2 steps."""
-    loss_fn, params, tasks, kwargs = conv_build("metasgd")
-    kwargs["num_steps"] = 2
-    leaves = [*params.values(), *kwargs["inner_lr"].values()]
-    reference = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+    loss_fn, params, tasks, inner = conv_build("metasgd")
+    inner = inner.replace(num_steps=2)
+    leaves = [*params.values(), *inner.inner_lr.values()]
+    reference = fmaml.meta_loss(loss_fn, params, tasks, inner)
     expected = torch.autograd.grad(reference, leaves)
-    loss = fmaml.meta_loss(
-        loss_fn, params, tasks, inner_optimizer=sgd(), strategy=STRATEGIES[strategy_name], **kwargs
+    loss, grads = fmaml.value_and_grad(
+        loss_fn,
+        params,
+        tasks,
+        inner.replace(inner_optimizer=sgd()),
+        wrt=leaves,
+        strategy=STRATEGIES[strategy_name],
     )
-    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(loss, leaves), expected, strict=True):
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads.wrt, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
@@ -402,30 +404,29 @@ def test_sgd_on_every_strategy_is_todays_meta_gradient(strategy_name):
 )
 def test_strategies_with_fixed_hyper_parameters_and_first_order(strategy_name):
     """Number hyper-parameters, first order, 3 steps, step weights: the same on each path."""
-    loss_fn, params, tasks, kwargs = conv_build("maml")
-    kwargs.update(num_steps=3, first_order=True, step_weights=[0.2, 0.3, 0.5])
+    loss_fn, params, tasks, inner = conv_build("maml")
+    inner = inner.replace(num_steps=3, first_order=True, step_weights=[0.2, 0.3, 0.5])
     for opt in [momentum(0.5), adam(0.8, 0.9, 1e-4)]:
-        reference = fmaml.meta_loss(loss_fn, params, tasks, inner_optimizer=opt, **kwargs)
+        reference = fmaml.meta_loss(loss_fn, params, tasks, inner.replace(inner_optimizer=opt))
         expected = torch.autograd.grad(reference, list(params.values()))
-        loss = fmaml.meta_loss(
+        loss, grads = fmaml.value_and_grad(
             loss_fn,
             params,
             tasks,
-            inner_optimizer=opt,
+            inner.replace(inner_optimizer=opt),
             strategy=STRATEGIES[strategy_name],
-            **kwargs,
         )
-        torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
-        for a, b in zip(torch.autograd.grad(loss, list(params.values())), expected, strict=True):
+        torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads.params.values(), expected, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("strategy_name", ["one-at-a-time", "chunks-of-2", "checkpoint"])
 def test_a_tensor_the_loss_captures_keeps_its_exact_gradient(strategy_name):
     """A captured temperature (leaf and non-leaf) with Adam and a learned beta: the same
-    gradient for the temperature and the beta as strategy=None."""
-    _, params, tasks, kwargs = conv_build("maml")
-    kwargs["num_steps"] = 2
+    gradient for the temperature and the beta as the definition."""
+    _, params, tasks, inner = conv_build("maml")
+    inner = inner.replace(num_steps=2)
     log_temp = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
     raw = logits(**RAW["adam"])
     leaves = [log_temp, *raw.values(), *params.values()]
@@ -433,29 +434,51 @@ def test_a_tensor_the_loss_captures_keeps_its_exact_gradient(strategy_name):
         grads = []
         for strategy in [None, STRATEGIES[strategy_name]]:
             loss_fn = captured_temperature_loss(kind, log_temp)
-            opt = adam(**learned_hyper("adam", raw))
-            loss = fmaml.meta_loss(
-                loss_fn, params, tasks, strategy=strategy, inner_optimizer=opt, **kwargs
-            )
-            grads.append(torch.autograd.grad(loss, leaves))
+            loop = inner.replace(inner_optimizer=adam(**learned_hyper("adam", raw)))
+            if strategy is None:  # the definition
+                loss = fmaml.meta_loss(loss_fn, params, tasks, loop)
+                grads.append(torch.autograd.grad(loss, leaves))
+            else:
+                _, got = fmaml.value_and_grad(
+                    loss_fn, params, tasks, loop, wrt=leaves, strategy=strategy
+                )
+                grads.append(got.wrt)
         assert grads[0][0].abs() > 1e-3
         for a, b in zip(grads[1], grads[0], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
-def test_a_beta_computed_from_a_captured_tensor_is_refused_by_strategies():
-    """beta = sigmoid(log_temp) while the loss captures log_temp: handed out twice."""
-    _, params, tasks, kwargs = conv_build("maml")
+def test_a_beta_computed_from_a_captured_tensor():
+    """beta = sigmoid(log_temp) while the loss captures log_temp: with ``wrt=[log_temp]``
+    log_temp gets its one total gradient on every path; naming beta in ``wrt`` too would
+    count it twice, and is refused."""
+    _, params, tasks, inner = conv_build("maml")
+    inner = inner.replace(num_steps=2)
     log_temp = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
     loss_fn = captured_temperature_loss("leaf", log_temp)
-    opt = momentum(torch.sigmoid(log_temp))
+
+    def loop():  # beta anew for each call: its graph is freed by the gradient taken through it
+        return inner.replace(inner_optimizer=momentum(torch.sigmoid(log_temp)))
+
+    expected = torch.autograd.grad(fmaml.meta_loss(loss_fn, params, tasks, loop()), [log_temp])
+    for strategy in [ONE_AT_A_TIME, STRATEGIES["checkpoint"]]:
+        _, grads = fmaml.value_and_grad(
+            loss_fn, params, tasks, loop(), wrt=[log_temp], strategy=strategy
+        )
+        torch.testing.assert_close(grads.wrt[0], expected[0], rtol=1e-9, atol=1e-11)
+    beta = torch.sigmoid(log_temp)
     with pytest.raises(
         ValueError,
-        match=r"the inner optimiser's hyper-parameter 'beta' .* is computed from a leaf "
-        r"tensor the loss captures",
+        match=r"value_and_grad\(\): a tensor of `wrt` \(shape \[\], torch.float64\) is computed "
+        r"from a tensor of `wrt` .*counted twice",
     ):
-        fmaml.meta_loss(
-            loss_fn, params, tasks, inner_optimizer=opt, strategy=ONE_AT_A_TIME, **kwargs
+        fmaml.value_and_grad(
+            loss_fn,
+            params,
+            tasks,
+            inner.replace(inner_optimizer=momentum(beta)),
+            wrt=[log_temp, beta],
+            strategy=ONE_AT_A_TIME,
         )
 
 
@@ -474,16 +497,15 @@ def test_the_compiled_strategy_gives_the_same_gradients_for_learned_betas():
     results = []
     for strategy in [None, fmaml.Strategy(compile=True), fmaml.Strategy(compile=True)]:
         opt = adam(**learned_hyper("adam", raw))
-        loss = fmaml.meta_loss(
-            tanh_loss,
-            params,
-            tasks,
-            inner_lr=0.05,
-            num_steps=2,
-            inner_optimizer=opt,
-            strategy=strategy,
-        )
-        results.append((loss.detach(), torch.autograd.grad(loss, leaves)))
+        inner = fmaml.InnerLoop(0.05, num_steps=2, inner_optimizer=opt)
+        if strategy is None:  # the definition
+            loss = fmaml.meta_loss(tanh_loss, params, tasks, inner)
+            results.append((loss.detach(), torch.autograd.grad(loss, leaves)))
+        else:
+            loss, grads = fmaml.value_and_grad(
+                tanh_loss, params, tasks, inner, wrt=leaves, strategy=strategy
+            )
+            results.append((loss, grads.wrt))
     for loss, grads in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-12, atol=1e-12)
         for a, b in zip(grads, results[0][1], strict=True):
@@ -511,12 +533,16 @@ def test_evaluate_adapts_with_the_inner_optimizer():
     params, tasks = tanh_setup()
     opt = adam(torch.tensor(0.5, dtype=DTYPE, requires_grad=True), 0.9)
     scores = fmaml.evaluate(
-        tanh_loss, tanh_loss, params, [tasks], inner_lr=0.05, num_steps=2, inner_optimizer=opt
+        tanh_loss,
+        tanh_loss,
+        params,
+        [tasks],
+        fmaml.InnerLoop(0.05, num_steps=2, inner_optimizer=opt),
     )
     for t in range(3):
         task = task_at(tasks, t)
         adapted = fmaml.adapt(
-            tanh_loss, params, task.support, inner_lr=0.05, num_steps=2, inner_optimizer=opt
+            tanh_loss, params, task.support, fmaml.InnerLoop(0.05, num_steps=2, inner_optimizer=opt)
         )
         torch.testing.assert_close(scores[t, 2], tanh_loss(adapted, task.query).detach())
     assert not scores.requires_grad
@@ -531,10 +557,8 @@ def test_reptile_with_adam_in_the_inner_loop():
         tanh_loss,
         params,
         tasks,
-        inner_lr=0.05,
-        num_steps=3,
+        fmaml.InnerLoop(0.05, num_steps=3, inner_optimizer=opt),
         objective="reptile",
-        inner_optimizer=opt,
     )
     got = torch.autograd.grad(loss, list(params.values()))
     total = {k: torch.zeros_like(v) for k, v in params.items()}
@@ -543,9 +567,7 @@ def test_reptile_with_adam_in_the_inner_loop():
             tanh_loss,
             params,
             task_at(tasks, t).support,
-            inner_lr=0.05,
-            num_steps=3,
-            inner_optimizer=opt,
+            fmaml.InnerLoop(0.05, num_steps=3, inner_optimizer=opt),
         )
         for k in params:
             total[k] += (params[k] - adapted[k]).detach() / 3
@@ -586,9 +608,7 @@ def test_training_learns_the_betas_and_puts_their_gradient_in_grad():
         state.problem.loss_fn,
         state.params,
         tasks,
-        inner_lr=state.inner_lr,
-        num_steps=2,
-        inner_optimizer=state.inner_optimizer,
+        fmaml.InnerLoop(state.inner_lr, num_steps=2, inner_optimizer=state.inner_optimizer),
     )
     expected = torch.autograd.grad(loss, list(state.hyper_logits.values()))
     for leaf, b in zip(state.hyper_logits.values(), expected, strict=True):
@@ -720,17 +740,23 @@ def test_error_a_name_or_a_bad_value_as_inner_optimizer():
     params, tasks = tanh_setup()
     with pytest.raises(
         TypeError,
-        match=r"adapt\(\): `inner_optimizer` must be an fmaml.inner_optim.InnerOptimizer .* got "
-        r"str. Build it: fmaml.inner_optim.get_inner_optimizer\('adam'\)",
+        match=r"meta_loss\(\): `inner_optimizer` must be an fmaml.inner_optim.InnerOptimizer .* "
+        r"got str. Build it: fmaml.inner_optim.get_inner_optimizer\('adam'\)",
     ):
-        fmaml.meta_loss(tanh_loss, params, tasks, inner_lr=0.1, inner_optimizer="adam")
-    with pytest.raises(TypeError, match=r"meta_loss\(\): `inner_optimizer` must be"):
-        fmaml.meta_loss(
-            tanh_loss, params, tasks, inner_lr=0.1, inner_optimizer="adam", strategy=ONE_AT_A_TIME
+        fmaml.meta_loss(tanh_loss, params, tasks, fmaml.InnerLoop(0.1, inner_optimizer="adam"))
+    with pytest.raises(TypeError, match=r"value_and_grad\(\): `inner_optimizer` must be"):
+        fmaml.value_and_grad(
+            tanh_loss,
+            params,
+            tasks,
+            fmaml.InnerLoop(0.1, inner_optimizer="adam"),
+            strategy=ONE_AT_A_TIME,
         )
     bad = momentum()._replace(hyper={"beta": torch.ones(3, dtype=DTYPE)})
     with pytest.raises(ValueError, match=r"adapt\(\): the hyper-parameter `beta` must be"):
-        fmaml.adapt(tanh_loss, params, task_at(tasks, 0).support, inner_lr=0.1, inner_optimizer=bad)
+        fmaml.adapt(
+            tanh_loss, params, task_at(tasks, 0).support, fmaml.InnerLoop(0.1, inner_optimizer=bad)
+        )
     assert isinstance(bad, InnerOptimizer)
 
 
@@ -750,27 +776,18 @@ def counting_sgd() -> InnerOptimizer:
 def test_a_users_optimizer_runs_and_a_state_of_numbers_is_refused_when_recomputed():
     """Any InnerOptimizer runs on the plain paths; the recomputing strategy vmaps the state
     between steps, so it names the Python number it can't carry and the two fixes."""
-    loss_fn, params, tasks, kwargs = conv_build("maml")
-    kwargs["num_steps"] = 2
-    opt = counting_sgd()
-    reference = fmaml.meta_loss(loss_fn, params, tasks, inner_optimizer=opt, **kwargs)
-    loss = fmaml.meta_loss(
-        loss_fn, params, tasks, inner_optimizer=opt, strategy=ONE_AT_A_TIME, **kwargs
-    )
-    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
+    loss_fn, params, tasks, inner = conv_build("maml")
+    inner = inner.replace(num_steps=2, inner_optimizer=counting_sgd())
+    reference = fmaml.meta_loss(loss_fn, params, tasks, inner)
+    loss, _ = fmaml.value_and_grad(loss_fn, params, tasks, inner, strategy=ONE_AT_A_TIME)
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
     with pytest.raises(
         ValueError,
-        match=r"Strategy\(checkpoint=True\) keeps the inner optimiser's state .* holds \['int'\]\. "
-        r"Keep a step counter as a 0-d tensor .* or use checkpoint=False",
+        match=r"value_and_grad\(\): Strategy\(checkpoint=True\) keeps the inner optimiser's "
+        r"state .* holds \['int'\]\. Keep a step counter as a 0-d tensor .* or use "
+        r"checkpoint=False",
     ):
-        fmaml.meta_loss(
-            loss_fn,
-            params,
-            tasks,
-            inner_optimizer=opt,
-            strategy=STRATEGIES["checkpoint"],
-            **kwargs,
-        )
+        fmaml.value_and_grad(loss_fn, params, tasks, inner, strategy=STRATEGIES["checkpoint"])
 
 
 def test_error_reptile_with_learned_hyper_parameters():
@@ -778,11 +795,11 @@ def test_error_reptile_with_learned_hyper_parameters():
     opt = momentum(torch.tensor(0.5, dtype=DTYPE, requires_grad=True))
     with pytest.raises(
         ValueError,
-        match=r"reptile_loss\(\): the inner optimiser's 'beta' requires grad.*never "
+        match=r"meta_loss\(\): the inner optimiser's 'beta' requires grad.*never "
         r"be trained",
     ):
         fmaml.meta_loss(
-            tanh_loss, params, tasks, inner_lr=0.1, objective="reptile", inner_optimizer=opt
+            tanh_loss, params, tasks, fmaml.InnerLoop(0.1, inner_optimizer=opt), objective="reptile"
         )
 
 
@@ -851,7 +868,7 @@ def test_proximal_is_descent_on_the_pulled_loss_and_its_meta_gradient_too(base):
     base_opt = None if base == "sgd" else momentum(0.5)
     opt = proximal(lam, base_opt)
     loss = fmaml.meta_loss(
-        tanh_loss, params, tasks, inner_lr=0.05, num_steps=num_steps, inner_optimizer=opt
+        tanh_loss, params, tasks, fmaml.InnerLoop(0.05, num_steps=num_steps, inner_optimizer=opt)
     )
     total = 0
     for t in range(tasks.support[0].shape[0]):
@@ -871,35 +888,36 @@ def test_proximal_is_descent_on_the_pulled_loss_and_its_meta_gradient_too(base):
     want = torch.autograd.grad(expected, list(params.values()))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    plain = fmaml.meta_loss(tanh_loss, params, tasks, inner_lr=0.05, num_steps=num_steps)
+    plain = fmaml.meta_loss(tanh_loss, params, tasks, fmaml.InnerLoop(0.05, num_steps=num_steps))
     assert not torch.allclose(loss, plain)  # the pull changes the result
 
 
 def test_proximal_with_lam_zero_is_its_base_exactly():
     params, tasks = tanh_setup()
-    kwargs = dict(inner_lr=0.05, num_steps=2)
+    inner = fmaml.InnerLoop(0.05, num_steps=2)
     for base in [None, adam(0.5, 0.9, 1e-3)]:
-        a = fmaml.meta_loss(tanh_loss, params, tasks, inner_optimizer=base or sgd(), **kwargs)
-        b = fmaml.meta_loss(tanh_loss, params, tasks, inner_optimizer=proximal(0.0, base), **kwargs)
+        a = fmaml.meta_loss(tanh_loss, params, tasks, inner.replace(inner_optimizer=base or sgd()))
+        b = fmaml.meta_loss(
+            tanh_loss, params, tasks, inner.replace(inner_optimizer=proximal(0.0, base))
+        )
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("strategy_name", list(STRATEGIES))
 def test_proximal_gives_the_same_meta_gradient_on_every_strategy(strategy_name):
-    """conv4, 2 steps, a learned lam: each strategy equals strategy=None, lam's gradient
+    """conv4, 2 steps, a learned lam: each strategy equals the definition, lam's gradient
     included (none goes missing)."""
-    loss_fn, params, tasks, kwargs = conv_build("maml")
-    kwargs["num_steps"] = 2
+    loss_fn, params, tasks, inner = conv_build("maml")
     lam = torch.tensor(0.5, dtype=DTYPE, requires_grad=True)
     leaves = [*params.values(), lam]
-    opt = proximal(lam)
-    reference = fmaml.meta_loss(loss_fn, params, tasks, inner_optimizer=opt, **kwargs)
+    inner = inner.replace(num_steps=2, inner_optimizer=proximal(lam))
+    reference = fmaml.meta_loss(loss_fn, params, tasks, inner)
     want = torch.autograd.grad(reference, leaves)
-    loss = fmaml.meta_loss(
-        loss_fn, params, tasks, inner_optimizer=opt, strategy=STRATEGIES[strategy_name], **kwargs
+    loss, grads = fmaml.value_and_grad(
+        loss_fn, params, tasks, inner, wrt=leaves, strategy=STRATEGIES[strategy_name]
     )
-    torch.testing.assert_close(loss, reference, rtol=1e-10, atol=1e-12)
-    got = torch.autograd.grad(loss, leaves)
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-10, atol=1e-12)
+    got = grads.wrt
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
     assert got[-1].abs() > 1e-8  # lam matters

@@ -1,14 +1,13 @@
 """The folders show the design: the pure core at the top of ``fmaml/``, the engine in
 ``fmaml/engine/``, the training shell in ``fmaml/training/``, the benchmark harness in
 ``fmaml/bench/``; imports point from the shell down to the core, never back; no module imports
-another's private name; the old module paths name the new ones."""
+another's private name; the core holds no context variable and ``import fmaml`` installs no
+import hook."""
 
 from __future__ import annotations
 
 import ast
-import importlib
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,26 +27,14 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _typing_only(tree: ast.AST) -> set[int]:
-    """The nodes under ``if TYPE_CHECKING:``: imports for annotations, never run."""
-    return {
-        id(inner)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
-        for inner in ast.walk(node)
-    }
-
-
 def imports_of(name: str) -> set[str]:
-    """The package's modules that module ``name`` imports, at module level or inside a
-    function (``if TYPE_CHECKING:`` imports left out). ``from fmaml.x import y`` counts as an
-    import of ``fmaml.x.y`` where that is a module, else of ``fmaml.x``."""
+    """The package's modules that module ``name`` imports, anywhere in the file: at module
+    level, inside a function, or under ``if TYPE_CHECKING:`` (an import for annotations is
+    still an arrow between two files). ``from fmaml.x import y`` counts as an import of
+    ``fmaml.x.y`` where that is a module, else of ``fmaml.x``."""
     tree = ast.parse(MODULES[name].read_text())
-    skip = _typing_only(tree)
     found = set()
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "fmaml"}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "fmaml":
@@ -198,7 +185,7 @@ def test_the_private_name_check_sees_each_way_of_reaching_in(tmp_path, monkeypat
     ]
 
 
-# --- what `import fmaml` loads, and the old paths ---------------------------------------------
+# --- what `import fmaml` loads, and what it leaves alone --------------------------------------
 
 
 def test_import_fmaml_loads_the_core_and_the_engine_only():
@@ -218,55 +205,57 @@ def test_import_fmaml_loads_the_core_and_the_engine_only():
     assert "fmaml.tasks.images" not in loaded  # PIL: loaded with its names
 
 
-OLD_PATHS = {
-    "fmaml.strategy": "fmaml.engine.strategy",
-    "fmaml.config": "fmaml.training.config",
-    "fmaml.train": "fmaml.training.train",
-    "fmaml.cli": "fmaml.training.cli",
-    "fmaml.checkpoint": "fmaml.training.checkpoint",
-    "fmaml.distributed": "fmaml.training.distributed",
-    "fmaml.plot": "fmaml.training.plot",
-    "fmaml.presets": "fmaml.training.presets",
-    "fmaml.problems": "fmaml.training.problems",
-    "fmaml.image_problems": "fmaml.training.image_problems",
-}
+def test_the_imports_of_a_module_count_typing_only_and_function_imports(tmp_path, monkeypatch):
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from fmaml.engine import strategy\n"
+        "def f():\n"
+        "    import fmaml.training.train\n"
+        "    from fmaml.objectives import meta_loss\n"
+    )
+    (tmp_path / "probe.py").write_text(source)
+    monkeypatch.setitem(MODULES, "fmaml.probe", tmp_path / "probe.py")
+    assert imports_of("fmaml.probe") == {
+        "fmaml.engine.strategy",
+        "fmaml.training.train",
+        "fmaml.objectives",
+    }
 
 
-@pytest.mark.parametrize(("old", "new"), OLD_PATHS.items())
-def test_an_old_module_path_raises_an_import_error_naming_the_new_one(old, new):
-    message = rf"^{re.escape(old)} moved to {re.escape(new)}: import it from there"
-    with pytest.raises(ImportError, match=message):
-        importlib.import_module(old)
-    with pytest.raises(ImportError, match=message):
-        exec(f"import {old}", {})
-    with pytest.raises(ImportError, match=message):
-        exec(f"from fmaml import {old.removeprefix('fmaml.')}", {})
-    with pytest.raises(ImportError, match=message):
-        exec(f"from {old} import anything", {})
-    with pytest.raises(AttributeError, match=message):
-        getattr(fmaml, old.removeprefix("fmaml."))
-    assert not hasattr(fmaml, old.removeprefix("fmaml."))
-    assert old not in sys.modules
-    assert not (PACKAGE / f"{old.removeprefix('fmaml.')}.py").exists()  # no flat file left
-    assert importlib.import_module(new).__file__ == str(MODULES[new])
+CORE = sorted(p for p in PACKAGE.glob("*.py"))
+"""The core's modules: ``fmaml/*.py``."""
 
 
-def test_the_old_path_messages_say_what_stayed_the_same():
-    with pytest.raises(ImportError, match="or use the top-level names fmaml.Strategy, "):
-        importlib.import_module("fmaml.strategy")
-    with pytest.raises(ImportError, match="or use the top-level names fmaml.fit, "):
-        importlib.import_module("fmaml.train")
-    with pytest.raises(ImportError, match=r"build_problem is in fmaml.training.train\)\.$"):
-        importlib.import_module("fmaml.problems")
+@pytest.mark.parametrize("path", CORE, ids=lambda p: p.name)
+def test_the_core_holds_no_context_variable(path):
+    """A choice the engine makes is an explicit argument, never a context variable."""
+    source = path.read_text()
+    assert "contextvars" not in source and "ContextVar" not in source, path.name
 
 
-def test_an_old_path_never_loads_a_stale_file(tmp_path, monkeypatch):
-    """Another fmaml's ``strategy.py`` on the package's path (an older install, another
-    checkout's editable install) is not loaded beside this one."""
-    (tmp_path / "strategy.py").write_text("raise AssertionError('a stale module ran')\n")
-    monkeypatch.setattr(fmaml, "__path__", [*fmaml.__path__, str(tmp_path)])
-    with pytest.raises(ImportError, match="fmaml.strategy moved to fmaml.engine.strategy"):
-        importlib.import_module("fmaml.strategy")
+def test_import_fmaml_leaves_the_import_machinery_as_it_was():
+    """No import hook: ``sys.meta_path`` after ``import fmaml`` holds what the standard
+    library and the editable install put there, the same finders of the same types."""
+    code = (
+        "import sys\n"
+        "before = [type(f).__qualname__ for f in sys.meta_path]\n"
+        "import fmaml\n"
+        "after = [type(f).__qualname__ for f in sys.meta_path]\n"
+        "print(repr((before, after)))\n"
+    )
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # this checkout's
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = ast.literal_eval(done.stdout.strip())
+    assert len(after) == len(before) and after == before
+    assert not hasattr(fmaml, "_MOVED")
 
 
 def test_fmaml_bench_keeps_its_names():

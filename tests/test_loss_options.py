@@ -44,7 +44,7 @@ def test_any_callable_can_declare_options_and_the_inner_loop_reads_them():
             return ((params["w"] - batch[0]) ** 2).sum()
 
     params = {"w": torch.zeros(2)}
-    fmaml.unroll(Stepwise(), params, (torch.ones(2), None), inner_lr=0.1, num_steps=3)
+    fmaml.unroll(Stepwise(), params, (torch.ones(2), None), fmaml.InnerLoop(0.1, num_steps=3))
     assert seen == [0, 1, 2]
     plain = lambda params, batch: params["w"].sum()  # noqa: E731
     assert options_of(plain) == LossOptions() and at_step(plain, 2) is plain

@@ -106,10 +106,7 @@ def test_mamlpp_meta_gradient_equals_oracle(support_statistics):
         loss_fn,
         params,
         tasks,
-        inner_lr=rates,
-        num_steps=3,
-        adapt_keys=adapt_keys,
-        step_weights=weights,
+        fmaml.InnerLoop(rates, num_steps=3, adapt_keys=adapt_keys, step_weights=weights),
     )
     leaves = list(params.values()) + [r for step in rates for r in step.values()]
     ours = torch.autograd.grad(loss, leaves)
@@ -126,15 +123,15 @@ def test_mamlpp_vmap_equals_loop_and_is_pure():
     _, loss_fn, params, rates, adapt_keys = mamlpp_setup(2, support_statistics=True)
     tasks = make_tasks()
     before = {k: v.detach().clone() for k, v in params.items()}
-    kwargs = dict(inner_lr=rates, num_steps=2, adapt_keys=adapt_keys, step_weights=[0.3, 0.7])
-    batched = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+    inner = fmaml.InnerLoop(rates, num_steps=2, adapt_keys=adapt_keys, step_weights=[0.3, 0.7])
+    batched = fmaml.meta_loss(loss_fn, params, tasks, inner)
     looped = (
         sum(
             fmaml.task_loss(
                 loss_fn,
                 params,
                 fmaml.Task(tuple(x[t] for x in tasks.support), tuple(x[t] for x in tasks.query)),
-                **kwargs,
+                inner,
             )
             for t in range(3)
         )
@@ -160,8 +157,12 @@ def test_per_step_bn_with_one_shared_copy_is_maml():
     # BatchNorm out of the inner loop, as in MAML++ and the MAML authors' code: a per-step
     # slot is never reused at a later step, so adapting it could not match a shared copy.
     body = [k for k in params if k not in stepwise.per_step_keys]
-    maml = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, num_steps=3, adapt_keys=body)
-    ours = fmaml.meta_loss(stepwise, stacked, tasks, inner_lr=0.1, num_steps=3, adapt_keys=body)
+    maml = fmaml.meta_loss(
+        loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=3, adapt_keys=body)
+    )
+    ours = fmaml.meta_loss(
+        stepwise, stacked, tasks, fmaml.InnerLoop(0.1, num_steps=3, adapt_keys=body)
+    )
     torch.testing.assert_close(ours, maml, rtol=1e-12, atol=0)
     ours_grads = grads(ours, list(stacked.values()))
     maml_grads = grads(maml, list(params.values()))
@@ -177,24 +178,63 @@ def test_constant_lslr_rates_and_last_step_weights_are_maml():
     tasks = make_tasks()
     rates = fmaml.init_rates(params, 0.1, per_element=False, num_steps=3)
     lslr = fmaml.meta_loss(
-        loss_fn, params, tasks, inner_lr=rates, num_steps=3, step_weights=[0.0, 0.0, 1.0]
+        loss_fn, params, tasks, fmaml.InnerLoop(rates, num_steps=3, step_weights=[0.0, 0.0, 1.0])
     )
-    maml = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, num_steps=3)
+    maml = fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=3))
     for a, b in zip(grads(lslr, list(params.values())), grads(maml, list(params.values()))):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_step_weight_of_the_number_zero_leaves_that_step_out():
+    """``step_weights=[0, 1]`` is MAML with 2 steps, in the definition and on every path:
+    the first query loss is not computed at all, so a NaN there does not poison the loss
+    (``0 * nan`` would be NaN)."""
+    from fmaml.types import LossOptions
+
+    class NanAfterOneStep:
+        """½‖w − x‖², times NaN on the query (``y`` 0) after one inner step."""
+
+        options = LossOptions(stepwise=True)
+
+        def __call__(self, params, batch, step=0):
+            x, y = batch
+            loss = 0.5 * ((params["w"] - x) ** 2).sum()
+            return loss * (y / y).mean() if step == 1 else loss
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, generator=g, dtype=DTYPE, requires_grad=True)
+    c_s, c_q = torch.randn(2, 3, 4, generator=g, dtype=DTYPE)
+    ones, zeros = torch.ones(3, 4, dtype=DTYPE), torch.zeros(3, 4, dtype=DTYPE)
+    tasks = fmaml.Task(support=(c_s, ones), query=(c_q, zeros))
+    loss_fn, params = NanAfterOneStep(), {"w": w}
+    maml = fmaml.InnerLoop(0.3, num_steps=2)
+    expected = fmaml.meta_loss(loss_fn, params, tasks, maml)
+    (expected_grad,) = torch.autograd.grad(expected, [w])
+    assert torch.isfinite(expected) and torch.isfinite(expected_grad).all()
+    weighted = maml.replace(step_weights=[0, 1])
+    loss = fmaml.meta_loss(loss_fn, params, tasks, weighted)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grads(loss, [w])[0], expected_grad, rtol=1e-12, atol=1e-14)
+    for strategy in (fmaml.Strategy(), fmaml.Strategy(chunk_size=1, checkpoint=True)):
+        value, got = fmaml.value_and_grad(loss_fn, params, tasks, weighted, strategy=strategy)
+        torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got.params["w"], expected_grad, rtol=1e-12, atol=1e-14)
+    # the NaN is there: a weight that is a tensor zero (or any other weight) meets it
+    poisoned = fmaml.meta_loss(loss_fn, params, tasks, maml.replace(step_weights=[0.5, 0.5]))
+    assert torch.isnan(poisoned)
 
 
 def test_da_switched_off_is_second_order(monkeypatch):
     seen = []
     import fmaml.training.train as train_module
 
-    real = train_module.meta_loss
+    real = train_module.value_and_grad
 
     def spy(*args, **kwargs):
         seen.append(args[3].first_order)  # the InnerLoop the step runs
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "meta_loss", spy)
+    monkeypatch.setattr(train_module, "value_and_grad", spy)
     for da_epochs, expected in ((0, [False, False, False]), (1, [True, True, False])):
         seen.clear()
         state = init_state(
@@ -299,9 +339,9 @@ def test_evaluation_has_no_running_state_to_leak_through():
     _, loss_fn, params, rates, adapt_keys = mamlpp_setup(2, support_statistics=True)
     score_fn = loss_fn.with_criterion(fmaml.accuracy)
     first, second = make_tasks(seed=1), make_tasks(seed=2)
-    kwargs = dict(inner_lr=rates, num_steps=2, adapt_keys=adapt_keys)
-    alone = fmaml.evaluate(score_fn, loss_fn, params, [second], **kwargs)
-    after = fmaml.evaluate(score_fn, loss_fn, params, [first, second], **kwargs)[3:]
+    inner = fmaml.InnerLoop(rates, num_steps=2, adapt_keys=adapt_keys)
+    alone = fmaml.evaluate(score_fn, loss_fn, params, [second], inner)
+    after = fmaml.evaluate(score_fn, loss_fn, params, [first, second], inner)[3:]
     torch.testing.assert_close(alone, after)
     assert not list(loss_fn.module.buffers()), "no running statistics exist to be updated"
     for k, v in make_model().state_dict().items():

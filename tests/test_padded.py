@@ -43,11 +43,11 @@ def head_rows(params, ways):
     return {k: v[:ways] if k.startswith("head.") else v for k, v in params.items()}
 
 
-def alone(task, params, criterion=F.cross_entropy, **kwargs):
+def alone(task, params, inner, criterion=F.cross_entropy):
     """``task_loss`` of one unpadded task on a model whose head has the task's ways."""
     ways = ways_of(task)
     loss_fn = fmaml.supervised_loss(conv(ways), criterion)
-    return fmaml.task_loss(loss_fn, head_rows(params, ways), task, **kwargs)
+    return fmaml.task_loss(loss_fn, head_rows(params, ways), task, inner)
 
 
 def fill_padding(batch, seed=1, value=None):
@@ -165,13 +165,13 @@ def test_padded_loss_accuracy_and_gradients_equal_unpadded(num_ways):
             score_fn(theirs, one.query), small.with_criterion(fmaml.accuracy)(mine, task.query)
         )
         # adapted, with the meta-gradient
-        kwargs = {"inner_lr": 0.3, "num_steps": 2}
-        loss, acc = fmaml.task_loss(loss_fn, params, one, score_fn=score_fn, **kwargs)
-        ref = alone(task, params, **kwargs)
+        inner = fmaml.InnerLoop(0.3, num_steps=2)
+        loss, acc = fmaml.task_loss(loss_fn, params, one, inner, score_fn=score_fn)
+        ref = alone(task, params, inner)
         assert_close(loss, ref)
         assert_close(grads_of(loss, params), grads_of(ref, params))
         ref_acc = fmaml.task_scores(
-            small.with_criterion(fmaml.accuracy), small, mine, task, **kwargs
+            small.with_criterion(fmaml.accuracy), small, mine, task, inner
         )[-1]
         assert_close(acc, ref_acc)
 
@@ -180,9 +180,9 @@ def test_meta_batch_of_mixed_shapes_equals_mean_of_tasks_alone():
     tasks = mixed_tasks()
     params = fmaml.params_of(conv())
     loss_fn = fmaml.supervised_loss(conv(), F.cross_entropy)
-    kwargs = {"inner_lr": 0.3, "num_steps": 2}
-    loss = fmaml.meta_loss(loss_fn, params, pad_tasks(tasks), **kwargs)
-    reference = sum(alone(task, params, **kwargs) for task in tasks) / len(tasks)
+    inner = fmaml.InnerLoop(0.3, num_steps=2)
+    loss = fmaml.meta_loss(loss_fn, params, pad_tasks(tasks), inner)
+    reference = sum(alone(task, params, inner) for task in tasks) / len(tasks)
     assert_close(loss, reference)
     assert_close(grads_of(loss, params), grads_of(reference, params))
 
@@ -192,9 +192,9 @@ def test_padded_values_change_nothing(value):
     params = fmaml.params_of(conv())
     loss_fn = fmaml.supervised_loss(conv(), F.cross_entropy)
     batch = pad_tasks(mixed_tasks())
-    kwargs = {"inner_lr": 0.3, "num_steps": 2}
-    clean = fmaml.meta_loss(loss_fn, params, batch, **kwargs)
-    dirty = fmaml.meta_loss(loss_fn, params, fill_padding(batch, value=value), **kwargs)
+    inner = fmaml.InnerLoop(0.3, num_steps=2)
+    clean = fmaml.meta_loss(loss_fn, params, batch, inner)
+    dirty = fmaml.meta_loss(loss_fn, params, fill_padding(batch, value=value), inner)
     assert torch.isfinite(dirty)
     assert_close(dirty, clean, 0)
     assert_close(grads_of(dirty, params), grads_of(clean, params), 0)
@@ -213,9 +213,9 @@ def test_regression_tasks_of_different_shots():
     model = fmaml.nn.mlp(hidden=(8,)).to(DTYPE)
     params, loss_fn = fmaml.params_of(model), fmaml.supervised_loss(model, F.mse_loss)
     batch = fill_padding_regression(pad_tasks(singles))
-    kwargs = {"inner_lr": 0.1, "num_steps": 2}
-    loss = fmaml.meta_loss(loss_fn, params, batch, **kwargs)
-    reference = sum(fmaml.task_loss(loss_fn, params, t, **kwargs) for t in singles) / 3
+    inner = fmaml.InnerLoop(0.1, num_steps=2)
+    loss = fmaml.meta_loss(loss_fn, params, batch, inner)
+    reference = sum(fmaml.task_loss(loss_fn, params, t, inner) for t in singles) / 3
     assert_close(loss, reference)
     assert_close(grads_of(loss, params), grads_of(reference, params))
 
@@ -242,24 +242,24 @@ def test_support_statistics_of_padded_tasks_equal_the_tasks_alone():
     loss_fn, params = mamlpp(
         fmaml.supervised_loss(conv(), F.cross_entropy), fmaml.params_of(conv())
     )
-    kwargs = {"inner_lr": 0.3, "num_steps": 2, "step_weights": [0.3, 0.7]}
+    inner = fmaml.InnerLoop(0.3, num_steps=2, step_weights=[0.3, 0.7])
     batch = fill_padding(pad_tasks(tasks))
-    loss = fmaml.meta_loss(loss_fn, params, batch, **kwargs)
+    loss = fmaml.meta_loss(loss_fn, params, batch, inner)
     reference = 0
     for task in tasks:
         ways = ways_of(task)
         small, _ = mamlpp(
             fmaml.supervised_loss(conv(ways), F.cross_entropy), head_rows(params, ways)
         )
-        reference = reference + fmaml.task_loss(small, head_rows(params, ways), task, **kwargs)
+        reference = reference + fmaml.task_loss(small, head_rows(params, ways), task, inner)
     reference = reference / len(tasks)
     expected = grads_of(loss, params)
     assert_close(loss, reference)
     assert_close(expected, grads_of(reference, params))
     for strategy in (Strategy(chunk_size=1), Strategy(chunk_size=2, checkpoint=True)):
-        other = fmaml.meta_loss(loss_fn, params, batch, strategy=strategy, **kwargs)
-        assert_close(other, loss)
-        assert_close(grads_of(other, params), expected)
+        other, grads = fmaml.value_and_grad(loss_fn, params, batch, inner, strategy=strategy)
+        assert_close(other, loss.detach())
+        assert_close([grads.params[k] for k in params], expected)
 
 
 def test_padded_support_statistics_equal_unpadded_and_ignore_the_query():
@@ -313,14 +313,17 @@ def test_every_strategy_agrees_on_padded_tasks(name, variant):
     loss_fn = fmaml.supervised_loss(conv(), F.cross_entropy)
     score_fn = loss_fn.with_criterion(fmaml.accuracy)
     batch = fill_padding(pad_tasks(mixed_tasks()))
-    kwargs = {"inner_lr": 0.3, "num_steps": 2, "score_fn": score_fn, **VARIANTS[variant]}
-    loss, score = fmaml.meta_loss(loss_fn, params, batch, **kwargs)
-    other, other_score = fmaml.meta_loss(
-        loss_fn, params, batch, strategy=STRATEGIES[name], **kwargs
+    settings = {"inner_lr": 0.3, "num_steps": 2, **VARIANTS[variant]}
+    objective = settings.pop("objective", "query")
+    inner = fmaml.InnerLoop(**settings)
+    kwargs = {"score_fn": score_fn, "objective": objective}
+    loss, score = fmaml.meta_loss(loss_fn, params, batch, inner, **kwargs)
+    other, grads, other_score = fmaml.value_and_grad(
+        loss_fn, params, batch, inner, strategy=STRATEGIES[name], **kwargs
     )
-    assert_close(other, loss)
+    assert_close(other, loss.detach())
     assert_close(other_score, score)
-    assert_close(grads_of(other, params), grads_of(loss, params))
+    assert_close([grads.params[k] for k in params], grads_of(loss, params))
 
 
 def test_evaluation_scores_padded_tasks_like_the_tasks_alone():
@@ -329,7 +332,7 @@ def test_evaluation_scores_padded_tasks_like_the_tasks_alone():
     loss_fn = fmaml.supervised_loss(conv(), F.cross_entropy)
     score_fn = loss_fn.with_criterion(fmaml.accuracy)
     scores = fmaml.evaluate(
-        score_fn, loss_fn, params, [pad_tasks(tasks)], inner_lr=0.3, num_steps=2
+        score_fn, loss_fn, params, [pad_tasks(tasks)], fmaml.InnerLoop(0.3, num_steps=2)
     )
     for t, task in enumerate(tasks):
         ways = ways_of(task)
@@ -339,8 +342,7 @@ def test_evaluation_scores_padded_tasks_like_the_tasks_alone():
             small,
             head_rows(params, ways),
             task,
-            inner_lr=0.3,
-            num_steps=2,
+            fmaml.InnerLoop(0.3, num_steps=2),
         )
         assert_close(scores[t], expected)
 
@@ -361,34 +363,38 @@ def _replace(batch, part, index, value):
 
 def test_meta_loss_errors_name_the_cause():
     params, loss_fn, batch = _setup()
-    run = lambda tasks, **kw: fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, **kw)  # noqa: E731
+    run = lambda tasks, **kw: fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.1, **kw))  # noqa: E731
     mask = batch.support[2]
-    with pytest.raises(ValueError, match=r"support `mask` must be bool \[num_tasks, n\]"):
+    with pytest.raises(ValueError, match=r"meta_loss\(\): the support `mask` must be bool \[num_tasks, n\]"):
         run(_replace(batch, "support", 2, mask[:, :-1]))
-    with pytest.raises(ValueError, match=r"support `mask` must be bool .* got torch.float64"):
+    with pytest.raises(ValueError, match=r"meta_loss\(\): the support `mask` must be bool .* got torch.float64"):
         run(_replace(batch, "support", 2, mask.double()))
     empty = mask.clone()
     empty[1] = False
-    with pytest.raises(ValueError, match=r"task\(s\) \[1\] have no real support example"):
+    with pytest.raises(ValueError, match=r"meta_loss\(\): task\(s\) \[1\] have no real support example"):
         run(_replace(batch, "support", 2, empty))
     no_query = batch.query[2].clone()
     no_query[0] = False
-    with pytest.raises(ValueError, match=r"task\(s\) \[0\] have no real query example"):
+    with pytest.raises(ValueError, match=r"meta_loss\(\): task\(s\) \[0\] have no real query example"):
         run(_replace(batch, "query", 2, no_query))
     no_class = batch.query[3].clone()
     no_class[2] = False
-    with pytest.raises(ValueError, match=r"task\(s\) \[2\] have no class"):
+    with pytest.raises(ValueError, match=r"meta_loss\(\): task\(s\) \[2\] have no class"):
         run(_replace(batch, "query", 3, no_class))
-    with pytest.raises(ValueError, match="head_init='prototypes' averages every support"):
+    with pytest.raises(ValueError, match=r"meta_loss\(\): head_init='prototypes' averages every support"):
         run(batch, head_init="prototypes", num_steps=0)
-    with pytest.raises(ValueError, match=r"compile=True\) is not tested with padded tasks"):
-        run(batch, strategy=Strategy(compile=True))
+    with pytest.raises(
+        ValueError, match=r"value_and_grad\(\): Strategy\(compile=True\) is not tested with padded"
+    ):
+        fmaml.value_and_grad(
+            loss_fn, params, batch, fmaml.InnerLoop(0.1), strategy=Strategy(compile=True)
+        )
     one = fmaml.Task(*(tuple(v[0] for v in pair) for pair in batch))
     leak_free = loss_fn.with_support_statistics()
     with pytest.raises(ValueError, match="query set is padded but its BatchNorm statistics"):
         leak_free(params, one.query, stats_from=one.support[0])
     narrow = pad_tasks(mixed_tasks(), num_ways=6)
-    with pytest.raises(ValueError, match=r"`classes` marks 6 classes but the model's output is"):
+    with pytest.raises(ValueError, match=r"meta_loss\(\): a padded set's `classes` marks 6 classes but the model's output is"):
         run(narrow)
 
 

@@ -127,7 +127,8 @@ def protonet_loss(model, params, tasks):
 def test_meta_loss_matches_an_autograd_loop(setup, num_steps, first_order):
     model, params, loss_fn, tasks = setup()
     kwargs = dict(inner_lr=0.1, num_steps=num_steps, first_order=first_order)
-    loss = fmaml.meta_loss(loss_fn, params, tasks, head_init="prototypes", **kwargs)
+    inner = fmaml.InnerLoop(head_init="prototypes", **kwargs)
+    loss = fmaml.meta_loss(loss_fn, params, tasks, inner)
     expected = oracle_loss(model, params, tasks, **kwargs)
     torch.testing.assert_close(loss, expected)
     got = grads_of(loss, params)
@@ -140,10 +141,10 @@ def test_meta_loss_matches_an_autograd_loop(setup, num_steps, first_order):
 def test_the_head_is_replaced_not_added():
     _model, params, loss_fn, tasks = mlp_setup()
     other = {**params, "head.weight": params["head.weight"].detach() * 7 + 1}
-    kwargs = dict(inner_lr=0.1, num_steps=2, head_init="prototypes")
+    inner = fmaml.InnerLoop(0.1, num_steps=2, head_init="prototypes")
     torch.testing.assert_close(
-        fmaml.meta_loss(loss_fn, params, tasks, **kwargs),
-        fmaml.meta_loss(loss_fn, other, tasks, **kwargs),
+        fmaml.meta_loss(loss_fn, params, tasks, inner),
+        fmaml.meta_loss(loss_fn, other, tasks, inner),
         rtol=0,
         atol=0,
     )
@@ -156,7 +157,7 @@ def test_the_head_is_replaced_not_added():
 def test_zero_steps_is_protonet(setup):
     model, params, loss_fn, tasks = setup()
     loss = fmaml.meta_loss(
-        loss_fn, params, tasks, inner_lr=0.1, num_steps=0, head_init="prototypes"
+        loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=0, head_init="prototypes")
     )
     expected = protonet_loss(model, params, tasks)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
@@ -177,7 +178,7 @@ def test_task_scores_start_from_protonet():
     model, params, loss_fn, tasks = conv_setup()
     accuracy = loss_fn.with_criterion(fmaml.accuracy)
     scores = fmaml.meta_scores(
-        accuracy, loss_fn, params, tasks, inner_lr=0.1, num_steps=0, head_init="prototypes"
+        accuracy, loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=0, head_init="prototypes")
     )
     assert scores.shape == (num_tasks(tasks), 1)
     for t in range(num_tasks(tasks)):
@@ -186,7 +187,7 @@ def test_task_scores_start_from_protonet():
         predicted = torch.cdist(embed(model, params, xq), c).argmin(1)
         assert scores[t, 0] == (predicted == yq).double().mean()
     two = fmaml.meta_scores(
-        accuracy, loss_fn, params, tasks, inner_lr=0.1, num_steps=2, head_init="prototypes"
+        accuracy, loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=2, head_init="prototypes")
     )
     assert two.shape == (num_tasks(tasks), 3) and torch.equal(two[:, 0], scores[:, 0])
 
@@ -202,7 +203,7 @@ def test_gradcheck_through_the_prototypes(num_steps):
     def loss_of(*body):
         p = {**params, **dict(zip(names, body, strict=True))}
         return fmaml.meta_loss(
-            loss_fn, p, tasks, inner_lr=0.3, num_steps=num_steps, head_init="prototypes"
+            loss_fn, p, tasks, fmaml.InnerLoop(0.3, num_steps=num_steps, head_init="prototypes")
         )
 
     inputs = tuple(params[k].detach().clone().requires_grad_() for k in names)
@@ -214,9 +215,9 @@ def test_gradcheck_through_the_prototypes(num_steps):
 
 def test_cutting_the_prototype_path_changes_the_meta_gradient():
     _model, params, loss_fn, tasks = mlp_setup()
-    kwargs = dict(inner_lr=0.1, num_steps=1)
+    inner = fmaml.InnerLoop(0.1, num_steps=1)
     full = grads_of(
-        fmaml.meta_loss(loss_fn, params, tasks, head_init="prototypes", **kwargs), params
+        fmaml.meta_loss(loss_fn, params, tasks, inner.replace(head_init="prototypes")), params
     )
 
     def detached_head_loss(p):
@@ -227,7 +228,7 @@ def test_cutting_the_prototype_path_changes_the_meta_gradient():
                 loss_fn, {k: v.detach() for k, v in p.items()}, task.support
             )
             start = {**p, "head.weight": start["head.weight"], "head.bias": start["head.bias"]}
-            adapted = fmaml.adapt(loss_fn, start, task.support, **kwargs)
+            adapted = fmaml.adapt(loss_fn, start, task.support, inner)
             total = total + loss_fn(adapted, task.query)
         return total / num_tasks(tasks)
 
@@ -242,11 +243,10 @@ def test_cutting_the_prototype_path_changes_the_meta_gradient():
 @pytest.mark.parametrize("num_steps", [0, 2])
 def test_vmap_equals_a_python_loop_of_task_loss(num_steps):
     _, params, loss_fn, tasks = conv_setup()
-    kwargs = dict(inner_lr=0.1, num_steps=num_steps, head_init="prototypes")
-    batched = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+    inner = fmaml.InnerLoop(0.1, num_steps=num_steps, head_init="prototypes")
+    batched = fmaml.meta_loss(loss_fn, params, tasks, inner)
     looped = sum(
-        fmaml.task_loss(loss_fn, params, task_at(tasks, t), **kwargs)
-        for t in range(num_tasks(tasks))
+        fmaml.task_loss(loss_fn, params, task_at(tasks, t), inner) for t in range(num_tasks(tasks))
     ) / num_tasks(tasks)
     torch.testing.assert_close(batched, looped)
     assert_dicts_close(grads_of(batched, params), grads_of(looped, params))
@@ -258,7 +258,9 @@ def test_functions_are_pure():
     tensors = [t.clone() for t in (*tasks.support, *tasks.query)]
     head = fmaml.prototype_head(loss_fn, params, task_at(tasks, 0).support)
     assert list(head) == list(params) and head is not params
-    fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, num_steps=2, head_init="prototypes")
+    fmaml.meta_loss(
+        loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=2, head_init="prototypes")
+    )
     for k in params:
         assert torch.equal(params[k].detach(), before[k]), k
     for a, b in zip((*tasks.support, *tasks.query), tensors, strict=True):
@@ -282,27 +284,29 @@ STRATEGIES = [
 def test_every_strategy_gives_the_plain_loss_gradient_and_score(strategy, num_steps):
     _, params, loss_fn, tasks = conv_setup()
     accuracy = loss_fn.with_criterion(fmaml.accuracy)
-    kwargs = dict(inner_lr=0.1, num_steps=num_steps, head_init="prototypes", score_fn=accuracy)
-    loss, score = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
-    loss_s, score_s = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
-    torch.testing.assert_close(loss_s, loss)
+    inner = fmaml.InnerLoop(0.1, num_steps=num_steps, head_init="prototypes")
+    loss, score = fmaml.meta_loss(loss_fn, params, tasks, inner, score_fn=accuracy)
+    loss_s, grads_s, score_s = fmaml.value_and_grad(
+        loss_fn, params, tasks, inner, score_fn=accuracy, strategy=strategy
+    )
+    torch.testing.assert_close(loss_s, loss.detach())
     torch.testing.assert_close(score_s, score)
-    assert_dicts_close(grads_of(loss_s, params), grads_of(loss, params))
+    assert_dicts_close(grads_s.params, grads_of(loss, params))
 
 
 @pytest.mark.parametrize("strategy", [None, fmaml.Strategy(chunk_size=2)], ids=str)
 def test_anil_from_the_prototype_head(strategy):
     """Only the head adapted (ANIL-style ProtoMAML): still the oracle's meta-gradient."""
     model, params, loss_fn, tasks = mlp_setup()
-    kwargs = dict(inner_lr=0.1, num_steps=2, head_init="prototypes")
-    loss = fmaml.meta_loss(
-        loss_fn,
-        params,
-        tasks,
-        adapt_keys=lambda k: k.startswith("head."),
-        strategy=strategy,
-        **kwargs,
+    inner = fmaml.InnerLoop(
+        0.1, num_steps=2, head_init="prototypes", adapt_keys=lambda k: k.startswith("head.")
     )
+    if strategy is None:  # the definition
+        loss = fmaml.meta_loss(loss_fn, params, tasks, inner)
+        got = grads_of(loss, params)
+    else:
+        loss, grads = fmaml.value_and_grad(loss_fn, params, tasks, inner, strategy=strategy)
+        got = grads.params
     total = 0
     for t in range(num_tasks(tasks)):
         (xs, ys), (xq, yq) = task_at(tasks, t)
@@ -316,19 +320,19 @@ def test_anil_from_the_prototype_head(strategy):
             w, b = w - 0.1 * gw, b - 0.1 * gb
         total = total + F.cross_entropy(zq @ w.T + b, yq)
     expected = total / num_tasks(tasks)
-    torch.testing.assert_close(loss, expected)
-    assert_dicts_close(grads_of(loss, params), oracle_grads(expected, params))
+    torch.testing.assert_close(loss.detach(), expected.detach())
+    assert_dicts_close(got, oracle_grads(expected, params))
 
 
 def test_the_compiled_strategy_gives_the_plain_loss_and_gradient():
     _, params, loss_fn, tasks = mlp_setup()
-    kwargs = dict(inner_lr=0.1, num_steps=1, head_init="prototypes")
-    plain = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
-    compiled = fmaml.meta_loss(
-        loss_fn, params, tasks, strategy=fmaml.Strategy(compile=True), **kwargs
+    inner = fmaml.InnerLoop(0.1, num_steps=1, head_init="prototypes")
+    plain = fmaml.meta_loss(loss_fn, params, tasks, inner)
+    compiled, grads = fmaml.value_and_grad(
+        loss_fn, params, tasks, inner, strategy=fmaml.Strategy(compile=True)
     )
-    torch.testing.assert_close(compiled, plain)
-    assert_dicts_close(grads_of(compiled, params), grads_of(plain, params))
+    torch.testing.assert_close(compiled, plain.detach())
+    assert_dicts_close(grads.params, grads_of(plain, params))
 
 
 # --- (6) the algorithms, the config and the command line ----------------------------------------
@@ -356,12 +360,14 @@ def test_the_algorithm_table_settings_match_the_oracle(name):
         loss_fn,
         params,
         tasks,
-        inner_lr=0.1,
-        num_steps=num_steps,
-        first_order=algorithm.first_order,
-        adapt_keys=algorithm.adapt_keys,
+        fmaml.InnerLoop(
+            0.1,
+            num_steps=num_steps,
+            first_order=algorithm.first_order,
+            adapt_keys=algorithm.adapt_keys,
+            head_init=algorithm.head_init,
+        ),
         objective=algorithm.objective,
-        head_init=algorithm.head_init,
     )
     expected = oracle_loss(model, params, tasks, 0.1, num_steps)
     torch.testing.assert_close(loss, expected)
@@ -438,10 +444,11 @@ def test_protonet_training_leaves_the_head_unchanged(tmp_path, isolated_cache):
 # --- every error message ------------------------------------------------------------------------
 
 
+PROTO = fmaml.InnerLoop(0.1, num_steps=1, head_init="prototypes")
+
+
 def proto_loss(loss_fn, params, tasks, **kwargs):
-    return fmaml.meta_loss(
-        loss_fn, params, tasks, inner_lr=0.1, num_steps=1, head_init="prototypes", **kwargs
-    )
+    return fmaml.meta_loss(loss_fn, params, tasks, PROTO, **kwargs)
 
 
 def test_error_model_without_body_and_head():
@@ -501,7 +508,7 @@ def test_error_labels_outside_the_ways(caller):
             proto_loss(loss_fn, params, tasks)
         else:
             fmaml.task_loss(
-                loss_fn, params, task_at(tasks, 1), inner_lr=0.1, head_init="prototypes"
+                loss_fn, params, task_at(tasks, 1), fmaml.InnerLoop(0.1, head_init="prototypes")
             )
 
 
@@ -547,7 +554,7 @@ def test_error_unknown_head_init(caller):
     data = tasks if caller == "meta_loss" else task_at(tasks, 0)
     with pytest.raises(ValueError, match=rf"{caller}\(\): `head_init` must be None .* or "
                        r"'prototypes' \(ProtoMAML/ProtoNet\), got 'zeros'"):  # fmt: skip
-        fn(loss_fn, params, data, inner_lr=0.1, head_init="zeros")
+        fn(loss_fn, params, data, fmaml.InnerLoop(0.1, head_init="zeros"))
 
 
 def test_error_reptile():
@@ -559,26 +566,27 @@ def test_error_reptile():
 
 def test_error_zero_steps_without_prototype_head_is_unchanged():
     _, params, loss_fn, tasks = mlp_setup()
-    with pytest.raises(ValueError, match=r"`num_steps` must be a positive integer, got 0"):
-        fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, num_steps=0)
+    with pytest.raises(
+        ValueError, match=r"meta_loss\(\): `num_steps` must be a positive integer .*got 0"
+    ):
+        fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=0))
 
 
 def test_error_step_weights_without_steps():
     _, params, loss_fn, tasks = mlp_setup()
     with pytest.raises(ValueError, match=r"num_steps=0 has none\. Leave step_weights=None"):
-        fmaml.meta_loss(
-            loss_fn, params, tasks, inner_lr=0.1, num_steps=0, head_init="prototypes",
-            step_weights=[],
-        )  # fmt: skip
+        fmaml.meta_loss(loss_fn, params, tasks, PROTO.replace(num_steps=0, step_weights=[]))
 
 
 def test_error_checkpoint_with_a_frozen_head():
     _, params, loss_fn, tasks = mlp_setup()
     strategy = fmaml.Strategy(chunk_size=1, checkpoint=True)
-    with pytest.raises(ValueError, match=r"recomputes the prototype head inside the first inner "
-                       r"step.*leaves out \['head.bias', 'head.weight'\]\. Use "
-                       r"checkpoint=False, or strategy=None"):  # fmt: skip
-        proto_loss(loss_fn, params, tasks, adapt_keys=body_keys, strategy=strategy)
+    with pytest.raises(ValueError, match=r"value_and_grad\(\): strategy .* recomputes the "
+                       r"prototype head inside the first inner step.*leaves out "
+                       r"\['head.bias', 'head.weight'\]\. Use checkpoint=False"):  # fmt: skip
+        fmaml.value_and_grad(
+            loss_fn, params, tasks, PROTO.replace(adapt_keys=body_keys), strategy=strategy
+        )
 
 
 @pytest.mark.parametrize(

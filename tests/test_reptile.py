@@ -48,9 +48,15 @@ def num_tasks(tasks):
     return tasks.support[0].shape[0]
 
 
-def direction(loss_fn, params, tasks, **kwargs):
-    """Reptile's direction as fmaml computes it: the gradient of the meta-loss."""
-    loss = fmaml.meta_loss(loss_fn, params, tasks, objective="reptile", **kwargs)
+def direction(loss_fn, params, tasks, inner, strategy=None):
+    """Reptile's direction as fmaml computes it: the gradient of the meta-loss (by the
+    definition, or by value_and_grad with ``strategy``)."""
+    if strategy is not None:
+        _, grads = fmaml.value_and_grad(
+            loss_fn, params, tasks, inner, objective="reptile", strategy=strategy
+        )
+        return grads.params
+    loss = fmaml.meta_loss(loss_fn, params, tasks, inner, objective="reptile")
     return dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
 
 
@@ -84,7 +90,7 @@ def assert_dicts_close(a, b, **kwargs):
 def test_one_step_is_inner_lr_times_the_mean_support_gradient(setup):
     params, loss_fn, tasks = setup()
     inner_lr = 0.3
-    got = direction(loss_fn, params, tasks, inner_lr=inner_lr, num_steps=1)
+    got = direction(loss_fn, params, tasks, fmaml.InnerLoop(inner_lr, num_steps=1))
     # joint training: the gradient of the mean support loss at params, by plain autograd
     joint = sum(
         loss_fn(params, task_at(tasks, t).support) for t in range(num_tasks(tasks))
@@ -99,10 +105,10 @@ def test_one_step_is_inner_lr_times_the_mean_support_gradient(setup):
 @pytest.mark.parametrize("num_steps", [2, 3])
 def test_several_steps_match_an_autograd_loop(setup, num_steps):
     params, loss_fn, tasks = setup()
-    got = direction(loss_fn, params, tasks, inner_lr=0.1, num_steps=num_steps)
+    got = direction(loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=num_steps))
     assert_dicts_close(got, oracle_direction(loss_fn, params, tasks, 0.1, num_steps))
     # more than one step is not joint training
-    one = direction(loss_fn, params, tasks, inner_lr=0.1, num_steps=1)
+    one = direction(loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=1))
     first = next(iter(params))
     assert not torch.allclose(got[first], num_steps * one[first])
 
@@ -144,7 +150,7 @@ def test_two_steps_are_the_papers_taylor_terms_on_a_quadratic(num_tasks, dim, ra
     gbar = torch.einsum("tij,tj->ti", a, w - c)  # the gradient at w, per task
     hbar_gbar = torch.einsum("tij,tj->ti", a, gbar)  # the Hessian times it
     expected = (2 * rate * gbar - rate**2 * hbar_gbar).mean(0)
-    got = direction(quadratic_loss, params, tasks, inner_lr=rate, num_steps=2)["w"]
+    got = direction(quadratic_loss, params, tasks, fmaml.InnerLoop(rate, num_steps=2))["w"]
     torch.testing.assert_close(got, expected)
     # the second-order term is there: dropping it (joint training over two steps) differs
     if not torch.allclose(hbar_gbar.mean(0), torch.zeros(dim, dtype=DTYPE), atol=1e-6):
@@ -161,7 +167,7 @@ def test_k_steps_on_a_quadratic_in_closed_form(num_steps, rate, seed):
     eye = torch.eye(3, dtype=DTYPE)
     contraction = torch.linalg.matrix_power(eye - rate * a, num_steps)
     expected = torch.einsum("tij,tj->ti", eye - contraction, w - c).mean(0)
-    got = direction(quadratic_loss, params, tasks, inner_lr=rate, num_steps=num_steps)["w"]
+    got = direction(quadratic_loss, params, tasks, fmaml.InnerLoop(rate, num_steps=num_steps))["w"]
     torch.testing.assert_close(got, expected)
 
 
@@ -171,16 +177,16 @@ def test_k_steps_on_a_quadratic_in_closed_form(num_steps, rate, seed):
 @pytest.mark.parametrize("setup", [sinusoid_setup, conv_setup])
 def test_vmap_equals_a_python_loop(setup):
     params, loss_fn, tasks = setup()
-    kwargs = dict(inner_lr=0.1, num_steps=2)
-    batched = fmaml.meta_loss(loss_fn, params, tasks, objective="reptile", **kwargs)
+    inner = fmaml.InnerLoop(0.1, num_steps=2)
+    batched = fmaml.meta_loss(loss_fn, params, tasks, inner, objective="reptile")
     looped = sum(
-        fmaml.reptile_loss(loss_fn, params, task_at(tasks, t), **kwargs)
+        fmaml.reptile_loss(loss_fn, params, task_at(tasks, t), inner)
         for t in range(num_tasks(tasks))
     ) / num_tasks(tasks)
     torch.testing.assert_close(batched, looped)
     grads = torch.autograd.grad(looped, list(params.values()))
     assert_dicts_close(
-        direction(loss_fn, params, tasks, **kwargs), dict(zip(params, grads, strict=True))
+        direction(loss_fn, params, tasks, inner), dict(zip(params, grads, strict=True))
     )
 
 
@@ -197,12 +203,15 @@ STRATEGIES = [
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
 def test_every_strategy_gives_the_plain_direction_and_score(setup, strategy):
     params, loss_fn, tasks = setup()
-    kwargs = dict(inner_lr=0.1, num_steps=3, score_fn=loss_fn, objective="reptile")
-    loss, score = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+    inner = fmaml.InnerLoop(0.1, num_steps=3)
+    options = dict(score_fn=loss_fn, objective="reptile")
+    loss, score = fmaml.meta_loss(loss_fn, params, tasks, inner, **options)
     plain = torch.autograd.grad(loss, list(params.values()))
-    loss_s, score_s = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
-    chunked = torch.autograd.grad(loss_s, list(params.values()))
-    torch.testing.assert_close(loss_s, loss)
+    loss_s, grads, score_s = fmaml.value_and_grad(
+        loss_fn, params, tasks, inner, strategy=strategy, **options
+    )
+    chunked = list(grads.params.values())
+    torch.testing.assert_close(loss_s, loss.detach())
     torch.testing.assert_close(score_s, score)
     for k, a, b in zip(params, chunked, plain, strict=True):
         torch.testing.assert_close(a, b, msg=lambda m, k=k: f"{k}: {m}")
@@ -211,11 +220,18 @@ def test_every_strategy_gives_the_plain_direction_and_score(setup, strategy):
 def test_the_score_is_the_query_score_after_adapting_on_the_support():
     params, loss_fn, tasks = sinusoid_setup()
     _, score = fmaml.meta_loss(
-        loss_fn, params, tasks, inner_lr=0.1, num_steps=2, score_fn=loss_fn, objective="reptile"
+        loss_fn,
+        params,
+        tasks,
+        fmaml.InnerLoop(0.1, num_steps=2),
+        score_fn=loss_fn,
+        objective="reptile",
     )
     expected = sum(
         loss_fn(
-            fmaml.adapt(loss_fn, params, task_at(tasks, t).support, inner_lr=0.1, num_steps=2),
+            fmaml.adapt(
+                loss_fn, params, task_at(tasks, t).support, fmaml.InnerLoop(0.1, num_steps=2)
+            ),
             task_at(tasks, t).query,
         )
         for t in range(num_tasks(tasks))
@@ -227,7 +243,7 @@ def test_reptile_loss_is_pure():
     params, loss_fn, tasks = conv_setup()
     before = {k: v.detach().clone() for k, v in params.items()}
     fmaml.meta_loss(
-        loss_fn, params, tasks, inner_lr=0.1, num_steps=2, objective="reptile"
+        loss_fn, params, tasks, fmaml.InnerLoop(0.1, num_steps=2), objective="reptile"
     ).backward()
     for k in params:
         assert torch.equal(params[k].detach(), before[k]), k
@@ -239,9 +255,8 @@ def test_reptile_loss_is_pure():
 @pytest.mark.parametrize("strategy", [None, fmaml.Strategy(chunk_size=1)], ids=str)
 def test_frozen_keys_get_zero(strategy):
     params, loss_fn, tasks = conv_setup()
-    got = direction(
-        loss_fn, params, tasks, inner_lr=0.1, num_steps=2, adapt_keys=head_keys, strategy=strategy
-    )
+    inner = fmaml.InnerLoop(0.1, num_steps=2, adapt_keys=head_keys)
+    got = direction(loss_fn, params, tasks, inner, strategy=strategy)
     for k, v in got.items():
         if head_keys(k):
             assert v.abs().max() > 0, k
@@ -341,34 +356,38 @@ def test_error_learned_inner_rates():
     params, loss_fn, tasks = sinusoid_setup()
     rates = fmaml.init_rates(params, 0.1)
     with pytest.raises(ValueError, match=r"reptile_loss\(\): `inner_lr` holds a tensor that "):
-        fmaml.reptile_loss(loss_fn, params, task_at(tasks, 0), inner_lr=rates)
-    with pytest.raises(ValueError, match=r"no term for the inner rate.*metasgd, or --lslr"):
-        fmaml.meta_loss(
+        fmaml.reptile_loss(loss_fn, params, task_at(tasks, 0), fmaml.InnerLoop(rates))
+    with pytest.raises(
+        ValueError,
+        match=r"value_and_grad\(\): `inner_lr` holds .*no term for the inner rate.*metasgd, "
+        r"or --lslr",
+    ):
+        fmaml.value_and_grad(
             loss_fn,
             params,
             tasks,
-            inner_lr=rates,
+            fmaml.InnerLoop(rates),
             objective="reptile",
             strategy=fmaml.Strategy(chunk_size=1),
         )
     # detached rates are numbers to Reptile: accepted, and the same as the plain number
     detached = {k: v.detach() for k, v in rates.items()}
     assert_dicts_close(
-        direction(loss_fn, params, tasks, inner_lr=detached),
-        direction(loss_fn, params, tasks, inner_lr=0.1),
+        direction(loss_fn, params, tasks, fmaml.InnerLoop(detached)),
+        direction(loss_fn, params, tasks, fmaml.InnerLoop(0.1)),
     )
 
 
 def test_error_step_weights():
     params, loss_fn, tasks = sinusoid_setup()
-    with pytest.raises(ValueError, match=r"task_loss\(\): `step_weights` weight the query loss"):
+    with pytest.raises(
+        ValueError, match=r"meta_loss\(\): the inner loop has step_weights .*Reptile"
+    ):
         fmaml.meta_loss(
             loss_fn,
             params,
             tasks,
-            inner_lr=0.1,
-            num_steps=2,
-            step_weights=[0.5, 0.5],
+            fmaml.InnerLoop(0.1, num_steps=2, step_weights=[0.5, 0.5]),
             objective="reptile",
         )
 
@@ -380,7 +399,7 @@ def test_error_unknown_objective(caller):
     with pytest.raises(
         ValueError, match=rf"{caller}\(\): `objective` must be 'query' .* got 'reptle'"
     ):
-        getattr(fmaml, caller)(loss_fn, params, task, inner_lr=0.1, objective="reptle")
+        getattr(fmaml, caller)(loss_fn, params, task, fmaml.InnerLoop(0.1), objective="reptle")
 
 
 @pytest.mark.parametrize(
@@ -408,7 +427,7 @@ def test_error_maml_plus_plus_settings_on_the_command_line(tmp_path):
 
 def test_the_compiled_strategy_gives_the_plain_direction():
     params, loss_fn, tasks = sinusoid_setup()
-    kwargs = dict(inner_lr=0.1, num_steps=2)
-    plain = direction(loss_fn, params, tasks, **kwargs)
-    compiled = direction(loss_fn, params, tasks, strategy=fmaml.Strategy(compile=True), **kwargs)
+    inner = fmaml.InnerLoop(0.1, num_steps=2)
+    plain = direction(loss_fn, params, tasks, inner)
+    compiled = direction(loss_fn, params, tasks, inner, strategy=fmaml.Strategy(compile=True))
     assert_dicts_close(compiled, plain)

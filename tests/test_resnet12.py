@@ -130,7 +130,7 @@ def assert_grads_close(ours, reference, names):
 def test_meta_gradient_equals_autograd_oracle(adapt):
     model, params, tasks, loss_fn, kwargs = meta_setup()
     kwargs["adapt_keys"] = {"maml": None, "anil": head_keys, "boil": body_keys}[adapt]
-    loss = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+    loss = fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(**kwargs))
     ours = torch.autograd.grad(loss, list(params.values()))
     reference = oracle_meta_grad(model, F.cross_entropy, params, tasks, **kwargs)
     assert_grads_close(ours, reference, list(params))
@@ -143,7 +143,7 @@ def test_anil_is_not_maml():
     _, params, tasks, loss_fn, kwargs = meta_setup()
     grads = {}
     for name, keys in (("maml", None), ("anil", head_keys)):
-        loss = fmaml.meta_loss(loss_fn, params, tasks, adapt_keys=keys, **kwargs)
+        loss = fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(**kwargs, adapt_keys=keys))
         grads[name] = torch.autograd.grad(loss, list(params.values()))
     differs = [
         k for k, a, b in zip(params, grads["maml"], grads["anil"]) if not torch.allclose(a, b)
@@ -160,16 +160,17 @@ def test_anil_is_not_maml():
 def test_strategies_give_the_same_meta_gradient(strategy, adapt):
     _, params, tasks, loss_fn, kwargs = meta_setup(num_steps=3)
     kwargs["adapt_keys"] = head_keys if adapt == "anil" else None
-    plain = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+    inner = fmaml.InnerLoop(**kwargs)
+    plain = fmaml.meta_loss(loss_fn, params, tasks, inner)
     expected = torch.autograd.grad(plain, list(params.values()))
-    loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
-    torch.testing.assert_close(loss, plain, rtol=1e-12, atol=1e-12)
-    assert_grads_close(torch.autograd.grad(loss, list(params.values())), expected, list(params))
+    loss, grads = fmaml.value_and_grad(loss_fn, params, tasks, inner, strategy=strategy)
+    torch.testing.assert_close(loss, plain.detach(), rtol=1e-12, atol=1e-12)
+    assert_grads_close([grads.params[k] for k in params], expected, list(params))
 
 
 def test_first_order_equals_oracle():
     model, params, tasks, loss_fn, kwargs = meta_setup(num_steps=1)
-    loss = fmaml.meta_loss(loss_fn, params, tasks, first_order=True, **kwargs)
+    loss = fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(**kwargs, first_order=True))
     ours = torch.autograd.grad(loss, list(params.values()))
     reference = oracle_meta_grad(model, F.cross_entropy, params, tasks, first_order=True, **kwargs)
     assert_grads_close(ours, reference, list(params))
@@ -213,5 +214,5 @@ def test_error_bad_input_inside_meta_loss():
     """The shape check runs under vmap too: a meta-batch of too-small images is refused."""
     _, params, _, loss_fn, kwargs = meta_setup(num_steps=1)
     tasks = image_tasks(num_tasks=2, num_ways=3, size=12)
-    with pytest.raises(ValueError, match=r"resnet12\(\): expected .*got \[6, 1, 12, 12\]"):
-        fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+    with pytest.raises(ValueError, match=r"meta_loss\(\): expected .*got \[6, 1, 12, 12\]"):
+        fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(**kwargs))

@@ -252,18 +252,18 @@ def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch):
 
 def poison_gradient_from(monkeypatch, iteration: int) -> None:
     """From ``iteration`` on, the meta-loss stays finite but its gradient is NaN."""
-    real = train_module.meta_loss
+    real = train_module.value_and_grad
     calls = {"n": 0}
 
-    def poisoned(loss_fn, params, *args, **kwargs):
+    def poisoned(*args, **kwargs):
         calls["n"] += 1
-        loss, score = real(loss_fn, params, *args, **kwargs)
-        if calls["n"] >= iteration:
-            first = next(iter(params.values()))
-            loss = loss + torch.sqrt(0.0 * first.sum())  # value + 0, gradient 0 * inf = NaN
-        return loss, score
+        loss, grads, score = real(*args, **kwargs)
+        if calls["n"] >= iteration:  # the first input's gradient NaN, the loss as it was
+            first, *rest = grads.wrt
+            grads = grads._replace(wrt=[torch.full_like(first, float("nan")), *rest])
+        return loss, grads, score
 
-    monkeypatch.setattr(train_module, "meta_loss", poisoned)
+    monkeypatch.setattr(train_module, "value_and_grad", poisoned)
 
 
 @pytest.mark.parametrize("grad_clip", [None, 1.0])

@@ -71,69 +71,75 @@ def build(variant_name="maml", model_name="conv4"):
         criterion = F.mse_loss
     params = fmaml.params_of(model)
     variant = dict(VARIANTS[variant_name])
-    kwargs = {"inner_lr": 0.1, "num_steps": 1}
+    settings = {"inner_lr": 0.1, "num_steps": 1}
     if variant.pop("learned_rates", False):
         g = torch.Generator().manual_seed(3)
-        kwargs["inner_lr"] = {
+        settings["inner_lr"] = {
             k: (0.05 + 0.1 * torch.rand(v.shape, generator=g, dtype=DTYPE)).requires_grad_()
             for k, v in params.items()
         }
     if variant.pop("per_step_rates", False):
-        kwargs["inner_lr"] = fmaml.init_rates(
+        settings["inner_lr"] = fmaml.init_rates(
             params, 0.1, per_element=False, num_steps=variant["num_steps"]
         )
-    kwargs.update(variant)
-    return fmaml.supervised_loss(model, criterion), params, tasks, kwargs
+    settings.update(variant)
+    return fmaml.supervised_loss(model, criterion), params, tasks, fmaml.InnerLoop(**settings)
 
 
-def leaves_of(params, kwargs):
-    rates = kwargs["inner_lr"]
+def leaves_of(params, inner):
+    rates = inner.inner_lr
     rates = rates if isinstance(rates, list) else [rates]
     extra = [v for r in rates if isinstance(r, dict) for v in r.values()]
     return list(params.values()) + extra
 
 
-def assert_same_meta_gradient(loss_fn, params, tasks, kwargs, strategy):
-    leaves = leaves_of(params, kwargs)
-    reference = fmaml.meta_loss(loss_fn, params, tasks, **kwargs)
+def assert_same_meta_gradient(loss_fn, params, tasks, inner, strategy):
+    leaves = leaves_of(params, inner)
+    reference = fmaml.meta_loss(loss_fn, params, tasks, inner)
     expected = torch.autograd.grad(reference, leaves, allow_unused=True)
-    loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
-    got = torch.autograd.grad(loss, leaves, allow_unused=True)
-    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
-    for i, (a, b) in enumerate(zip(got, expected)):
+    loss, grads = fmaml.value_and_grad(loss_fn, params, tasks, inner, wrt=leaves, strategy=strategy)
+    got = grads.wrt
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
         a = torch.zeros_like(leaves[i]) if a is None else a
         b = torch.zeros_like(leaves[i]) if b is None else b
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"leaf {i}")
+    for k, b in zip(params, expected, strict=False):  # the same gradients in params' places
+        a = grads.params[k]
+        a = torch.zeros_like(params[k]) if a is None else a
+        b = torch.zeros_like(params[k]) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"params[{k!r}]")
     assert any(g is not None and g.abs().sum() > 0 for g in got)
 
 
 @pytest.mark.parametrize("variant_name", list(VARIANTS))
 @pytest.mark.parametrize("strategy_name", list(STRATEGIES))
 def test_every_strategy_gives_the_same_meta_gradient_on_conv4(strategy_name, variant_name):
-    loss_fn, params, tasks, kwargs = build(variant_name)
-    assert_same_meta_gradient(loss_fn, params, tasks, kwargs, STRATEGIES[strategy_name])
+    loss_fn, params, tasks, inner = build(variant_name)
+    assert_same_meta_gradient(loss_fn, params, tasks, inner, STRATEGIES[strategy_name])
 
 
 @pytest.mark.parametrize("strategy_name", ["one-at-a-time", "one-at-a-time-checkpoint"])
 @pytest.mark.parametrize("variant_name", ["maml", "metasgd", "lslr-3-steps-msl"])
 def test_strategies_on_the_sinusoid_mlp(strategy_name, variant_name):
-    loss_fn, params, tasks, kwargs = build(variant_name, model_name="mlp")
-    assert_same_meta_gradient(loss_fn, params, tasks, kwargs, STRATEGIES[strategy_name])
+    loss_fn, params, tasks, inner = build(variant_name, model_name="mlp")
+    assert_same_meta_gradient(loss_fn, params, tasks, inner, STRATEGIES[strategy_name])
 
 
 @pytest.mark.parametrize("strategy", [Strategy(chunk_size=1), Strategy(checkpoint=True)])
 def test_strategies_with_per_step_batchnorm_and_support_statistics(strategy):
-    loss_fn, params, tasks, kwargs = build("maml")
-    kwargs["num_steps"] = 2
+    loss_fn, params, tasks, inner = build("maml")
+    inner = inner.replace(num_steps=2)
     stepwise, stacked = fmaml.per_step(loss_fn, params, loss_fn.batchnorm_keys(), num_steps=2)
     stepwise = stepwise.with_support_statistics()
-    assert_same_meta_gradient(stepwise, stacked, tasks, kwargs, strategy)
+    assert_same_meta_gradient(stepwise, stacked, tasks, inner, strategy)
 
 
 def test_one_task_at_a_time_matches_an_autograd_oracle_with_torch_batchnorm():
     """Without vmap, BatchNorm runs torch's fused kernel: its second order is exact there."""
-    loss_fn, params, tasks, kwargs = build("maml")
-    kwargs["num_steps"] = 2
+    loss_fn, params, tasks, inner = build("maml")
+    inner = inner.replace(num_steps=2)
     oracle_model = fmaml.nn.conv4(3, hidden=4, image_size=12).to(DTYPE)
     for module in oracle_model.modules():
         for name, child in module.named_children():
@@ -152,9 +158,9 @@ def test_one_task_at_a_time_matches_an_autograd_oracle_with_torch_batchnorm():
         out = torch.func.functional_call(oracle_model, fast, (tasks.query[0][t],))
         total = total + F.cross_entropy(out, tasks.query[1][t]) / 3
     expected = torch.autograd.grad(total, list(params.values()))
-    loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=Strategy(chunk_size=1), **kwargs)
-    got = torch.autograd.grad(loss, list(params.values()))
-    for a, b in zip(got, expected):
+    _, grads = fmaml.value_and_grad(loss_fn, params, tasks, inner, strategy=Strategy(chunk_size=1))
+    got = [grads.params[k] for k in params]
+    for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
@@ -174,25 +180,28 @@ def test_fused_batchnorm_kernel_only_outside_vmap():
 
 
 def test_scores_and_no_grad_evaluation_match():
-    loss_fn, params, tasks, kwargs = build("maml")
+    loss_fn, params, tasks, inner = build("maml")
     score_fn = loss_fn.with_criterion(fmaml.accuracy)
-    expected = fmaml.meta_loss(loss_fn, params, tasks, score_fn=score_fn, **kwargs)
+    expected = fmaml.meta_loss(loss_fn, params, tasks, inner, score_fn=score_fn)
+    expected = tuple(t.detach() for t in expected)
     for strategy in STRATEGIES.values():
-        got = fmaml.meta_loss(
-            loss_fn, params, tasks, score_fn=score_fn, strategy=strategy, **kwargs
+        loss, _, score = fmaml.value_and_grad(
+            loss_fn, params, tasks, inner, score_fn=score_fn, strategy=strategy
         )
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-        with torch.no_grad():
-            value = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
+        torch.testing.assert_close((loss, score), expected, rtol=1e-12, atol=1e-12)
+        with torch.no_grad():  # value_and_grad differentiates whatever the grad mode
+            value, grads = fmaml.value_and_grad(loss_fn, params, tasks, inner, strategy=strategy)
         assert not value.requires_grad
+        assert all(g is not None for g in grads.params.values())
         torch.testing.assert_close(value, expected[0], rtol=1e-12, atol=1e-12)
 
 
 def test_the_default_strategy_is_the_plain_vmap():
-    loss_fn, params, tasks, kwargs = build("maml")
-    loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=Strategy(), **kwargs)
-    assert loss.grad_fn is not None and "Precomputed" not in type(loss.grad_fn).__name__
-    assert Strategy().is_plain and not Strategy(chunk_size=4).is_plain
+    loss_fn, params, tasks, inner = build("maml")
+    loss, grads = fmaml.value_and_grad(loss_fn, params, tasks, inner, strategy=Strategy())
+    assert loss.grad_fn is None and not loss.requires_grad  # a value, not a graph
+    assert all(not g.requires_grad for g in grads.params.values())
+    assert str(Strategy()) == "vmap over all tasks"
 
 
 def test_auto_strategy_is_visible_and_per_device_and_model():
@@ -225,9 +234,9 @@ def test_auto_strategy_vmaps_small_tasks_in_one_chunk_per_worker(monkeypatch):
 
 
 def test_compile_refuses_batchnorm_before_compiling():
-    loss_fn, params, tasks, kwargs = build("maml")  # conv4 has BatchNorm
+    loss_fn, params, tasks, inner = build("maml")  # conv4 has BatchNorm
     with pytest.raises(ValueError, match="refuses models with BatchNorm"):
-        fmaml.meta_loss(loss_fn, params, tasks, strategy=Strategy(compile=True), **kwargs)
+        fmaml.value_and_grad(loss_fn, params, tasks, inner, strategy=Strategy(compile=True))
     assert str(Strategy(compile=True, threads=1)) == (
         "vmap over all tasks, compiled, 1 intra-op thread"
     )
@@ -252,24 +261,29 @@ def test_strategy_arguments_are_checked(kwargs, match):
 
 
 def test_strategies_refuse_torch_func_transforms_and_differentiable_tasks():
-    loss_fn, params, tasks, kwargs = build("maml")
+    loss_fn, params, tasks, inner = build("maml")
     names = list(params)
 
     def f(*leaves):
-        return fmaml.meta_loss(
-            loss_fn, dict(zip(names, leaves)), tasks, strategy=Strategy(chunk_size=1), **kwargs
+        loss, _ = fmaml.value_and_grad(
+            loss_fn, dict(zip(names, leaves)), tasks, inner, strategy=Strategy(chunk_size=1)
         )
+        return loss
 
-    with pytest.raises(RuntimeError, match="can't run inside torch.func transforms"):
+    with pytest.raises(
+        RuntimeError, match=r"value_and_grad\(\): .*can't run inside torch.func transforms"
+    ):
         torch.func.grad(f)(*params.values())
     x = tasks.support[0].clone().requires_grad_()
     bad = fmaml.Task((x, tasks.support[1]), tasks.query)
-    with pytest.raises(ValueError, match="a tensor of `tasks` requires grad"):
-        fmaml.meta_loss(loss_fn, params, bad, strategy=Strategy(chunk_size=1), **kwargs)
+    with pytest.raises(
+        ValueError, match=r"value_and_grad\(\): .*a tensor of `tasks` requires grad"
+    ):
+        fmaml.value_and_grad(loss_fn, params, bad, inner, strategy=Strategy(chunk_size=1))
 
 
 def test_threads_are_set_while_the_meta_batch_runs_and_restored():
-    loss_fn, params, tasks, kwargs = build("maml")
+    loss_fn, params, tasks, inner = build("maml")
     seen = []
 
     def counting(p, batch, **kw):
@@ -280,7 +294,7 @@ def test_threads_are_set_while_the_meta_batch_runs_and_restored():
     torch.set_num_threads(2)
     try:
         strategy = Strategy(chunk_size=1, threads=1)
-        fmaml.meta_loss(counting, params, tasks, strategy=strategy, **kwargs)
+        fmaml.value_and_grad(counting, params, tasks, inner, strategy=strategy)
         assert set(seen) == {1} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -290,28 +304,38 @@ def test_threads_are_set_while_the_meta_batch_runs_and_restored():
 def test_plain_autograd_inner_steps_equal_torch_func_grad(variant_name):
     """One task at a time, the inner gradients come from torch.autograd.grad: the same
     adapted parameters and the same second derivatives as torch.func.grad's."""
-    from fmaml.adapt import PLAIN_AUTOGRAD
+    from fmaml.adapt import autograd_grad, func_grad, trajectory
 
-    loss_fn, params, tasks, kwargs = build(variant_name)
-    kwargs = {**kwargs, "num_steps": 2}
+    loss_fn, params, tasks, inner = build(variant_name)
+    inner = inner.replace(num_steps=2)
     support = tuple(t[0] for t in tasks.support)
-    leaves = leaves_of(params, kwargs)
+    task = fmaml.Task(support, tuple(t[0] for t in tasks.query))
+    leaves = leaves_of(params, inner)
 
-    def adapted_and_second_derivative():
-        adapted = fmaml.adapt(loss_fn, params, support, **kwargs)
+    def adapt(params, inner, grad):
+        return trajectory(loss_fn, params, support, inner, grad=grad).params(inner.num_steps)
+
+    def adapted_and_second_derivative(grad):
+        adapted = adapt(params, inner, grad)
         total = sum((v**2).sum() for v in adapted.values())
         return adapted, torch.autograd.grad(total, leaves, allow_unused=True)
 
-    expected, expected_grads = adapted_and_second_derivative()
-    token = PLAIN_AUTOGRAD.set(True)
-    try:
-        got, got_grads = adapted_and_second_derivative()
-        detached = {k: v.detach() for k, v in params.items()}
-        constant = fmaml.adapt(loss_fn, detached, support, inner_lr=0.1)
-        with torch.no_grad():
-            evaluated = fmaml.adapt(loss_fn, params, support, **kwargs)
-    finally:
-        PLAIN_AUTOGRAD.reset(token)
+    expected, expected_grads = adapted_and_second_derivative(func_grad)
+    got, got_grads = adapted_and_second_derivative(autograd_grad)
+    detached = {k: v.detach() for k, v in params.items()}
+    constant = adapt(detached, fmaml.InnerLoop(0.1), autograd_grad)
+    with torch.no_grad():
+        evaluated = adapt(params, inner, autograd_grad)
+    # and the query loss through task_loss, with either grad
+    reference = fmaml.task_loss(loss_fn, params, task, inner)
+    plain = fmaml.task_loss(loss_fn, params, task, inner, grad=autograd_grad)
+    torch.testing.assert_close(plain, reference, rtol=1e-12, atol=1e-14)
+    expected_loss_grads = torch.autograd.grad(reference, leaves, allow_unused=True)
+    got_loss_grads = torch.autograd.grad(plain, leaves, allow_unused=True)
+    for a, b in zip(got_loss_grads, expected_loss_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(evaluated[k], expected[k], rtol=1e-12, atol=1e-14)
@@ -363,30 +387,30 @@ def test_a_tensor_the_loss_captures_gets_the_pure_gradient_on_every_strategy(
 ):
     """A learned temperature outside ``params``: every strategy finds the leaves the chunks
     reach and hands them their gradient, through the inner loop too (second order)."""
-    _, params, tasks, kwargs = build("maml")
-    kwargs["num_steps"] = 2
+    _, params, tasks, inner = build("maml")
+    inner = inner.replace(num_steps=2)
     if not params_require_grad:
         params = {k: v.detach() for k, v in params.items()}
     log_temp = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
     leaves = [log_temp, *(v for v in params.values() if v.requires_grad)]
 
-    def meta_gradient(strategy):
-        loss_fn = captured_temperature_loss(kind, log_temp)
-        loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
-        return loss, torch.autograd.grad(loss, leaves)
-
-    expected_loss, expected = meta_gradient(None)
-    loss, got = meta_gradient(strategy_named(strategy_name))
-    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
-    assert expected[0].abs() > 1e-3  # the temperature matters, through the inner loop too
-    for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    # and by .backward(), as training does
     loss_fn = captured_temperature_loss(kind, log_temp)
-    fmaml.meta_loss(
-        loss_fn, params, tasks, strategy=strategy_named(strategy_name), **kwargs
-    ).backward()
-    torch.testing.assert_close(log_temp.grad, expected[0], rtol=1e-9, atol=1e-11)
+    expected_loss = fmaml.meta_loss(loss_fn, params, tasks, inner)
+    expected = torch.autograd.grad(expected_loss, leaves)
+    loss_fn = captured_temperature_loss(kind, log_temp)
+    loss, grads = fmaml.value_and_grad(
+        loss_fn, params, tasks, inner, wrt=leaves, strategy=strategy_named(strategy_name)
+    )
+    torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-12, atol=1e-12)
+    assert expected[0].abs() > 1e-3  # the temperature matters, through the inner loop too
+    for a, b in zip(grads.wrt, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    # a captured tensor gets a gradient only when it is named in `wrt`
+    loss_fn = captured_temperature_loss(kind, log_temp)
+    _, unnamed = fmaml.value_and_grad(
+        loss_fn, params, tasks, inner, strategy=strategy_named(strategy_name)
+    )
+    assert unnamed.wrt == [] and log_temp.grad is None
 
 
 @pytest.mark.parametrize("strategy_name", list(EVERY_STRATEGY))
@@ -394,18 +418,19 @@ def test_a_loss_that_captures_params_and_rates_themselves_gets_the_pure_gradient
     """A regulariser on a meta-parameter and a rate, captured by the loss: inside the inner
     loop they are constants of the support loss's gradient (as torch.func.grad sees them),
     and their own gradient adds to the one through the adapted parameters."""
-    loss_fn, params, tasks, kwargs = build("metasgd")
-    kwargs["num_steps"] = 2
-    weight, rate = params["head.weight"], kwargs["inner_lr"]["head.bias"]
+    loss_fn, params, tasks, inner = build("metasgd")
+    inner = inner.replace(num_steps=2)
+    weight, rate = params["head.weight"], inner.inner_lr["head.bias"]
     regularised = loss_fn.with_criterion(  # a SupervisedLoss, as workers need
         lambda out, y: F.cross_entropy(out, y) + 0.1 * (weight**2).sum() + (rate**2).sum()
     )
-    leaves = leaves_of(params, kwargs)
-    expected = torch.autograd.grad(fmaml.meta_loss(regularised, params, tasks, **kwargs), leaves)
+    leaves = leaves_of(params, inner)
+    expected = torch.autograd.grad(fmaml.meta_loss(regularised, params, tasks, inner), leaves)
     strategy = strategy_named(strategy_name)
-    loss = fmaml.meta_loss(regularised, params, tasks, strategy=strategy, **kwargs)
-    got = torch.autograd.grad(loss, leaves)
-    for a, b in zip(got, expected, strict=True):
+    _, grads = fmaml.value_and_grad(
+        regularised, params, tasks, inner, wrt=leaves, strategy=strategy
+    )
+    for a, b in zip(grads.wrt, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
@@ -417,10 +442,10 @@ def test_a_tensor_the_loss_captures_gets_the_pure_gradient_when_compiled():
     refuses), a captured output scale, leaf and non-leaf. Compiles once (~1 min)."""
     torch.manual_seed(0)
     model = fmaml.nn.mlp(hidden=(8, 8)).to(DTYPE)
-    _, params, tasks, kwargs = build("metasgd", model_name="mlp")
-    kwargs["num_steps"] = 2
+    _, params, tasks, inner = build("metasgd", model_name="mlp")
+    inner = inner.replace(num_steps=2)
     log_scale = torch.tensor(0.2, dtype=DTYPE, requires_grad=True)
-    leaves = [log_scale, *leaves_of(params, kwargs)]
+    leaves = [log_scale, *leaves_of(params, inner)]
     for kind in ["leaf", "non-leaf"]:
         grads = []
         for strategy in [None, Strategy(compile=True)]:
@@ -428,48 +453,64 @@ def test_a_tensor_the_loss_captures_gets_the_pure_gradient_when_compiled():
             loss_fn = fmaml.supervised_loss(
                 model, lambda out, y, scale=scale: F.mse_loss(out * scale, y)
             )
-            loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
-            grads.append(torch.autograd.grad(loss, leaves))
+            if strategy is None:  # the definition
+                loss = fmaml.meta_loss(loss_fn, params, tasks, inner)
+                grads.append(torch.autograd.grad(loss, leaves))
+            else:
+                _, got = fmaml.value_and_grad(
+                    loss_fn, params, tasks, inner, wrt=leaves, strategy=strategy
+                )
+                grads.append(got.wrt)
         assert grads[0][0].abs() > 1e-3
         for a, b in zip(grads[1], grads[0], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 def test_a_captured_tensor_under_first_order_gets_the_pure_first_order_gradient():
-    _, params, tasks, kwargs = build("fomaml")
+    _, params, tasks, inner = build("fomaml")
     log_temp = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
-    grads = []
-    for strategy in [None, Strategy(chunk_size=1), Strategy(chunk_size=1, checkpoint=True)]:
+    leaves = [log_temp, *params.values()]
+    loss_fn = captured_temperature_loss("non-leaf", log_temp)
+    grads = [torch.autograd.grad(fmaml.meta_loss(loss_fn, params, tasks, inner), leaves)]
+    for strategy in [Strategy(chunk_size=1), Strategy(chunk_size=1, checkpoint=True)]:
         loss_fn = captured_temperature_loss("non-leaf", log_temp)
-        loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
-        grads.append(torch.autograd.grad(loss, [log_temp, *params.values()]))
+        _, got = fmaml.value_and_grad(loss_fn, params, tasks, inner, wrt=leaves, strategy=strategy)
+        grads.append(got.wrt)
     for got in grads[1:]:
         for a, b in zip(got, grads[0], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
 def test_a_tensor_handed_out_twice_is_refused_by_strategies():
-    """``inner_lr = log_lr.exp()`` while the loss also captures ``log_lr``: the strategy
-    would hand ``log_lr`` its total gradient and ``inner_lr`` its own, which flows on to
+    """``inner_lr = log_lr.exp()`` while ``log_lr`` is in ``wrt`` too (the loss captures
+    it): ``log_lr`` would get its total gradient and ``inner_lr`` its own, which flows on to
     ``log_lr`` again. Refused; the pure path is right."""
-    _, params, tasks, kwargs = build("maml")
+    _, params, tasks, inner = build("maml")
     log_lr = torch.tensor(-2.0, dtype=DTYPE, requires_grad=True)
     loss_fn = captured_temperature_loss("leaf", log_lr)
-    kwargs["inner_lr"] = log_lr.exp()
-    fmaml.meta_loss(loss_fn, params, tasks, **kwargs).backward()
+    fmaml.meta_loss(loss_fn, params, tasks, inner.replace(inner_lr=log_lr.exp())).backward()
     assert log_lr.grad is not None
     for strategy in [Strategy(chunk_size=1), Strategy(chunk_size=1, checkpoint=True)]:
-        kwargs["inner_lr"] = log_lr.exp()
         with pytest.raises(
             ValueError,
-            match=r"(?s)a tensor of `inner_lr` \(shape \[\], torch.float64\) is computed from "
-            r"a leaf tensor the loss captures .*counted twice.*strategy=None",
+            match=r"(?s)value_and_grad\(\): a tensor of `inner_lr` \(shape \[\], torch.float64\) "
+            r"is computed from a tensor of `wrt` .*counted twice",
         ):
-            fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs)
+            fmaml.value_and_grad(
+                loss_fn,
+                params,
+                tasks,
+                inner.replace(inner_lr=log_lr.exp()),
+                wrt=[log_lr],
+                strategy=strategy,
+            )
     weight = torch.tensor(0.5, dtype=DTYPE, requires_grad=True)
-    kwargs = {**kwargs, "inner_lr": 0.1, "num_steps": 2, "step_weights": [weight, weight * 2]}
-    with pytest.raises(ValueError, match=r"a tensor of `step_weights` .* is computed from"):
-        fmaml.meta_loss(loss_fn, params, tasks, strategy=Strategy(chunk_size=2), **kwargs)
+    weighted = inner.replace(inner_lr=0.1, num_steps=2, step_weights=[weight, weight * 2])
+    with pytest.raises(
+        ValueError,
+        match=r"value_and_grad\(\): a tensor of `step_weights` .* is computed from .*counted twice",
+    ):
+        fmaml.value_and_grad(loss_fn, params, tasks, weighted, strategy=Strategy(chunk_size=2))
 
 
 STEP_WEIGHT_LISTS = {
@@ -485,20 +526,29 @@ def test_step_weights_as_a_list_of_tensors_get_their_gradient_on_every_path(
 ):
     """Each learnable 0-d weight of a list gets the gradient the same weights get as one
     stacked tensor on the pure path."""
-    loss_fn, params, tasks, kwargs = build("maml")
-    kwargs["num_steps"] = 2
+    loss_fn, params, tasks, inner = build("maml")
+    inner = inner.replace(num_steps=2)
     weights = STEP_WEIGHT_LISTS[weights_name]()
     learned = [i for i, w in enumerate(weights) if isinstance(w, torch.Tensor)]
     values = [float(w.detach()) if isinstance(w, torch.Tensor) else w for w in weights]
     stacked = torch.tensor(values, dtype=DTYPE, requires_grad=True)
-    reference = fmaml.meta_loss(loss_fn, params, tasks, step_weights=stacked, **kwargs)
+    reference = fmaml.meta_loss(loss_fn, params, tasks, inner.replace(step_weights=stacked))
     expected = torch.autograd.grad(reference, [stacked, *params.values()])
-    strategy = None if strategy_name == "pure" else STRATEGIES[strategy_name]
-    loss = fmaml.meta_loss(
-        loss_fn, params, tasks, step_weights=weights, strategy=strategy, **kwargs
-    )
-    got = torch.autograd.grad(loss, [*(weights[i] for i in learned), *params.values()])
-    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
+    leaves = [*(weights[i] for i in learned), *params.values()]
+    listed = inner.replace(step_weights=weights)
+    if strategy_name == "pure":
+        loss = fmaml.meta_loss(loss_fn, params, tasks, listed)
+        got = torch.autograd.grad(loss, leaves)
+    else:
+        loss, grads = fmaml.value_and_grad(
+            loss_fn, params, tasks, listed, strategy=STRATEGIES[strategy_name]
+        )
+        # each weight's gradient in its place in the list, None for a number
+        assert [g is not None for g in grads.step_weights] == [
+            i in learned for i in range(len(weights))
+        ]
+        got = [grads.step_weights[i] for i in learned] + [grads.params[k] for k in params]
+    torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.stack(got[: len(learned)]), expected[0][learned])
     assert expected[0].abs().min() > 1e-3
     for a, b in zip(got[len(learned) :], expected[1:], strict=True):
@@ -516,8 +566,8 @@ def test_the_pure_meta_loss_gives_hessian_vector_products_on_the_mlp():
     """Second derivatives of the meta-loss (third of the inner loss) through meta_loss,
     strategy=None, a captured output scale included: central finite differences of the
     meta-gradient (float64; the sinusoid MLP is smooth enough for them)."""
-    _, params, tasks, kwargs = build("maml", model_name="mlp")
-    kwargs["num_steps"] = 2
+    _, params, tasks, inner = build("maml", model_name="mlp")
+    inner = inner.replace(num_steps=2)
     names = list(params)
     torch.manual_seed(0)
     model = fmaml.nn.mlp(hidden=(8, 8)).to(DTYPE)
@@ -526,7 +576,7 @@ def test_the_pure_meta_loss_gives_hessian_vector_products_on_the_mlp():
         *weights, log_scale = values
         scale = log_scale.exp()  # a non-leaf the loss captures
         loss_fn = fmaml.supervised_loss(model, lambda out, y: F.mse_loss(out * scale, y))
-        return fmaml.meta_loss(loss_fn, dict(zip(names, weights, strict=True)), tasks, **kwargs)
+        return fmaml.meta_loss(loss_fn, dict(zip(names, weights, strict=True)), tasks, inner)
 
     values = [*params.values(), torch.tensor(0.2, dtype=DTYPE, requires_grad=True)]
     g = torch.Generator().manual_seed(1)
@@ -550,8 +600,8 @@ def test_the_pure_meta_loss_gives_hessian_vector_products_on_conv4():
     oracle here: max-pool and ReLU kinks on these tiny images.)"""
     from fmaml.nn.batchnorm import with_stat_rows
 
-    _, params, tasks, kwargs = build("maml")
-    kwargs["num_steps"] = 2
+    _, params, tasks, inner = build("maml")
+    inner = inner.replace(num_steps=2)
     names = list(params)
     values = [*params.values(), torch.tensor(0.3, dtype=DTYPE, requires_grad=True)]
     g = torch.Generator().manual_seed(1)
@@ -560,7 +610,7 @@ def test_the_pure_meta_loss_gives_hessian_vector_products_on_conv4():
     def pure(values):
         *weights, log_temp = values
         loss_fn = captured_temperature_loss("non-leaf", log_temp)
-        return fmaml.meta_loss(loss_fn, dict(zip(names, weights, strict=True)), tasks, **kwargs)
+        return fmaml.meta_loss(loss_fn, dict(zip(names, weights, strict=True)), tasks, inner)
 
     module = captured_temperature_loss("leaf", values[-1]).module
 
@@ -592,16 +642,6 @@ def test_the_pure_meta_loss_gives_hessian_vector_products_on_conv4():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("strategy_name", list(STRATEGIES))
-def test_strategies_refuse_a_second_derivative(strategy_name):
-    loss_fn, params, tasks, kwargs = build("maml")
-    loss = fmaml.meta_loss(loss_fn, params, tasks, strategy=STRATEGIES[strategy_name], **kwargs)
-    with pytest.raises(RuntimeError, match=r"differentiable once.*Use strategy=None"):
-        torch.autograd.grad(loss, list(params.values()), create_graph=True)
-    once = torch.autograd.grad(loss, list(params.values()))  # still differentiable once
-    assert any(g.abs().sum() > 0 for g in once)
-
-
 def test_auto_strategy_has_a_worker_per_core_it_may_use(monkeypatch):
     conv_loss, *_ = build("maml")
     before = torch.get_num_threads()
@@ -626,11 +666,11 @@ def test_auto_strategy_has_a_worker_per_core_it_may_use(monkeypatch):
 
 
 def test_strategies_leave_threads_warning_filters_and_random_state_as_they_were():
-    _, params, tasks, kwargs = build("maml")
+    _, params, tasks, inner = build("maml")
     threads, filters, rng = torch.get_num_threads(), list(warnings.filters), torch.get_rng_state()
     for strategy in [*STRATEGIES.values(), Strategy(chunk_size=1, threads=1)]:
         loss_fn = captured_temperature_loss("leaf", torch.tensor(1.0, dtype=DTYPE))
-        fmaml.meta_loss(loss_fn, params, tasks, strategy=strategy, **kwargs).backward()
+        fmaml.value_and_grad(loss_fn, params, tasks, inner, strategy=strategy)
     assert torch.get_num_threads() == threads
     assert warnings.filters == filters
     assert torch.equal(torch.get_rng_state(), rng)

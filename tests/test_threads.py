@@ -14,14 +14,16 @@ import torch
 from conftest_tasks import small_conv_problem as setup
 
 import fmaml
-from fmaml.engine.strategy import _intra_op_threads
+from fmaml.engine.run import intra_op_threads
 
 DTYPE = torch.float64
 
 
 def meta_gradient(loss_fn, params, tasks, strategy):
-    loss = fmaml.meta_loss(loss_fn, params, tasks, inner_lr=0.1, strategy=strategy)
-    return [loss.detach(), *torch.autograd.grad(loss, list(params.values()))]
+    loss, grads = fmaml.value_and_grad(
+        loss_fn, params, tasks, fmaml.InnerLoop(0.1), strategy=strategy
+    )
+    return [loss, *(grads.params[k] for k in params)]
 
 
 def test_threads_calling_meta_loss_at_once_get_the_serial_results_and_leave_no_trace():
@@ -50,14 +52,14 @@ def test_a_thread_count_scope_waits_for_another_threads_scope():
     inside, release, seen = threading.Event(), threading.Event(), []
 
     def first():
-        with _intra_op_threads(1):
+        with intra_op_threads(1):
             inside.set()
             release.wait(timeout=30)
             seen.append(("first", torch.get_num_threads()))
 
     def second():
         inside.wait(timeout=30)
-        with _intra_op_threads(before + 1):
+        with intra_op_threads(before + 1):
             seen.append(("second", torch.get_num_threads()))
 
     a, b = threading.Thread(target=first), threading.Thread(target=second)
@@ -73,10 +75,10 @@ def test_a_thread_count_scope_waits_for_another_threads_scope():
 
 def test_scopes_nest_within_a_thread_and_restore_the_count_found_on_entry():
     before = torch.get_num_threads()
-    with _intra_op_threads(1):
-        with _intra_op_threads(2):
+    with intra_op_threads(1):
+        with intra_op_threads(2):
             assert torch.get_num_threads() == 2
         assert torch.get_num_threads() == 1
-        with _intra_op_threads(None):
+        with intra_op_threads(None):
             assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before

@@ -35,15 +35,15 @@ def test_the_gradients_of_params_rates_step_weights_and_a_captured_tensor(strate
         for k, v in params.items()
     }
     weights = [torch.tensor(0.4, dtype=DTYPE, requires_grad=True), 0.6]
-    settings = dict(inner_lr=rates, num_steps=2, step_weights=weights)
+    inner = fmaml.InnerLoop(rates, num_steps=2, step_weights=weights)
 
-    reference = fmaml.meta_loss(loss_fn, params, tasks, **settings)
+    reference = fmaml.meta_loss(loss_fn, params, tasks, inner)
     leaves = [*params.values(), *rates.values(), weights[0], log_temp]
     # the graph of log_temp.exp() is shared with the call below: keep it
     expected = torch.autograd.grad(reference, leaves, retain_graph=True)
 
     loss, grads = fmaml.value_and_grad(
-        loss_fn, params, tasks, wrt=[log_temp], strategy=strategy, **settings
+        loss_fn, params, tasks, inner, wrt=[log_temp], strategy=strategy
     )
     assert not loss.requires_grad, "the value is not a graph to differentiate again"
     torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
@@ -64,14 +64,14 @@ def test_inputs_that_do_not_require_grad_get_none_and_a_score_comes_back():
     frozen = {k: v.detach() if k.startswith("head.") else v for k, v in params.items()}
     score_fn = loss_fn.with_criterion(fmaml.accuracy)
     loss, grads, score = fmaml.value_and_grad(
-        loss_fn, frozen, tasks, inner_lr=0.1, score_fn=score_fn
+        loss_fn, frozen, tasks, fmaml.InnerLoop(0.1), score_fn=score_fn
     )
     assert grads.params["head.weight"] is None and grads.params["head.bias"] is None
     assert grads.params["body.block0.conv.weight"].shape == params["body.block0.conv.weight"].shape
     assert grads.inner_lr is None and grads.wrt == []
     assert 0 <= float(score) <= 1
     reference, expected_score = fmaml.meta_loss(
-        loss_fn, frozen, tasks, inner_lr=0.1, score_fn=score_fn
+        loss_fn, frozen, tasks, fmaml.InnerLoop(0.1), score_fn=score_fn
     )
     torch.testing.assert_close(loss, reference.detach())
     torch.testing.assert_close(score, expected_score)
@@ -85,7 +85,13 @@ def test_the_readme_library_example_runs_and_its_two_gradients_agree():
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict = {}
     exec(compile(code, "README.md (Library)", "exec"), namespace)
-    grads, same = namespace["grads"], namespace["same"]
+    # the fast way's gradients (the README's last call: ANIL, one task at a time,
+    # recomputed) against the definition's
+    grads = namespace["grads"]
+    definition = fmaml.meta_loss(
+        namespace["loss_fn"], namespace["params"], namespace["tasks"], namespace["anil"]
+    )
+    same = torch.autograd.grad(definition, list(namespace["params"].values()))
     # float32 and other kernels: compare the whole gradient (a conv bias before BatchNorm
     # has a gradient of zero in exact arithmetic, rounding noise here)
     a = torch.cat([g.flatten() for g in grads.params.values()])

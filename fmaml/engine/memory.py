@@ -52,11 +52,11 @@ class Footprint(NamedTuple):
     params: int  # the meta-parameters (their gradients take as much again)
 
     def task(self, checkpoint: bool, vmapped: bool = False) -> int:
-        """One task: every piece's graph at once, or every step's carry and one piece (two
+        """One task: every piece's graph at once, or every step's carry and one piece (three
         under ``vmap``, whose batched backward keeps more beside it)."""
         if not checkpoint:
             return sum(self.pieces)
-        return self.carry * len(self.pieces) + (1 + vmapped) * max(self.pieces, default=0)
+        return self.carry * len(self.pieces) + (1 + 2 * vmapped) * max(self.pieces, default=0)
 
 
 def estimate(footprint: Footprint, strategy, num_tasks: int) -> int:
