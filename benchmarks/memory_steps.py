@@ -4,9 +4,9 @@ Second-order MAML, conv4-32 on 84x84 images (mini-ImageNet 5-way 1-shot, 15 quer
 class), meta-batch 4, on random data. Each (implementation, inner steps) runs one meta-step
 in a fresh Python process; the figure is the growth of its peak resident memory (VmHWM,
 reset through ``/proc/self/clear_refs`` once the model, the data and the imports are in
-place) over the process at rest, with glibc made to return every freed tensor above 64 KiB at
-once (``MALLOC_MMAP_THRESHOLD_``), so that it follows the live tensors. fmaml's rows also give
-:func:`fmaml.plan_memory`'s estimate.
+place) over the process at rest, with the allocator as it is (what a user sees; set
+``MALLOC_MMAP_THRESHOLD_=65536`` to make glibc return freed tensors at once, at a large cost
+in time). fmaml's rows also give :func:`fmaml.plan_memory`'s estimate.
 
     python benchmarks/memory_steps.py --steps 1 5 10 25 50 100 --json results/memory-steps.jsonl
 
@@ -92,9 +92,6 @@ def main() -> None:
                     [sys.executable, os.path.abspath(__file__), "--worker"],
                     job,
                     impl,
-                    # glibc returns every freed tensor above 64 KiB at once, so that the
-                    # resident memory follows the live tensors (as benchmarks/resnet12_memory.py)
-                    env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"),
                 )
             except RuntimeError as error:  # out of memory, or a peer missing: say so
                 row = {**job, "error": str(error).splitlines()[-1][:200]}
@@ -103,13 +100,17 @@ def main() -> None:
             if args.json:
                 with open(args.json, "a") as out:
                     out.write(json.dumps(row) + "\n")
-    print("\n| inner steps | " + " | ".join(args.impls) + " |")
-    print("|---|" + "---|" * len(args.impls))
+    impls = [i for i in args.impls if any(r["impl"] == i for r in rows)]
+    print("\n| inner steps | " + " | ".join(impls) + " |")
+    print("|---|" + "---|" * len(impls))
     for steps in args.steps:
         cells = []
-        for impl in args.impls:
-            row = next(r for r in rows if r["impl"] == impl and r["steps"] == steps)
-            cell = "failed" if "error" in row else f"{row['peak_growth_mb']:.0f} MB"
+        for impl in impls:
+            row = next((r for r in rows if r["impl"] == impl and r["steps"] == steps), {})
+            if not row or "error" in row:
+                cells.append("not run" if not row else "failed")
+                continue
+            cell = f"{row['peak_growth_mb']:.0f} MB"
             if "estimate_mb" in row:
                 cell += f" (est. {row['estimate_mb']:.0f})"
             cells.append(cell)

@@ -38,7 +38,7 @@ saved tensors are still alive."""
 VMAP_FACTOR = 3.0
 """The same for vmapped chunks: batched kernels (grouped convolutions) keep more on the side."""
 
-FIXED = {False: 128 * 10**6, True: 256 * 10**6}
+FIXED = {False: 192 * 10**6, True: 256 * 10**6}
 """Bytes on top, one task at a time (``False``) or vmapped (``True``): the allocator's and
 the kernels' own buffers. These three constants were fitted to conv4 on Omniglot 20-way and
 mini-ImageNet 5-way on a 2-core CPU (``benchmarks/memory_steps.py``), rounded up."""
