@@ -542,6 +542,7 @@ def test_every_config_field_is_a_train_option_built_from_its_metadata():
     assert {"strategy", "extra"}.isdisjoint(options), "set by --chunk-size etc., not directly"
     assert set(options) - {f.name for f in fields} == {
         "download",
+        "checksum",
         "chunk_size",
         "workers",
         "recompute_steps",

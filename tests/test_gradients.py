@@ -240,5 +240,7 @@ def test_finite_differences_on_conv4():
             delta = torch.zeros_like(params["head.bias"])
             delta[i] = sign * eps
             shifted["head.bias"] = params["head.bias"].detach() + delta
-            bumped.append(fmaml.meta_loss(loss_fn, shifted, tasks, fmaml.InnerLoop(**kwargs)).item())
+            bumped.append(
+                fmaml.meta_loss(loss_fn, shifted, tasks, fmaml.InnerLoop(**kwargs)).item()
+            )
         assert abs((bumped[0] - bumped[1]) / (2 * eps) - grad[i].item()) < 1e-7

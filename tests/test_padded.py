@@ -170,9 +170,9 @@ def test_padded_loss_accuracy_and_gradients_equal_unpadded(num_ways):
         ref = alone(task, params, inner)
         assert_close(loss, ref)
         assert_close(grads_of(loss, params), grads_of(ref, params))
-        ref_acc = fmaml.task_scores(
-            small.with_criterion(fmaml.accuracy), small, mine, task, inner
-        )[-1]
+        ref_acc = fmaml.task_scores(small.with_criterion(fmaml.accuracy), small, mine, task, inner)[
+            -1
+        ]
         assert_close(acc, ref_acc)
 
 
@@ -365,23 +365,33 @@ def test_meta_loss_errors_name_the_cause():
     params, loss_fn, batch = _setup()
     run = lambda tasks, **kw: fmaml.meta_loss(loss_fn, params, tasks, fmaml.InnerLoop(0.1, **kw))  # noqa: E731
     mask = batch.support[2]
-    with pytest.raises(ValueError, match=r"meta_loss\(\): the support `mask` must be bool \[num_tasks, n\]"):
+    with pytest.raises(
+        ValueError, match=r"meta_loss\(\): the support `mask` must be bool \[num_tasks, n\]"
+    ):
         run(_replace(batch, "support", 2, mask[:, :-1]))
-    with pytest.raises(ValueError, match=r"meta_loss\(\): the support `mask` must be bool .* got torch.float64"):
+    with pytest.raises(
+        ValueError, match=r"meta_loss\(\): the support `mask` must be bool .* got torch.float64"
+    ):
         run(_replace(batch, "support", 2, mask.double()))
     empty = mask.clone()
     empty[1] = False
-    with pytest.raises(ValueError, match=r"meta_loss\(\): task\(s\) \[1\] have no real support example"):
+    with pytest.raises(
+        ValueError, match=r"meta_loss\(\): task\(s\) \[1\] have no real support example"
+    ):
         run(_replace(batch, "support", 2, empty))
     no_query = batch.query[2].clone()
     no_query[0] = False
-    with pytest.raises(ValueError, match=r"meta_loss\(\): task\(s\) \[0\] have no real query example"):
+    with pytest.raises(
+        ValueError, match=r"meta_loss\(\): task\(s\) \[0\] have no real query example"
+    ):
         run(_replace(batch, "query", 2, no_query))
     no_class = batch.query[3].clone()
     no_class[2] = False
     with pytest.raises(ValueError, match=r"meta_loss\(\): task\(s\) \[2\] have no class"):
         run(_replace(batch, "query", 3, no_class))
-    with pytest.raises(ValueError, match=r"meta_loss\(\): head_init='prototypes' averages every support"):
+    with pytest.raises(
+        ValueError, match=r"meta_loss\(\): head_init='prototypes' averages every support"
+    ):
         run(batch, head_init="prototypes", num_steps=0)
     with pytest.raises(
         ValueError, match=r"value_and_grad\(\): Strategy\(compile=True\) is not tested with padded"
@@ -394,7 +404,10 @@ def test_meta_loss_errors_name_the_cause():
     with pytest.raises(ValueError, match="query set is padded but its BatchNorm statistics"):
         leak_free(params, one.query, stats_from=one.support[0])
     narrow = pad_tasks(mixed_tasks(), num_ways=6)
-    with pytest.raises(ValueError, match=r"meta_loss\(\): a padded set's `classes` marks 6 classes but the model's output is"):
+    with pytest.raises(
+        ValueError,
+        match=r"meta_loss\(\): a padded set's `classes` marks 6 classes but the model's output is",
+    ):
         run(narrow)
 
 

@@ -140,15 +140,18 @@ def test_best_checkpoint_tracks_lowest_validation_mse(tmp_path):
 
 
 def test_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    real = train_module.meta_loss
+    real = train_module.value_and_grad
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
-        loss, score = real(*args, **kwargs)
-        return (loss * float("nan"), score) if calls["n"] > 25 else (loss, score)
+        loss, grads, score = real(*args, **kwargs)
+        if calls["n"] <= 25:
+            return loss, grads, score
+        nan = [None if g is None else g * float("nan") for g in grads.wrt]
+        return loss * float("nan"), grads._replace(wrt=nan), score
 
-    monkeypatch.setattr(train_module, "meta_loss", poisoned)
+    monkeypatch.setattr(train_module, "value_and_grad", poisoned)
     with pytest.raises(
         FloatingPointError,
         match=r"meta-loss is nan at iteration 26.*"
