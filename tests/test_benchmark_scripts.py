@@ -23,6 +23,7 @@ def load(name: str):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.slow
 def test_ceiling_arrangements_compute_every_task(first_order):
     ceiling = load("ceiling")
     problem = build(SETTINGS["omniglot"], dtype=torch.float64, num_tasks=3)
@@ -103,6 +104,7 @@ def test_resnet12_memory_table_of_a_step_that_needed_no_new_memory():
     )
 
 
+@pytest.mark.slow
 def test_imaml_accuracy_script_agrees_where_the_inner_problem_is_well_posed():
     """lam 100 at rate 0.01 makes each pulled step land at params - 0.01 grad: solved in a
     few steps, I + H/lam positive definite, so the implicit gradient is the unrolled one."""

@@ -96,6 +96,7 @@ def test_resume_continues_to_a_new_total(tmp_path):
     assert "strategy: vmap over chunks of 2 tasks, 2 workers" in result.output
 
 
+@pytest.mark.slow
 def test_folder_dataset_train_and_test(tmp_path, isolated_cache):
     make_folder(tmp_path / "images", {f"class{i}": 6 for i in range(10)})
     run = tmp_path / "run"

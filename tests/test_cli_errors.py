@@ -169,6 +169,7 @@ def test_a_bug_in_fmaml_keeps_its_traceback(tmp_path, monkeypatch):
     assert "an internal inconsistency" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_a_bug_prints_a_traceback_from_a_real_process(tmp_path):
     """A ValueError that is not fmaml's input error reaches the terminal with its trace."""
     code = (

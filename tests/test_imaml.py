@@ -300,7 +300,10 @@ def dense_oracle(loss_fn, params, task, inner_lr, num_steps, lam, adapt_keys):
     return {k: v for k, v in unflatten(torch.cat([x, frozen_grad])).items()}
 
 
-@pytest.mark.parametrize("setup", [sinusoid_setup, conv_setup])
+@pytest.mark.parametrize(
+    "setup",
+    [sinusoid_setup, pytest.param(conv_setup, marks=pytest.mark.slow)],  # dense Hessian
+)
 def test_frozen_keys_get_the_exact_implicit_gradient(setup):
     params, loss_fn, tasks = setup(num_tasks=2)
     lam, inner_lr, num_steps = 1.5, 0.05, 4
@@ -423,6 +426,7 @@ def test_strategies_with_frozen_keys(strategy):
     assert_dicts_close(chunked, plain)
 
 
+@pytest.mark.slow
 def test_the_compiled_strategy_gives_the_plain_gradient():
     params, loss_fn, tasks = sinusoid_setup()
     kwargs = dict(inner_lr=0.1, num_steps=2, objective=fmaml.IMAML(lam=1.0, cg_steps=2))

@@ -320,6 +320,7 @@ def test_anil_from_the_prototype_head(strategy):
     assert_dicts_close(grads_of(loss, params), oracle_grads(expected, params))
 
 
+@pytest.mark.slow
 def test_the_compiled_strategy_gives_the_plain_loss_and_gradient():
     _, params, loss_fn, tasks = mlp_setup()
     kwargs = dict(inner_lr=0.1, num_steps=1, head_init="prototypes")
