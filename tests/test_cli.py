@@ -447,6 +447,7 @@ def test_train_shows_a_progress_bar_on_a_terminal(tmp_path, monkeypatch):
     assert "meta-training" in result.output and "iteration 1/6" not in result.output
 
 
+@pytest.mark.slow
 def test_train_redirected_to_a_file_writes_progress_lines(tmp_path):
     """A real process, its output redirected: ``train ... > log 2>&1``."""
     log = tmp_path / "log"

@@ -423,6 +423,7 @@ print(int(images.sum()))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_building_the_same_cache_both_end_with_a_valid_file(tmp_path, isolated_cache):
     source = tmp_path / "data"
     source.mkdir()

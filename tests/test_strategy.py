@@ -637,6 +637,7 @@ def test_strategies_leave_threads_warning_filters_and_random_state_as_they_were(
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@pytest.mark.slow
 def test_import_fmaml_loads_neither_pil_click_nor_matplotlib():
     code = (
         "import sys, fmaml\n"

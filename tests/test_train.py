@@ -42,6 +42,7 @@ def params_equal(a, b) -> bool:
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
+@pytest.mark.slow
 def test_resume_in_process_gives_identical_parameters(tmp_path, algorithm):
     whole = train(tiny(algorithm=algorithm), tmp_path / "whole")
     train(tiny(algorithm=algorithm), tmp_path / "parts", iterations=40)

@@ -814,9 +814,9 @@ def _test_classification(state, path, split, result, echo) -> dict:
         echo(
             f"  note: inner step {best} scored best, {100 * top['mean']:.2f} ± "
             f"{100 * top['ci95']:.2f} %, above the {100 * last['mean']:.2f} % after "
-            f"{last['step']} steps reported above (the run's test setting, as the protocol "
-            f"asks; a model trained briefly often peaks early). --inner-steps {best} tests at "
-            "that step."
+            f"{last['step']} steps reported above (the step count tested, the run's test "
+            f"setting unless --inner-steps; a model trained briefly often peaks early). "
+            f"--inner-steps {best} tests at that step."
         )
     skipped = protocol.get("skipped_alphabets")
     if skipped:
