@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import sys
@@ -101,12 +102,20 @@ def measure(job: dict) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mb("VmHWM")
     return {
         **job,
-        "peak_mb": peak - before,
+        # resident memory is counted lazily (per-thread counters, synced now and then): a
+        # step that needs no new memory can read a little below `before`; it grew by 0 MB
+        "peak_mb": max(0.0, peak - before),
         "before_mb": before,
         "seconds": seconds,
         "loss": loss.item(),
         "grad_norm": torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item(),
+        "grad_sha256": digest(grads),
     }
+
+
+def digest(grads) -> str:
+    """The SHA-256 of every gradient's bytes: two runs compared exactly, not to a tolerance."""
+    return hashlib.sha256(b"".join(g.detach().cpu().numpy().tobytes() for g in grads)).hexdigest()
 
 
 def run_child(job: dict) -> dict:

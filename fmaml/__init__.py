@@ -28,6 +28,7 @@ _LAZY = {
     "evaluate_state": ("fmaml.training.train", "evaluate_state"),
     "restore_state": ("fmaml.training.train", "restore_state"),
     "fit": ("fmaml.training.train", "train"),
+    "load_run": ("fmaml.training.run", "load_run"),
 }
 """Public names of the training shell: ``name -> (module, attribute)``, imported on first use."""
 
@@ -71,6 +72,7 @@ __all__ = [
     "imaml_loss",
     "init_rates",
     "inner_optim",
+    "load_run",
     "mean_ci95",
     "meta_loss",
     "meta_scores",

@@ -15,6 +15,7 @@ from fmaml.training.cli import main
 QUICK = {"repeats": 1, "min_seconds": 0.0, "orders": ["second"], "isolate": False}
 
 
+@pytest.mark.slow
 def test_run_bench_reports_every_figure():
     said = []
     rows = list(
@@ -60,6 +61,7 @@ def test_a_different_meta_gradient_stops_the_benchmark(monkeypatch):
 
 
 @pytest.mark.parametrize("image_size", [8, 32])  # stride-2 convolutions; max-pool
+@pytest.mark.slow
 def test_every_implementation_agrees_on_small_conv_nets(image_size):
     """All implementations, peers included when installed, in float64 on a small conv4."""
     setting = bench.Setting(
@@ -75,6 +77,7 @@ def test_every_implementation_agrees_on_small_conv_nets(image_size):
         assert max(deviations.values()) < 1e-10, deviations
 
 
+@pytest.mark.slow
 def test_measurement_in_a_subprocess_reports_its_own_peak_memory():
     result = bench._measure_in_subprocess(
         {

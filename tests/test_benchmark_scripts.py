@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def load(name: str):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.slow
 def test_ceiling_arrangements_compute_every_task(first_order):
     ceiling = load("ceiling")
     problem = build(SETTINGS["omniglot"], dtype=torch.float64, num_tasks=3)
@@ -72,24 +74,39 @@ def test_sinusoid_reference_meta_gradient_equals_fmamls():
         torch.testing.assert_close(mine, other, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_resnet12_memory_script_runs_and_strategies_agree():
-    """Each setting in its own process; kept and recomputed inner steps give the same step."""
+    """Each setting in its own process; kept and recomputed inner steps give the same step:
+    the same loss to the bit, every gradient element to float32 rounding (the recomputed
+    backward sums in another order). Nothing here depends on the machine's load: the memory
+    and seconds are reported, not checked (the peak can't go below 0 MB)."""
     script = load("resnet12_memory")
     rows = script.run(
-        widths=(2, 2, 2, 2), num_tasks=1, steps=(2,), image_size=16, num_query=2, threads=1
-    )
+        widths=(2, 2, 2, 2), num_tasks=1, steps=(2,), image_size=16, num_query=2, threads=1,
+        keep_grads=True,
+    )  # fmt: skip
     kept, recomputed = rows
     assert (kept["strategy"], recomputed["strategy"]) == ("kept", "recomputed")
     assert kept["num_steps"] == recomputed["num_steps"] == 2
-    # at this tiny size the step may fit in memory the warm-up step already holds: 0 MB growth
-    assert kept["peak_mb"] >= 0 and recomputed["peak_mb"] >= 0
-    assert kept["loss"] == pytest.approx(recomputed["loss"], rel=1e-5)
-    assert kept["grad_norm"] == pytest.approx(recomputed["grad_norm"], rel=1e-4)
+    assert kept["loss"] == recomputed["loss"] and math.isfinite(kept["loss"])
+    assert len(kept["grads"]) == len(recomputed["grads"]) > 0
+    for mine, theirs in zip(kept["grads"], recomputed["grads"], strict=True):
+        torch.testing.assert_close(torch.tensor(theirs), torch.tensor(mine), rtol=1e-5, atol=1e-6)
     assert kept["grad_norm"] > 0
     text = script.table(rows)
     assert "| 2 |" in text and text.rstrip().endswith("| yes |")
 
 
+def test_resnet12_memory_table_of_a_step_that_needed_no_new_memory():
+    """At tiny sizes a step can fit in memory the warm-up step left: 0 MB, no ratio."""
+    row = {"num_steps": 2, "peak_mb": 0.0, "seconds": 0.1, "loss": 1.5, "grad_norm": 2.0}
+    rows = [{**row, "strategy": "kept"}, {**row, "strategy": "recomputed"}]
+    assert load("resnet12_memory").table(rows).splitlines()[-1] == (
+        "| 2 | 0 | 0 | - | 0.1 | 0.1 | yes |"
+    )
+
+
+@pytest.mark.slow
 def test_imaml_accuracy_script_agrees_where_the_inner_problem_is_well_posed():
     """lam 100 at rate 0.01 makes each pulled step land at params - 0.01 grad: solved in a
     few steps, I + H/lam positive definite, so the implicit gradient is the unrolled one."""

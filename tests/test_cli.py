@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest_images import OMNIGLOT_SUBSET, make_folder, make_omniglot
+from conftest_images import OMNIGLOT_SUBSET, folder_train_args, make_folder, make_omniglot
 
 from fmaml.training.cli import main
 
@@ -96,6 +96,7 @@ def test_resume_continues_to_a_new_total(tmp_path):
     assert "strategy: vmap over chunks of 2 tasks, 2 workers" in result.output
 
 
+@pytest.mark.slow
 def test_folder_dataset_train_and_test(tmp_path, isolated_cache):
     make_folder(tmp_path / "images", {f"class{i}": 6 for i in range(10)})
     run = tmp_path / "run"
@@ -135,6 +136,96 @@ def test_folder_dataset_train_and_test(tmp_path, isolated_cache):
     assert 0 <= report["accuracy"] <= 100 and report["ci95"] >= 0
     assert report["inner_steps"] == 10, "the paper's test-time steps for 84x84 data"
     assert "accuracy" in result.output and "95% CI" in result.output
+
+
+def test_test_names_an_inner_step_that_scored_better_than_the_headline(
+    tmp_path, isolated_cache, monkeypatch
+):
+    """A brief run can peak at an earlier step than the protocol's: `test` says which (here
+    the per-step means are replaced by those of a 200-iteration Omniglot model)."""
+    import fmaml.training.train as train_module
+
+    make_folder(tmp_path / "images", {f"class{i}": 4 for i in range(6)})
+    run = tmp_path / "run"
+    args = folder_train_args(tmp_path / "images", "0.34,0.33,0.33")
+    result = invoke(*args, "--iterations", "1", "--out", run, *FAST)
+    assert result.exit_code == 0, result.output
+    real = train_module.evaluate_state
+
+    def peaks_early(*args, **kwargs):
+        result = real(*args, **kwargs)
+        means = [0.20, 0.515, 0.30, 0.23]
+        result["steps"] = [
+            {**result["steps"][0], "step": i, "mean": m} for i, m in enumerate(means)
+        ]
+        result["inner_steps"] = 3
+        return result
+
+    monkeypatch.setattr(train_module, "evaluate_state", peaks_early)
+    result = invoke("test", "--checkpoint", run, "--episodes", "4", "--json")
+    assert result.exit_code == 0, result.output
+    assert "accuracy 23.00 ± " in result.output and "% after 3 inner steps" in result.output
+    assert "  note: inner step 1 scored best, 51.50 ± " in result.output
+    assert "above the 23.00 % after 3 steps reported above" in result.output
+    assert "--inner-steps 1 tests at that step." in result.output
+    assert last_json(result.output)["best_step"] == 1
+    monkeypatch.setattr(train_module, "evaluate_state", real)
+    result = invoke("test", "--checkpoint", run, "--episodes", "4", "--json")
+    report = last_json(result.output)
+    said = "note: inner step" in result.output
+    assert said == (report["best_step"] != report["inner_steps"]), result.output
+
+
+def test_train_and_sinusoid_test_name_an_inner_step_that_scored_better(tmp_path):
+    from fmaml.training.cli import best_step
+
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "sinusoid", "--meta-batch", "4", "--hidden", "8", *FAST]
+    trained = invoke(*args, "--iterations", "2", "--out", run)
+    assert trained.exit_code == 0, trained.output
+    # the last validation (the final model's) decides whether train adds the note
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["split"] == "val" and len(final["score_per_step"]) == 11
+    early = best_step(final["score_per_step"], higher_is_better=False)
+    assert ("note: on validation, the final model scored best" in trained.output) == (
+        early is not None
+    )
+    # a test inner rate far too large: the loss grows with the steps, so an earlier step wins
+    result = invoke("test", "--checkpoint", run, "--episodes", "8", "--shots", "5",
+                    "--inner-steps", "4", "--inner-lr", "5", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    per_step = last_json(result.output)["results"]["K=5"]
+    mse = [per_step[str(step)]["mse"] for step in range(5)]
+    best = best_step(mse, higher_is_better=False)
+    assert best is not None and best < 4, mse
+    assert f"  note: K=5 inner step {best} scored best, MSE {mse[best]:.3f} ± " in result.output
+    assert "steps (the headline, as the protocol asks;" in result.output
+
+
+def test_the_train_note_names_the_best_step_of_the_model_to_test():
+    from types import SimpleNamespace
+
+    from fmaml.training.cli import _best_step_note
+
+    problem = SimpleNamespace(score_name="accuracy", higher_is_better=True)
+    best = {
+        "iteration": 200,
+        "score": 0.23,
+        "ci95": 0.01,
+        "score_per_step": [0.2, 0.515, 0.3, 0.23],
+    }
+    state = SimpleNamespace(config=SimpleNamespace(keep_best=True), problem=problem, best=best)
+    assert _best_step_note(state, [0.2, 0.3, 0.4, 0.5]) == (
+        "note: on validation, best.pt (iteration 200) scored best after inner step 1: accuracy "
+        "51.50 %, above the 23.00 % after 3 steps that validation and test report (the run's "
+        "test setting, as the protocol asks; a model trained briefly often peaks early). "
+        "`test --inner-steps 1` tests at that step."
+    )
+    final = SimpleNamespace(config=SimpleNamespace(keep_best=False), problem=problem, best={})
+    assert _best_step_note(final, [0.2, 0.3, 0.4, 0.5]) is None  # the last step is the best
+    assert "the final model scored best after inner step 2: accuracy 60.00 %" in (
+        _best_step_note(final, [0.2, 0.3, 0.6, 0.5])
+    )
 
 
 def test_omniglot_layout_with_validation_split(tmp_path, isolated_cache):
@@ -356,6 +447,7 @@ def test_train_shows_a_progress_bar_on_a_terminal(tmp_path, monkeypatch):
     assert "meta-training" in result.output and "iteration 1/6" not in result.output
 
 
+@pytest.mark.slow
 def test_train_redirected_to_a_file_writes_progress_lines(tmp_path):
     """A real process, its output redirected: ``train ... > log 2>&1``."""
     log = tmp_path / "log"
@@ -398,6 +490,54 @@ def test_plot_labels_say_what_each_curve_is(tmp_path):
     assert labels["train"].startswith("training: query mse after 1 inner step (")
     assert labels["val"] == "validation: mse after 10 inner steps, 4 fixed tasks, ± 95% CI"
     assert run_settings(tmp_path) is None and "inner step" not in curve_labels(None, "mse")["val"]
+
+
+def write_metrics(run: Path, score: str, *, loss_is_score: bool) -> None:
+    """A metrics.jsonl of 300 noisy training rows that fill the plot's area, and validation
+    rows every 10 iterations, rising (accuracy) or falling (mse) steeply in the last third."""
+    import math
+    import random
+
+    draw = random.Random(0)
+    rows = []
+    for it in range(1, 301):
+        value = draw.uniform(0.2, 0.9) if score == "accuracy" else draw.uniform(0.01, 5.0)
+        loss = value if loss_is_score else draw.uniform(0.5, 2.0)
+        rows.append({"iteration": it, "split": "train", "loss": loss, score: value})
+        if it % 10 == 0:
+            rise = max(0.0, (it - 200) / 100)
+            val = 0.3 + 0.6 * rise if score == "accuracy" else 4.0 * math.exp(-5 * rise)
+            rows.append({"iteration": it, "split": "val", "score": val, "ci95": 0.02})
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize(
+    ("score", "loss_is_score", "panels"),
+    [("mse", True, 1), ("accuracy", False, 2)],
+    ids=["sinusoid", "classification"],
+)
+def test_plot_keeps_legends_off_the_points_and_draws_each_panel_once(
+    tmp_path, score, loss_is_score, panels
+):
+    from fmaml.training.plot import plot_run, run_figure
+
+    run = tmp_path / "run"
+    write_metrics(run, score, loss_is_score=loss_is_score)
+    fig = run_figure(run)
+    assert len(fig.axes) == panels  # sinusoid: the meta-loss is the MSE, shown once
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        box = legend.get_window_extent(renderer)
+        assert not box.overlaps(ax.get_window_extent(renderer)), "the legend is on the axes"
+        for line in ax.get_lines():
+            for x, y in ax.transData.transform(line.get_xydata()):
+                assert not box.contains(x, y), f"{line.get_label()!r} point under the legend"
+    assert plot_run(run).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,15 @@ def test_testing_a_split_the_run_does_not_have_says_which_it_has(run_without_val
     ("args", "message"),
     [
         (["--split", "0.5,0.5"], "expected three non-negative proportions 'train,val,test'"),
-        (["--split", "0,0.5,0.5"], "leaves the train split empty. Give train a larger"),
+        (
+            ["--split", "0,0.5,0.5"],
+            "2-way tasks need at least 2 classes in every split they are drawn from (train, "
+            "test, and val when --split gives it a share), but --split 0,0.5,0.5 of the data "
+            "in ",
+        ),
+        (["--split", "0,0.5,0.5"], "gives train 0, val 3, test 3 classes: too few in train."),
+        (["--split", "0,0.5,0.5"], "give train a larger share with --split."),
+        (["--download"], "--download fetches Omniglot only; folder can't be downloaded"),
         (["--image-size", "0"], "--image-size must be a positive integer, got 0"),
     ],
 )
@@ -67,6 +75,80 @@ def test_bad_settings_are_one_line(tmp_path, args, message):
     )  # fmt: skip
     assert result.exit_code == 1, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("classes", "args", "message"),
+    [
+        (  # one class: the split rule leaves test empty
+            {"only": 4},
+            [],
+            "5-way tasks need at least 5 classes in every split they are drawn from (train, "
+            "test, and val when --split gives it a share), but the default --split of the data "
+            "in {root!r} gives train 1, val 0, test 0 classes: too few in train and test. Use "
+            "data with more classes (at least 5 in each of train and test).",
+        ),
+        (  # no split empty, but too small for the tasks
+            {f"c{i}": 3 for i in range(10)},
+            ["--split", "0.4,0.3,0.3", "--ways", "4"],
+            "gives train 4, val 3, test 3 classes: too few in val and test. Use data with more "
+            "classes (at least 4 in each of train, val and test); or lower --ways to 3.",
+        ),
+    ],
+    ids=["one-class", "small-splits"],
+)
+def test_too_few_classes_per_split_says_what_each_split_needs_and_has(
+    tmp_path, classes, args, message
+):
+    root = tmp_path / "images"
+    make_folder(root, classes)
+    result = invoke("train", "--dataset", "folder", "--data-root", root, *args)
+    assert result.exit_code == 1, result.output
+    assert message.format(root=str(root)) in " ".join(result.output.split())
+    assert "larger proportion" not in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            [],
+            "--data-root {root!r} does not exist; nothing was created. Point --data-root at the "
+            "folder that holds Omniglot (<alphabet>/<character>/<image>.png, or the official "
+            "images_background/ and images_evaluation/ from "
+            "https://github.com/brendenlake/omniglot), or add --download to fetch the official "
+            "archives into it.",
+        ),
+        (
+            ["--no-download"],
+            "the Omniglot folder {root!r} does not exist and --no-download was given; nothing "
+            "was created. Put Omniglot there (<alphabet>/<character>/<image>.png, or the "
+            "official images_background/ and images_evaluation/ from "
+            "https://github.com/brendenlake/omniglot), point --data-root at the folder that "
+            "holds it, or replace --no-download with --download to fetch it into that folder.",
+        ),
+    ],
+    ids=["no-flag", "no-download"],
+)
+def test_a_missing_data_root_is_named_and_nothing_is_created(tmp_path, args, message):
+    root = tmp_path / "does" / "not" / "exist"
+    result = invoke("train", "--data-root", root, *args, "--out", tmp_path / "run")
+    assert result.exit_code == 1, result.output
+    assert message.format(root=str(root)) in " ".join(result.output.split())
+    assert "Pass download=True" not in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []  # neither the data folder nor the run folder
+
+
+def test_no_download_on_the_missing_default_folder_says_to_drop_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", "--no-download")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "the Omniglot folder 'data/omniglot' does not exist and --no-download was given" in (
+        text
+    )
+    assert "or drop --no-download to fetch it there." in text
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plot_without_metrics_is_one_line(tmp_path):
@@ -87,6 +169,7 @@ def test_a_bug_in_fmaml_keeps_its_traceback(tmp_path, monkeypatch):
     assert "an internal inconsistency" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_a_bug_prints_a_traceback_from_a_real_process(tmp_path):
     """A ValueError that is not fmaml's input error reaches the terminal with its trace."""
     code = (

@@ -10,6 +10,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_budget.py"
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads CPU time from /proc")
+@pytest.mark.slow
 def test_a_busy_command_is_interrupted_at_its_budget():
     busy = "try:\n    while True:\n        x = 1\nexcept KeyboardInterrupt:\n    print('saved')\n"
     done = subprocess.run(
@@ -22,6 +23,7 @@ def test_a_busy_command_is_interrupted_at_its_budget():
     assert "stopped at the budget" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_command_that_ends_first_keeps_its_exit_status():
     done = subprocess.run(
         [sys.executable, SCRIPT, "100", "--", sys.executable, "-c", "raise SystemExit(3)"],

@@ -369,6 +369,7 @@ def result(two_ranks, name, rank=0):
 
 
 @pytest.mark.parametrize("name", ["gradient-maml", "gradient-metasgd", "gradient-omniglot"])
+@pytest.mark.slow
 def test_two_ranks_give_the_meta_gradient_of_one_process(two_ranks, name):
     one = two_ranks["one"][name]
     for rank in range(WORLD):
@@ -379,6 +380,7 @@ def test_two_ranks_give_the_meta_gradient_of_one_process(two_ranks, name):
             assert got["metrics"][key] == pytest.approx(value, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_second_order_meta_gradient_stays_exact_across_ranks(two_ranks):
     """L(w) = 1/2 ||w - c||^2: MAML's meta-gradient is the mean of (1-a)^k (w_k - c_q)."""
     q = two_ranks["quad"]
@@ -392,6 +394,7 @@ def test_second_order_meta_gradient_stays_exact_across_ranks(two_ranks):
         )
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_model_of_one_process_and_resume_across_world_sizes(two_ranks):
     tmp, one = two_ranks["tmp"], two_ranks["one"]["one"]
     for name in ("q", "p"):  # 2 ranks resuming a 2-rank and a 1-process checkpoint
@@ -413,6 +416,7 @@ def test_two_ranks_train_the_model_of_one_process_and_resume_across_world_sizes(
                 assert mine[key] == pytest.approx(theirs[key], rel=1e-10), (key, mine, theirs)
 
 
+@pytest.mark.slow
 def test_two_ranks_train_conv4_with_batchnorm_like_one_process(two_ranks):
     one = two_ranks["one"]["omni"]
     # A conv bias feeding BatchNorm has a meta-gradient of exactly 0; in floating point it is
@@ -429,6 +433,7 @@ def test_two_ranks_train_conv4_with_batchnorm_like_one_process(two_ranks):
         assert got["best"]["score"] == pytest.approx(one.best["score"], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_every_rank_stops_alike_on_errors(two_ranks):
     tmp = two_ranks["tmp"]
     for rank in range(WORLD):
@@ -442,6 +447,7 @@ def test_every_rank_stops_alike_on_errors(two_ranks):
     assert not (tmp / "mismatch" / "latest.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_stops_every_rank_before_the_step(two_ranks):
     tmp = two_ranks["tmp"]
     for rank in range(WORLD):
@@ -462,6 +468,7 @@ def test_a_nan_on_one_rank_stops_every_rank_before_the_step(two_ranks):
         ("eval-omni", "omni-one/latest.pt", 9),
     ],
 )
+@pytest.mark.slow
 def test_evaluation_split_across_ranks_reports_the_single_process_numbers(
     two_ranks, name, checkpoint, episodes
 ):
@@ -527,6 +534,7 @@ def cli_runs(tmp_path_factory):
     return {"tmp": tmp, "two": two}
 
 
+@pytest.mark.slow
 def test_torchrun_trains_the_model_of_one_process(cli_runs):
     tmp = cli_runs["tmp"]
     two, one = (
@@ -577,6 +585,7 @@ def kill_rank_mid_run(run_dir: Path, *launcher_args, rank=1, after=150):
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds workers via /proc")
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_job_and_resume_loses_nothing(cli_runs):
     tmp = cli_runs["tmp"]
     code, output = kill_rank_mid_run(tmp / "killed")
@@ -594,6 +603,7 @@ def test_a_killed_rank_stops_the_job_and_resume_loses_nothing(cli_runs):
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds workers via /proc")
+@pytest.mark.slow
 def test_an_elastic_restart_resumes_from_the_last_checkpoint(cli_runs):
     tmp = cli_runs["tmp"]
     code, output = kill_rank_mid_run(tmp / "restarted", "--max-restarts=1")
@@ -609,6 +619,7 @@ def test_an_elastic_restart_resumes_from_the_last_checkpoint(cli_runs):
     assert train_rows == list(range(10, 601, 10)), "no row lost or repeated"
 
 
+@pytest.mark.slow
 def test_torchrun_test_command_reports_the_single_process_numbers(cli_runs):
     checkpoint = str(cli_runs["tmp"] / "two")
     args = ["cli.py", "test", "--checkpoint", checkpoint, "--episodes", "9", "--json"]
@@ -625,6 +636,7 @@ def test_torchrun_test_command_reports_the_single_process_numbers(cli_runs):
                 assert a["results"][k][step][key] == pytest.approx(value, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_an_error_every_rank_meets_is_printed_once(tmp_path):
     result = run(torchrun("cli.py", "train", "--resume", str(tmp_path / "none")))
     assert result.returncode != 0

@@ -28,6 +28,7 @@ def omniglot_config(root, **changes) -> TrainConfig:
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "mamlpp"])
+@pytest.mark.slow
 def test_image_run_resumes_exactly(tmp_path, isolated_cache, algorithm):
     make_omniglot(tmp_path / "omni", {f"A{i}": 3 for i in range(4)}, images_per_character=4)
     config = omniglot_config(tmp_path / "omni", algorithm=algorithm, inner_steps=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import os
+import pickle
 import stat
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from fmaml.tasks.folder import load_folder
 from fmaml.tasks.images import (
     ClassImages,
     DataError,
+    EmptySplitData,
     EpisodeSampler,
     EpisodeSpec,
     decode_image,
@@ -183,8 +185,12 @@ def test_split_classes_leaves_out_an_empty_val():
 
 
 def test_split_classes_refuses_an_empty_test_split():
-    with pytest.raises(DataError, match=r"leaves the test split empty. Give test a larger"):
+    with pytest.raises(EmptySplitData, match=r"gives train 3, val 0, test 0 classes: the test"):
         split_classes(coded_images([2] * 3), (0.9, 0.0, 0.1), generator())
+    with pytest.raises(EmptySplitData) as raised:
+        split_classes(coded_images([2] * 3), (0.9, 0.0, 0.1), generator())
+    assert raised.value.counts == {"train": 3, "val": 0, "test": 0}
+    assert isinstance(pickle.loads(pickle.dumps(raised.value)), EmptySplitData)
 
 
 def test_split_groups_keeps_groups_together():
@@ -417,6 +423,7 @@ print(int(images.sum()))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_building_the_same_cache_both_end_with_a_valid_file(tmp_path, isolated_cache):
     source = tmp_path / "data"
     source.mkdir()

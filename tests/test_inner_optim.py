@@ -488,6 +488,7 @@ ONE_AT_A_TIME = fmaml.Strategy(chunk_size=1)
 @pytest.mark.skipif(
     shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler (c++)"
 )
+@pytest.mark.slow
 def test_the_compiled_strategy_gives_the_same_gradients_for_learned_betas():
     """Adam with learned betas on the tanh network, compiled once, called with new
     sigmoid(logit) tensors twice (the compiled step is reused: hyper comes in as an argument)."""

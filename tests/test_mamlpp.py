@@ -292,6 +292,7 @@ def test_cosine_annealing_sets_the_outer_rate(tmp_path):
     assert state.optimizer.param_groups[0]["lr"] == pytest.approx(cosine_lr(9, 10, 1e-3, 1e-5))
 
 
+@pytest.mark.slow
 def test_mamlpp_resume_is_exact(tmp_path):
     config = TrainConfig(
         dataset="sinusoid",

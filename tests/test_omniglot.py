@@ -300,6 +300,21 @@ def test_download_failure_is_a_clear_error(tmp_path, archives):
         download_omniglot(tmp_path / "o", base_url="file:///nowhere", archives=sums)
 
 
+def test_a_failed_download_leaves_no_folder_it_made(tmp_path, archives):
+    """No network (here: no mirror): the data folder and the parents made for it are removed
+    again, so the next try starts as the first did; a folder that was there stays."""
+    _, sums = archives
+    home = tmp_path / "home"
+    home.mkdir()
+    with pytest.raises(DataError, match=r"could not download"):
+        download_omniglot(home / "data" / "omniglot", base_url="file:///nowhere", archives=sums)
+    assert list(home.iterdir()) == []
+    (home / "kept").mkdir()
+    with pytest.raises(DataError, match=r"could not download"):
+        download_omniglot(home / "kept", base_url="file:///nowhere", archives=sums)
+    assert [p.name for p in home.iterdir()] == ["kept"]
+
+
 def test_an_archive_without_its_folder_is_refused(tmp_path):
     source = tmp_path / "source"
     make_omniglot(source / "wrong_name", {"Greek": 1}, images_per_character=1)

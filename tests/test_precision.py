@@ -340,6 +340,7 @@ def test_variants_within_tolerance_of_float32(name):
     assert _relative(grads32, grads16) < VARIANT_TOL["grad"]
 
 
+@pytest.mark.slow
 def test_bench_times_fmaml_in_bf16_and_skips_the_peers():
     import fmaml.bench.harness as bench
     from fmaml.errors import ConfigError

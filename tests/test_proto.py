@@ -324,6 +324,7 @@ def test_anil_from_the_prototype_head(strategy):
     assert_dicts_close(got, oracle_grads(expected, params))
 
 
+@pytest.mark.slow
 def test_the_compiled_strategy_gives_the_plain_loss_and_gradient():
     _, params, loss_fn, tasks = mlp_setup()
     inner = fmaml.InnerLoop(0.1, num_steps=1, head_init="prototypes")

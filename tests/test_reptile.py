@@ -425,6 +425,7 @@ def test_error_maml_plus_plus_settings_on_the_command_line(tmp_path):
     assert "--algorithm reptile follows params - adapted, not a query loss" in result.output
 
 
+@pytest.mark.slow
 def test_the_compiled_strategy_gives_the_plain_direction():
     params, loss_fn, tasks = sinusoid_setup()
     inner = fmaml.InnerLoop(0.1, num_steps=2)

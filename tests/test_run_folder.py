@@ -92,6 +92,7 @@ def assert_runs_equal(run, whole) -> None:
 test_results.__test__ = False  # a helper, not a test
 
 
+@pytest.mark.slow
 def test_a_4_plus_4_run_without_validation_has_iteration_8_in_best_pt(tmp_path, images):
     args = train_args(images, "0.8,0,0.2")
     whole, run = tmp_path / "whole", tmp_path / "run"
@@ -110,6 +111,7 @@ def test_a_4_plus_4_run_without_validation_has_iteration_8_in_best_pt(tmp_path, 
 
 @pytest.mark.parametrize("split", ["0.8,0,0.2", "0.6,0.2,0.2"], ids=["no-val", "val"])
 @pytest.mark.parametrize("stops", [[1], [3], [2, 5], [1, 2, 4, 6]])
+@pytest.mark.slow
 def test_interrupted_and_resumed_runs_equal_an_uninterrupted_one(
     tmp_path, images, monkeypatch, split, stops
 ):

@@ -437,6 +437,7 @@ def test_a_loss_that_captures_params_and_rates_themselves_gets_the_pure_gradient
 @pytest.mark.skipif(
     shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler (c++)"
 )
+@pytest.mark.slow
 def test_a_tensor_the_loss_captures_gets_the_pure_gradient_when_compiled():
     """Strategy(compile=True) on the sinusoid MLP (conv4 has BatchNorm, which compile
     refuses), a captured output scale, leaf and non-leaf. Compiles once (~1 min)."""
@@ -676,6 +677,7 @@ def test_strategies_leave_threads_warning_filters_and_random_state_as_they_were(
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@pytest.mark.slow
 def test_import_fmaml_loads_neither_pil_click_nor_matplotlib():
     code = (
         "import sys, fmaml\n"

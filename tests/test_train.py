@@ -42,6 +42,7 @@ def params_equal(a, b) -> bool:
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
+@pytest.mark.slow
 def test_resume_in_process_gives_identical_parameters(tmp_path, algorithm):
     whole = train(tiny(algorithm=algorithm), tmp_path / "whole")
     train(tiny(algorithm=algorithm), tmp_path / "parts", iterations=40)
@@ -55,6 +56,7 @@ def test_resume_in_process_gives_identical_parameters(tmp_path, algorithm):
     assert [r["iteration"] for r in rows if r["split"] == "val"] == [20, 40, 60]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     """A real process, killed with SIGKILL mid-run, resumed: the same final parameters."""
     args = [
@@ -292,6 +294,7 @@ def test_the_strategy_is_chosen_saved_and_kept_on_resume(tmp_path):
 @pytest.mark.skipif(
     shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler (c++)"
 )
+@pytest.mark.slow
 def test_compiled_training_matches_eager_training(tmp_path):
     """Strategy(compile=True) on the sinusoid MLP, Meta-SGD (learned rates) in float64: the
     same parameters and rates as the uncompiled run after a few steps. Compiles once (~1 min)."""
@@ -313,6 +316,7 @@ def test_compiled_training_matches_eager_training(tmp_path):
         assert a["mse"] == pytest.approx(b["mse"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_step_it_stopped_at_and_resumes_exactly(tmp_path):
     """SIGINT: the run finishes its step, saves it (not only the last periodic checkpoint) and
     exits 130; resumed, it ends where an uninterrupted run ends."""

@@ -77,6 +77,7 @@ def test_inputs_that_do_not_require_grad_get_none_and_a_score_comes_back():
     torch.testing.assert_close(score, expected_score)
 
 
+@pytest.mark.slow
 def test_the_readme_library_example_runs_and_its_two_gradients_agree():
     from pathlib import Path
 

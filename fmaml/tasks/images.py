@@ -35,6 +35,7 @@ __all__ = [
     "SPLIT_NAMES",
     "ClassImages",
     "DataError",
+    "EmptySplitData",
     "EpisodeSampler",
     "EpisodeSpec",
     "decode_image",
@@ -66,6 +67,24 @@ IMAGE_EXTENSIONS = (
 
 class DataError(InputError):
     """Data on disk (or in memory) that can't be used as it is: the message says what to do."""
+
+
+class EmptySplitData(DataError):
+    """A split rule that leaves the train or test split without classes.
+
+    Args:
+        message: the whole message.
+        counts: ``{"train": n, "val": n, "test": n}``, what the rule gives each split.
+        unit: what was counted: ``"classes"``, or ``"groups"`` (Omniglot: alphabets).
+        fractions: the rule's ``(train, val, test)`` proportions.
+    """
+
+    def __init__(self, message: str, counts: dict[str, int], unit: str, fractions: tuple):
+        super().__init__(message)
+        self.counts, self.unit, self.fractions = dict(counts), unit, tuple(fractions)
+
+    def __reduce__(self):  # keep the fields when pickled (e.g. sent between ranks)
+        return (type(self), (str(self), self.counts, self.unit, self.fractions))
 
 
 MAX_IMAGE_PIXELS_ENV = "FMAML_MAX_IMAGE_PIXELS"
@@ -453,12 +472,17 @@ def _assign(
 ) -> dict[str, ClassImages]:
     """Shuffle ``items`` (each a list of class ids), cut them by ``fractions``, build subsets."""
     counts = split_counts(len(item_classes), fractions)
-    for name, count, fraction in zip(SPLIT_NAMES, counts, fractions, strict=True):
+    for name, count in zip(SPLIT_NAMES, counts, strict=True):
         if name != "val" and count == 0:
-            raise DataError(
-                f"{where}: splitting {len(item_classes)} {unit} by {tuple(fractions)} leaves "
-                f"the {name} split empty. Give {name} a larger proportion "
-                f"(now {fraction:g}) or use data with more {unit}."
+            given = ", ".join(f"{n} {c}" for n, c in zip(SPLIT_NAMES, counts, strict=True))
+            raise EmptySplitData(
+                f"{where}: splitting {len(item_classes)} {unit} by {tuple(fractions)} gives "
+                f"{given} {unit}: the {name} split is empty. A task draws all its classes "
+                f"from one split, so train and test each need at least as many classes as a "
+                f"task has ways; use data with more {unit}.",
+                dict(zip(SPLIT_NAMES, counts, strict=True)),
+                unit,
+                tuple(fractions),
             )
     order = torch.randperm(len(item_classes), generator=generator).tolist()
     splits: dict[str, ClassImages] = {}

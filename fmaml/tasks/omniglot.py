@@ -162,23 +162,36 @@ def download_omniglot(
     already there are skipped.
 
     Args:
-        root: the folder to download into; created if missing.
+        root: the folder to download into; created if missing (and removed again, with any
+            parent it made, if the download fails).
         base_url: where the archives are; default :data:`OMNIGLOT_URL`.
         archives: ``{name: md5}``; default :data:`OMNIGLOT_ARCHIVES` (both archives).
 
     Raises:
         DataError: the download failed, the checksum didn't match, or the archive didn't hold
-            the expected folder.
+            the expected folder; the folders it made for the download are removed again.
     """
+    root = Path(root).expanduser()
+    archives = OMNIGLOT_ARCHIVES if archives is None else archives
+    where = "download_omniglot()"
+    made = [folder for folder in (root, *root.parents) if not folder.exists()]
+    try:
+        _download_archives(root, archives, base_url, where)
+    except DataError:
+        for folder in made:  # deepest first: a failed download leaves no folder it made
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def _download_archives(root: Path, archives: dict[str, str], base_url: str, where: str) -> None:
+    """The loop of :func:`download_omniglot` over ``archives``."""
     from torchvision.datasets.utils import (
         check_integrity,
         download_and_extract_archive,
         extract_archive,
     )
 
-    root = Path(root).expanduser()
-    archives = OMNIGLOT_ARCHIVES if archives is None else archives
-    where = "download_omniglot()"
     for name, md5 in archives.items():
         if (root / name).is_dir():
             continue

@@ -8,6 +8,7 @@ training, plots and the command line.
 - :mod:`fmaml.training.train`: the training loop (``fmaml.fit``), evaluation and resuming;
   :mod:`fmaml.training.checkpoint`: run folders and checkpoints;
   :mod:`fmaml.training.distributed`: ranks under ``torchrun``.
+- :mod:`fmaml.training.run`: a trained run to adapt and predict with (``fmaml.load_run``).
 - :mod:`fmaml.training.plot`: the training curves; :mod:`fmaml.training.cli`: the ``fmaml``
   command (``python cli.py``).
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -143,10 +146,10 @@ Rank 0 logs and writes checkpoints; a restarted job (--max-restarts) resumes its
 @config_options
 @click.option(
     "--download/--no-download",
-    default=True,
-    show_default=True,
-    help="Download the data when it is not in --data-root: Omniglot into it; CIFAR-FS, FC100 "
-    "and CUB (official archives) into fmaml's cache.",
+    default=None,
+    help="Download the data when --data-root holds none: Omniglot into it, the CIFAR-100 and CUB "
+    "archives into fmaml's cache [only for the default folders: a --data-root you name is "
+    "downloaded for only with --download].",
 )
 @click.option(
     "--checksum/--no-checksum",
@@ -285,8 +288,6 @@ def _train(out, resume, iterations, extra: dict, lead: bool, options: dict) -> N
             out = Path("runs") / f"{config.dataset}-{config.algorithm}-{stamp}"
         out = Path(out)
     ranks = distributed.init_from_env()
-    if ranks is not None:
-        signal.signal(signal.SIGTERM, _stop_rank)
     restarted = ranks is not None and distributed.restart_count() > 0
     if lead:
         click.echo(f"run folder: {out}", err=True)
@@ -296,9 +297,16 @@ def _train(out, resume, iterations, extra: dict, lead: bool, options: dict) -> N
                 + (f"; restart {distributed.restart_count()}" if restarted else ""),
                 err=True,
             )
-    bar = _Progress(iterations)
     interrupt = _Interrupt() if ranks is None else None
-    try:
+    with contextlib.ExitStack() as restore:  # the handlers found are put back, whatever happens
+        if interrupt is not None:
+            restore.callback(interrupt.restore)
+        else:
+            previous = signal.signal(signal.SIGTERM, _stop_rank)
+            if previous is not None:  # None: not set from Python, nothing to put back
+                restore.callback(signal.signal, signal.SIGTERM, previous)
+        bar = _Progress(iterations)
+        restore.callback(bar.close)  # first: the bar's last line before anything else
         state = run_training(
             config,
             out,
@@ -307,10 +315,6 @@ def _train(out, resume, iterations, extra: dict, lead: bool, options: dict) -> N
             on_step=bar.update if lead else None,
             should_stop=interrupt,
         )
-    finally:
-        bar.close()
-        if interrupt is not None:
-            interrupt.restore()
     distributed.shutdown()
     if not lead:
         return
@@ -321,10 +325,40 @@ def _train(out, resume, iterations, extra: dict, lead: bool, options: dict) -> N
             err=True,
         )
         raise SystemExit(130)
+    note = _best_step_note(state, bar.validation_per_step)
+    if note:
+        click.echo(note)
     click.echo(_done_line(state, out))
     if state.memory_plan is not None:
         measured = "not measured" if state.peak_growth is None else size(state.peak_growth)
         click.echo(f"memory: {state.memory_plan}; measured peak {measured} above the start")
+
+
+def _best_step_note(state, last_validation: list[float] | None) -> str | None:
+    """A line before ``done:`` when an inner step before the last scored better on the
+    validation of the model to test (best.pt's, else the final one's), else ``None``."""
+    config, name = state.config, state.problem.score_name
+    kept = config.keep_best and state.best.get("iteration") is not None
+    per_step = state.best.get("score_per_step") if kept else last_validation
+    if not per_step:
+        return None
+    higher = state.problem.higher_is_better
+    best = best_step(per_step, higher_is_better=higher)
+    if best is None:
+        return None
+
+    def shown(score: float) -> str:
+        return f"{100 * score:.2f} %" if name == "accuracy" else f"{score:.4f}"
+
+    last = len(per_step) - 1
+    which = f"best.pt (iteration {state.best['iteration']})" if kept else "the final model"
+    return (
+        f"note: on validation, {which} scored best after inner step {best}: {name} "
+        f"{shown(per_step[best])}, {'above' if higher else 'below'} the "
+        f"{shown(per_step[last])} after {last} steps that validation and test report "
+        f"(the run's test setting, as the protocol asks; a model trained briefly often peaks "
+        f"early). `test --inner-steps {best}` tests at that step."
+    )
 
 
 def _done_line(state, out: Path) -> str:
@@ -348,11 +382,19 @@ def _done_line(state, out: Path) -> str:
 
 class _Interrupt:
     """Ctrl-C (SIGINT) while training: finish the current step, save it, stop. A second
-    Ctrl-C stops at once (the last checkpoint written stays valid)."""
+    Ctrl-C stops at once (the last checkpoint written stays valid).
+
+    It takes Ctrl-C over only from Python's own handler (``KeyboardInterrupt``), in the main
+    thread: a handler someone else installed (a test runner, an application running the
+    command in its process) keeps Ctrl-C. :meth:`restore` puts the handler found back.
+    """
 
     def __init__(self) -> None:
         self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._request)
+        self.previous = None
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._request)
 
     def _request(self, signum, frame) -> None:
         self.requested = True
@@ -363,7 +405,9 @@ class _Interrupt:
         return self.requested
 
     def restore(self) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def _stop_rank(signum, frame) -> None:
@@ -439,6 +483,7 @@ class _Progress:
         self.first = 0
         self.last_line = (self.start, 0)  # (time, iteration) of the last line written
         self.validation = ""
+        self.validation_per_step: list[float] | None = None  # the last validation's
 
     def update(self, state, metrics) -> None:
         now = time.perf_counter()
@@ -467,6 +512,7 @@ class _Progress:
                 self.bar.update(self.first)
         name = state.problem.score_name
         if "validation" in metrics:
+            self.validation_per_step = metrics.get("validation_per_step")
             self.validation = (
                 f"; validation {name} {metrics['validation']:.4f} "
                 f"± {metrics['validation_ci95']:.4f} (iteration {state.iteration})"
@@ -700,6 +746,15 @@ def _test_sinusoid(state, path, split, episodes, inner_steps, shots, inner_lr, s
         echo(f"sinusoid {name}, MSE on {episodes} tasks ({rate})  {cells}")
         every = "  ".join(f"{s}: {cell['mse']:.3f}" for s, cell in per_step.items())
         echo(f"  {name} MSE after each inner step (0 = before adapting): {every}")
+        best = best_step([cell["mse"] for cell in per_step.values()], higher_is_better=False)
+        if best is not None:
+            top = per_step[str(best)]
+            echo(
+                f"  note: {name} inner step {best} scored best, MSE {top['mse']:.3f} ± "
+                f"{top['ci95']:.3f}, below the {per_step[str(steps)]['mse']:.3f} after {steps} "
+                f"steps (the headline, as the protocol asks; a model trained briefly often "
+                f"peaks early). --inner-steps {best} tests at that step."
+            )
     return report
 
 
@@ -708,6 +763,24 @@ def _imaml_pull(config) -> str:
     if config.algorithm != "imaml":
         return ""
     return f" plus iMAML's pull {config.imaml_lam}/2 ||adapted - params||^2"
+
+
+def best_step(scores: list[float], *, higher_is_better: bool) -> int | None:
+    """The inner step (index into ``scores``, one per step from 0) that scored strictly
+    better than the last one, the best such; ``None`` when the last step is the best.
+
+    Example:
+        >>> best_step([0.2, 0.515, 0.3, 0.23], higher_is_better=True)
+        1
+        >>> best_step([3.0, 0.5, 0.4], higher_is_better=False) is None
+        True
+        >>> best_step([3.0, 0.5, float("nan")], higher_is_better=False)
+        1
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    ranked = [-math.inf if math.isnan(score) else sign * score for score in scores]  # NaN: worst
+    best = max(range(len(scores)), key=lambda step: (ranked[step], step))
+    return None if ranked[best] <= ranked[-1] else best
 
 
 def _test_classification(state, path, split, result, echo) -> dict:
@@ -746,6 +819,16 @@ def _test_classification(state, path, split, result, echo) -> dict:
             f"{s['step']}: {100 * s['mean']:.2f} ± {100 * s['ci95']:.2f} %" for s in result["steps"]
         )
     )
+    best = best_step([s["mean"] for s in result["steps"]], higher_is_better=True)
+    if best is not None:
+        top = result["steps"][best]
+        echo(
+            f"  note: inner step {best} scored best, {100 * top['mean']:.2f} ± "
+            f"{100 * top['ci95']:.2f} %, above the {100 * last['mean']:.2f} % after "
+            f"{last['step']} steps reported above (the step count tested, the run's test "
+            f"setting unless --inner-steps; a model trained briefly often peaks early). "
+            f"--inner-steps {best} tests at that step."
+        )
     skipped = protocol.get("skipped_alphabets")
     if skipped:
         echo(
@@ -782,6 +865,7 @@ def _test_classification(state, path, split, result, echo) -> dict:
         "query_per_class": result["query_per_class"],
         "seed": result["seed"],
         "accuracy_per_step": [100 * s["mean"] for s in result["steps"]],
+        "best_step": last["step"] if best is None else best,
         "ci95_per_step": [100 * s["ci95"] for s in result["steps"]],
     }
 

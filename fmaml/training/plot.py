@@ -84,13 +84,26 @@ def curve_labels(config: dict | None, score: str) -> dict[str, str]:
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Plot the training and validation score (and training loss) against iteration.
 
-    The title names the algorithm and task; the legend says what each curve is, with the
-    inner steps behind it (validation usually runs more than training), read from the run's
-    checkpoint (:func:`curve_labels`).
+    The title names the algorithm and task; the legend, below the plot so that it covers no
+    point, says what each curve is, with the inner steps behind it (validation usually runs
+    more than training), read from the run's checkpoint (:func:`curve_labels`). The training
+    meta-loss gets a panel of its own unless it is the score itself (sinusoid: the query MSE).
 
     Returns:
         The path of the PNG written (default ``run_dir/curves.png``).
     """
+    import matplotlib.pyplot as plt
+
+    fig = run_figure(run_dir)
+    path = Path(output) if output else Path(run_dir) / "curves.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # "tight": the legends below the axes too
+    plt.close(fig)
+    return path
+
+
+def run_figure(run_dir: str | Path):
+    """The matplotlib figure of :func:`plot_run` (Agg backend): the score panel first, then
+    the meta-loss panel when the loss is not the score; each legend is below its panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,41 +120,46 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     score = "accuracy" if "accuracy" in train[0] else "mse"
     labels = curve_labels(run_settings(run_dir), score)
     scale = 100.0 if score == "accuracy" else 1.0
-    fig, (ax_score, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_score.plot(
-        [r["iteration"] for r in train],
-        [scale * r[score] for r in train],
-        alpha=0.35,
-        label=labels["train"],
-    )
+    # sinusoid: the meta-loss is the query MSE, the score: a second panel would repeat the first
+    loss_is_score = all(abs(r["loss"] - r[score]) <= 1e-6 * max(1.0, abs(r[score])) for r in train)
+    if loss_is_score:
+        fig, ax_score = plt.subplots(1, 1, figsize=(6.5, 4.5))
+        ax_loss = None
+        labels["train"] += " = the meta-loss"
+    else:
+        fig, (ax_score, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.5))
+    its = [r["iteration"] for r in train]
+    ax_score.plot(its, [scale * r[score] for r in train], alpha=0.35, label=labels["train"])
     window = max(1, len(train) // 50)
     smooth = [
         sum(scale * r[score] for r in train[max(0, i - window + 1) : i + 1])
         / len(train[max(0, i - window + 1) : i + 1])
         for i in range(len(train))
     ]
-    ax_score.plot([r["iteration"] for r in train], smooth, label=labels["smooth"])
+    ax_score.plot(its, smooth, label=labels["smooth"])
     if val:
-        its = [r["iteration"] for r in val]
-        means = [scale * r["score"] for r in val]
-        cis = [scale * r["ci95"] for r in val]
-        ax_score.errorbar(its, means, yerr=cis, marker="o", capsize=3, label=labels["val"])
+        ax_score.errorbar(
+            [r["iteration"] for r in val],
+            [scale * r["score"] for r in val],
+            yerr=[scale * r["ci95"] for r in val],
+            marker="o",
+            capsize=3,
+            label=labels["val"],
+        )
     ax_score.set_xlabel("iteration")
     ax_score.set_ylabel(f"{score} (%)" if score == "accuracy" else score)
     if score == "mse":
         ax_score.set_yscale("log")
-    ax_score.legend(fontsize="small")
+    ax_score.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0.0, -0.15))
     ax_score.grid(alpha=0.3)
-    ax_loss.plot([r["iteration"] for r in train], [r["loss"] for r in train])
-    ax_loss.set_xlabel("iteration")
-    ax_loss.set_ylabel("meta-loss")
-    ax_loss.set_title(labels["loss"], fontsize="medium")
-    ax_loss.set_yscale("log")
-    ax_loss.grid(alpha=0.3)
+    if ax_loss is not None:
+        ax_loss.plot(its, [r["loss"] for r in train])
+        ax_loss.set_xlabel("iteration")
+        ax_loss.set_ylabel("meta-loss")
+        ax_loss.set_title(labels["loss"], fontsize="medium")
+        ax_loss.set_yscale("log")
+        ax_loss.grid(alpha=0.3)
     title = str(Path(run_dir).name)
     fig.suptitle(f"{title}: {labels['title']}" if labels["title"] else title)
     fig.tight_layout()
-    path = Path(output) if output else Path(run_dir) / "curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig

@@ -492,8 +492,10 @@ def _leaf_names(state: TrainState) -> list[str]:
 
 def validate(
     state: TrainState, split: str = "val", ranks: Ranks | None = None
-) -> dict[str, float] | None:
-    """Score the current parameters on the fixed validation episodes (None if no such split).
+) -> dict[str, Any] | None:
+    """Score the current parameters on the fixed validation episodes (None if no such split):
+    ``{"score", "ci95"}`` after the last inner step, and ``"score_per_step"``, the mean after
+    each step ``0 .. eval_inner_steps``.
 
     With ``ranks`` the episodes are split across them (every rank must call) and every rank
     gets the result of the whole set.
@@ -513,7 +515,8 @@ def validate(
     except EmptySplit:
         return None
     mean, ci95 = mean_ci95(scores[:, -1])
-    return {"score": mean, "ci95": ci95}
+    per_step = scores.double().mean(0).tolist()  # steps 0..eval_inner_steps: did one do better?
+    return {"score": mean, "ci95": ci95, "score_per_step": per_step}
 
 
 def _episode_scores(
@@ -585,8 +588,8 @@ def train(
             the run longer: the new total is saved in its config, and the outer-rate schedule
             (``cosine_annealing``) follows it from here on.
         on_step: called after every step, on every rank, with the state and the step's
-            metrics (over the whole meta-batch; ``validation`` and ``validation_ci95`` added
-            on the steps that validated).
+            metrics (over the whole meta-batch; ``validation``, ``validation_ci95`` and
+            ``validation_per_step`` added on the steps that validated).
         should_stop: asked after every completed step (single process only); when it says
             ``True``, the run writes ``latest.pt`` at that iteration and returns early, so
             ``resume=True`` continues exactly there (the CLI asks it on Ctrl-C).
@@ -638,6 +641,7 @@ def train(
                     if result is not None:
                         metrics["validation"] = result["score"]
                         metrics["validation_ci95"] = result["ci95"]
+                        metrics["validation_per_step"] = result["score_per_step"]
                         if log is not None:
                             _write(log, {"iteration": it, "split": "val", **result})
                         if _improves(state, result["score"]):
