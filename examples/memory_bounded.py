@@ -41,7 +41,9 @@ def main() -> None:
     inner = fmaml.InnerLoop(0.1, num_steps=num_steps)  # second order
 
     one_vmap = fmaml.plan_memory(loss_fn, params, tasks, inner, strategy=fmaml.Strategy())
-    budget = one_vmap.estimate // 2  # bytes: half of what one vmap over all tasks needs
+    one_task = fmaml.Strategy(chunk_size=1, checkpoint=True)
+    least = fmaml.plan_memory(loss_fn, params, tasks, inner, strategy=one_task)
+    budget = max(least.estimate, one_vmap.estimate // 2)  # bytes: half of one vmap, if it can
     plan = fmaml.plan_memory(loss_fn, params, tasks, inner, memory_budget=budget)
     print(f"one vmap over all tasks: about {one_vmap.estimate / 1e6:.0f} MB")
     print(f"plan: {plan}")
