@@ -63,7 +63,10 @@ def test_testing_a_split_the_run_does_not_have_says_which_it_has(run_without_val
         ),
         (["--split", "0,0.5,0.5"], "gives train 0, val 3, test 3 classes: too few in train."),
         (["--split", "0,0.5,0.5"], "give train a larger share with --split."),
-        (["--download"], "--download fetches Omniglot only; folder can't be downloaded"),
+        (
+            ["--download"],
+            "--download fetches omniglot, cifarfs, fc100, cub only; folder can't be downloaded",
+        ),
         (["--image-size", "0"], "--image-size must be a positive integer, got 0"),
     ],
 )

@@ -111,9 +111,9 @@ def test_recomputing_makes_the_estimate_grow_with_the_carried_parameters_not_the
         for out, checkpoint in ((kept, False), (recomputed, True)):
             strategy = fmaml.Strategy(chunk_size=1, checkpoint=checkpoint)
             out.append(fmaml.plan_memory(loss_fn, params, tasks, inner, strategy=strategy).estimate)
-    param_bytes = sum(p.numel() * 4 for p in params.values())
-    assert recomputed[1] - recomputed[0] <= 15 * 2 * param_bytes  # 15 more carries, no graphs
-    assert kept[1] - kept[0] > 10 * (recomputed[1] - recomputed[0])
+    # kept: a step's whole graph per step; recomputed: its parameters and a tenth of one
+    # step's graph (what the allocator keeps, fmaml.engine.memory.ALLOCATOR_SLACK)
+    assert 0 < recomputed[1] - recomputed[0] < (kept[1] - kept[0]) / 5
 
 
 @pytest.mark.parametrize(
