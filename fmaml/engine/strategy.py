@@ -3,7 +3,9 @@
 A :class:`Strategy` decides how :func:`fmaml.value_and_grad` groups the tasks of a
 meta-batch (one vmap, chunks, one at a time), on which threads, whether inner steps are
 stored or recomputed, and whether the step is compiled; never what is computed.
-:func:`auto_strategy` picks one. The runner is :mod:`fmaml.engine.run`.
+:func:`auto_strategy` picks one, for speed or, given a memory budget, the fastest whose
+estimated peak fits (:func:`plan_memory`, measured by :mod:`fmaml.engine.memory`). The
+runner is :mod:`fmaml.engine.run`.
 """
 
 from __future__ import annotations
